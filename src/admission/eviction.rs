@@ -1,0 +1,266 @@
+//! The eviction decision: given one eviction request and a snapshot of the pod and its
+//! migrations, say what to answer. Pure, so every branch is tested without a cluster.
+
+use std::sync::Arc;
+
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+
+use crate::api::{
+    self, FailurePolicyAnnotation, MigrationPolicy, OnFailure, Phase, PodMigration,
+    PodMigrationSpec, Trigger,
+};
+
+/// Annotation the controller puts on its own Eviction of a source pod, naming the migration.
+pub const STOP_SOURCE_OF: &str = "migrate.io/stop-source-of";
+
+/// How long after a migration ended an eviction naming its pod is still taken for a retry of
+/// the drain that started it (kubectl retries every 5 s; this leaves ample margin).
+pub const STALE_RETRY_WINDOW_SECS: i64 = 600;
+
+/// What the webhook was asked.
+#[derive(Debug, Clone)]
+pub struct EvictionRequest<'a> {
+    pub namespace: &'a str,
+    pub pod_name: &'a str,
+    /// `request.dryRun` or `object.deleteOptions.dryRun` (kubectl drain --dry-run=server sets
+    /// only the latter).
+    pub dry_run: bool,
+    /// The `migrate.io/stop-source-of` annotation of the Eviction object, if any.
+    pub stop_source_of: Option<&'a str>,
+}
+
+/// What the webhook knows of the cluster at that moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot<'a> {
+    /// The pod currently holding the name, if any.
+    pub pod: Option<&'a Pod>,
+    /// Whether the node the pod is bound to accepts new pods (false when cordoned; None
+    /// when unbound or unknown).
+    pub pod_node_schedulable: Option<bool>,
+    /// PodMigrations in the namespace whose `spec.podName` is the requested name.
+    pub migrations: &'a [Arc<PodMigration>],
+    pub now: Timestamp,
+}
+
+/// The answer, with enough context for the message and the metric.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Let the eviction through.
+    Allow {
+        result: &'static str,
+        warning: Option<String>,
+    },
+    /// Create this PodMigration, then answer 429.
+    Start {
+        name: String,
+        spec: PodMigrationSpec,
+    },
+    /// Answer 429: the migration runs (kubectl retries in 5 s).
+    Wait { message: String },
+    /// Answer 429: the migration failed and the pod's policy blocks the eviction.
+    Block { message: String },
+    /// Answer 404: the eviction is a drain retry for a pod that has already been migrated and
+    /// whose name is now held by its replacement; NotFound makes kubectl count it as gone.
+    Gone { message: String },
+}
+
+impl Decision {
+    /// Label for the `webhook_decisions_total{result}` metric.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Decision::Allow { result, .. } => result,
+            Decision::Start { .. } => "started",
+            Decision::Wait { .. } => "waiting",
+            Decision::Block { .. } => "blocked",
+            Decision::Gone { .. } => "gone",
+        }
+    }
+}
+
+fn allow(result: &'static str) -> Decision {
+    Decision::Allow {
+        result,
+        warning: None,
+    }
+}
+
+/// Decide what to answer to one eviction.
+pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
+    let Some(pod) = snap.pod else {
+        // Nothing holds the name: the API server answers NotFound itself.
+        return allow("allowed_no_pod");
+    };
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+
+    if let Some(gone) = stale_drain_retry(pod, uid, snap) {
+        return gone;
+    }
+    if !api::is_stateful(pod) {
+        return allow("allowed_unmanaged");
+    }
+    let own = snap
+        .migrations
+        .iter()
+        .find(|m| m.spec.pod_uid == uid && !uid.is_empty());
+
+    if req.dry_run {
+        let warning = match own {
+            Some(m) => format!(
+                "kube-migrate: dry run; migration {} is {}",
+                m.metadata.name.as_deref().unwrap_or_default(),
+                m.phase()
+            ),
+            None => format!(
+                "kube-migrate: dry run; a real eviction would live-migrate {}/{} first",
+                req.namespace, req.pod_name
+            ),
+        };
+        return Decision::Allow {
+            result: "allowed_dry_run",
+            warning: Some(warning),
+        };
+    }
+
+    let Some(m) = own else {
+        return start(req, pod, uid);
+    };
+    let name = m.metadata.name.as_deref().unwrap_or_default();
+    let target = m.target_node().unwrap_or("a node still to be chosen");
+
+    // The controller's own eviction that stops the source right after the checkpoint.
+    if req.stop_source_of == Some(name) && m.source_stop_requested() && !m.phase().is_terminal() {
+        return allow("allowed_source_stop");
+    }
+    if m.state_is_safe() {
+        return Decision::Allow {
+            result: "allowed_state_safe",
+            warning: Some(format!(
+                "kube-migrate: state of {}/{} is safe on node {target} (migration {name} {})",
+                req.namespace,
+                req.pod_name,
+                m.phase()
+            )),
+        };
+    }
+    if m.phase() == Phase::Failed {
+        return failed(req, pod, m, name);
+    }
+    let detail = m
+        .status
+        .as_ref()
+        .and_then(|s| s.message.as_deref())
+        .map(|msg| format!(": {msg}"))
+        .unwrap_or_default();
+    Decision::Wait {
+        message: format!(
+            "kube-migrate is migrating {}/{} to {target} (PodMigration {name}, phase {}{detail}); \
+             the eviction is allowed once the state is safe on the target",
+            req.namespace,
+            req.pod_name,
+            m.phase()
+        ),
+    }
+}
+
+fn start(req: &EvictionRequest<'_>, pod: &Pod, uid: &str) -> Decision {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let (Some(node), Some("Running")) = (node, phase) else {
+        // Not running anywhere: there is no state to save.
+        return Decision::Allow {
+            result: "allowed_not_running",
+            warning: Some(format!(
+                "kube-migrate: {}/{} is not running, evicted without migration",
+                req.namespace, req.pod_name
+            )),
+        };
+    };
+    let on_failure = match api::on_failure(pod) {
+        Ok(FailurePolicyAnnotation::Block) => OnFailure::Block,
+        // An unreadable policy must not block a drain forever: fall back to the default.
+        Ok(FailurePolicyAnnotation::Evict) | Err(_) => OnFailure::Evict,
+    };
+    Decision::Start {
+        name: api::migration_name(req.pod_name, uid),
+        spec: PodMigrationSpec {
+            pod_name: req.pod_name.to_string(),
+            pod_uid: uid.to_string(),
+            source_node: node.to_string(),
+            target_node: api::requested_target(pod).map(str::to_string),
+            trigger: Trigger::Drain,
+            policy: MigrationPolicy { on_failure },
+        },
+    }
+}
+
+fn failed(req: &EvictionRequest<'_>, pod: &Pod, m: &PodMigration, name: &str) -> Decision {
+    let why = m
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_else(|| "no reason recorded".into());
+    if m.source_stop_requested() {
+        // The source is already stopping: nothing left to protect by refusing.
+        return Decision::Allow {
+            result: "allowed_failed",
+            warning: Some(format!(
+                "kube-migrate: migration {name} failed after the source stopped: {why}"
+            )),
+        };
+    }
+    // The pod's current annotation wins, so an operator can unblock a drain by re-annotating.
+    let policy = match api::on_failure(pod) {
+        Ok(FailurePolicyAnnotation::Block) => OnFailure::Block,
+        Ok(FailurePolicyAnnotation::Evict) => OnFailure::Evict,
+        Err(_) => m.spec.policy.on_failure,
+    };
+    match policy {
+        OnFailure::Evict => Decision::Allow {
+            result: "allowed_failed",
+            warning: Some(format!(
+                "kube-migrate: migration {name} failed ({why}); evicting without migration as {}=evict says",
+                api::ON_FAILURE
+            )),
+        },
+        OnFailure::Block => Decision::Block {
+            message: format!(
+                "kube-migrate: migration {name} of {}/{} failed ({why}); eviction blocked by {}=block. \
+                 To retry, delete the PodMigration; to evict without migration, annotate the pod {}=evict",
+                req.namespace,
+                req.pod_name,
+                api::ON_FAILURE,
+                api::ON_FAILURE
+            ),
+        },
+    }
+}
+
+/// kubectl drain keeps retrying an eviction by name. When the pod it meant has been migrated
+/// and a StatefulSet (or our controller, for a bare pod) recreated the name on another node,
+/// a retry must not evict the restored pod: answer NotFound. A genuine eviction of the
+/// replacement comes from a drain of *its* node, which is cordoned.
+fn stale_drain_retry(pod: &Pod, uid: &str, snap: &Snapshot<'_>) -> Option<Decision> {
+    let restore_of = api::restore_of(pod)?;
+    let m = snap
+        .migrations
+        .iter()
+        .find(|m| m.metadata.name.as_deref() == Some(restore_of) && m.spec.pod_uid != uid)?;
+    if let Some(finished) = m.finished_at() {
+        let age = snap.now.as_second() - finished.0.as_second();
+        if age > STALE_RETRY_WINDOW_SECS {
+            return None;
+        }
+    }
+    if snap.pod_node_schedulable == Some(false) {
+        return None;
+    }
+    Some(Decision::Gone {
+        message: format!(
+            "pods \"{}\" not found: kube-migrate migrated pod uid {} to node {} (PodMigration {restore_of}); \
+             the pod now holding the name is its replacement",
+            m.spec.pod_name,
+            m.spec.pod_uid,
+            m.target_node().unwrap_or("?")
+        ),
+    })
+}

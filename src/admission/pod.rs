@@ -1,0 +1,219 @@
+//! Replacement pods: the pod-create decision of the mutating webhook and the restore
+//! mutation it shares with the controller (which applies it to bare pods it recreates and to
+//! gated pods before releasing them).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
+    PodSchedulingGate,
+};
+
+use crate::api::{self, PodMigration};
+
+/// What to do with a pod being created.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodDecision {
+    /// Not a replacement of anything in flight.
+    Untouched,
+    /// The replacement of exactly this migration: gate, pin and (when built) swap images.
+    Restore { migration: String },
+    /// A replacement for one of several migrations of the same owner: gate it and let the
+    /// controller, which sees every claim in order, pick the migration.
+    GateForOwner {
+        owner_uid: String,
+        candidates: Vec<String>,
+    },
+}
+
+impl PodDecision {
+    pub fn result(&self) -> &'static str {
+        match self {
+            PodDecision::Untouched => "untouched",
+            PodDecision::Restore { .. } => "restore",
+            PodDecision::GateForOwner { .. } => "gated_for_owner",
+        }
+    }
+}
+
+/// The controlling owner reference of a pod, if any.
+pub fn controller_uid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
+}
+
+/// Migrations that still wait for a replacement pod (they have checkpointed or are about to,
+/// and have none bound yet).
+fn awaits_replacement(m: &PodMigration) -> bool {
+    let phase = m.phase();
+    phase.is_active() && m.status.as_ref().is_none_or(|s| s.replacement.is_none())
+}
+
+/// Decide whether a new pod replaces a migrating one. `migrations` are those of the pod's
+/// namespace.
+pub fn decide(pod: &Pod, migrations: &[Arc<PodMigration>]) -> PodDecision {
+    if let Some(name) = api::restore_of(pod) {
+        // Already bound (recreated by our controller, or re-sent): re-apply idempotently.
+        return match migrations
+            .iter()
+            .find(|m| m.metadata.name.as_deref() == Some(name))
+        {
+            Some(_) => PodDecision::Restore {
+                migration: name.to_string(),
+            },
+            None => PodDecision::Untouched,
+        };
+    }
+    let pod_name = pod.metadata.name.as_deref();
+    let owner = controller_uid(pod);
+    let candidates: Vec<&Arc<PodMigration>> = migrations
+        .iter()
+        .filter(|m| awaits_replacement(m))
+        .filter(|m| {
+            let m_owner = m.status.as_ref().and_then(|s| s.owner.as_ref());
+            match (m_owner, owner) {
+                // Same controller (ReplicaSet or StatefulSet).
+                (Some(mo), Some(o)) if mo.uid == o => {
+                    mo.kind != "StatefulSet" || pod_name == Some(m.spec.pod_name.as_str())
+                }
+                // A bare pod recreated under the same name.
+                (None, None) => pod_name == Some(m.spec.pod_name.as_str()),
+                _ => false,
+            }
+        })
+        .collect();
+    match candidates.as_slice() {
+        [] => PodDecision::Untouched,
+        [one] => PodDecision::Restore {
+            migration: one.metadata.name.clone().unwrap_or_default(),
+        },
+        many => PodDecision::GateForOwner {
+            owner_uid: owner.unwrap_or_default().to_string(),
+            candidates: many
+                .iter()
+                .filter_map(|m| m.metadata.name.clone())
+                .collect(),
+        },
+    }
+}
+
+/// Add the restore gate, once.
+pub fn add_gate(pod: &mut Pod) {
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let gates = spec.scheduling_gates.get_or_insert_with(Vec::new);
+    if !gates.iter().any(|g| g.name == api::RESTORE_GATE) {
+        gates.push(PodSchedulingGate {
+            name: api::RESTORE_GATE.to_string(),
+        });
+    }
+}
+
+/// Remove the restore gate (leaving any other gate alone).
+pub fn remove_gate(pod: &mut Pod) {
+    if let Some(gates) = pod.spec.as_mut().and_then(|s| s.scheduling_gates.as_mut()) {
+        gates.retain(|g| g.name != api::RESTORE_GATE);
+    }
+}
+
+pub fn is_gated(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == api::RESTORE_GATE))
+}
+
+fn set_annotation(pod: &mut Pod, key: &str, value: &str) {
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(key.to_string(), value.to_string());
+}
+
+/// Gate a pod for the controller to bind later (several candidate migrations).
+pub fn gate_for_owner(pod: &mut Pod, owner_uid: &str) {
+    set_annotation(pod, api::RESTORE_OWNER, owner_uid);
+    add_gate(pod);
+}
+
+/// Require `metadata.name == node`. A gated pod's required node affinity may only be
+/// narrowed, so the requirement is added to every existing term (AND), or becomes the only
+/// term when there were none. Idempotent.
+pub fn pin_to_node(pod: &mut Pod, node: &str) {
+    let requirement = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: "In".into(),
+        values: Some(vec![node.to_string()]),
+    };
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let affinity = spec.affinity.get_or_insert_with(Affinity::default);
+    let node_affinity = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
+    let required = node_affinity
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: vec![],
+        });
+    if required.node_selector_terms.is_empty() {
+        required
+            .node_selector_terms
+            .push(NodeSelectorTerm::default());
+    }
+    for term in &mut required.node_selector_terms {
+        let fields = term.match_fields.get_or_insert_with(Vec::new);
+        if !fields.contains(&requirement) {
+            fields.push(requirement.clone());
+        }
+    }
+}
+
+/// Turn a pod into the replacement of `m`: bound by annotation, gated, pinned to the target
+/// node when known, and running the checkpoint image of every container whose image is built.
+/// Idempotent: applying it twice changes nothing more.
+pub fn apply_restore(pod: &mut Pod, m: &PodMigration) {
+    let name = m.metadata.name.as_deref().unwrap_or_default();
+    set_annotation(pod, api::RESTORE_OF, name);
+    if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        annotations.remove(api::RESTORE_OWNER);
+    }
+    add_gate(pod);
+    if let Some(target) = m.target_node() {
+        pin_to_node(pod, target);
+    }
+    set_images(pod, m);
+}
+
+/// Swap container images for the checkpoint images that are built (container images are
+/// mutable on a live pod, so the controller can do this later too).
+pub fn set_images(pod: &mut Pod, m: &PodMigration) {
+    let Some(status) = m.status.as_ref() else {
+        return;
+    };
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    for container in &mut spec.containers {
+        if let Some(image) = status
+            .containers
+            .iter()
+            .find(|c| c.name == container.name)
+            .and_then(|c| c.image.as_ref())
+        {
+            container.image = Some(image.clone());
+            // The image lives on the target node's agent; never pull it from elsewhere.
+            container.image_pull_policy = Some("IfNotPresent".into());
+        }
+    }
+}
+
+/// JSON patch that turns `before` into `after`, for the webhook answer.
+pub fn patch(before: &Pod, after: &Pod) -> Result<json_patch::Patch, serde_json::Error> {
+    Ok(json_patch::diff(
+        &serde_json::to_value(before)?,
+        &serde_json::to_value(after)?,
+    ))
+}

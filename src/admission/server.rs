@@ -1,0 +1,1 @@
+//! HTTP glue of the webhooks (filled in below).

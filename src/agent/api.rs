@@ -1,0 +1,118 @@
+//! The agent's HTTP API (mTLS), shared by the agent server and its clients.
+//!
+//! * `POST   /v1/migrations/{id}/checkpoint`            checkpoint containers via the kubelet
+//! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
+//! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
+//! * `POST   /v1/migrations/{id}/image`                 build checkpoint images
+//! * `DELETE /v1/migrations/{id}`                       forget everything about a migration
+//!
+//! `{id}` is the PodMigration UID.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the expected `sha256:<hex>` of an archive upload.
+pub const DIGEST_HEADER: &str = "x-kube-migrate-digest";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub containers: Vec<String>,
+    /// Passed to the kubelet as `?timeout=`.
+    pub timeout_seconds: u64,
+}
+
+/// One checkpointed container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveRecord {
+    pub container: String,
+    pub path: String,
+    pub digest: String,
+    pub size_bytes: u64,
+    pub base_image: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointResponse {
+    pub archives: Vec<ArchiveRecord>,
+}
+
+/// An archive by container and digest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveRef {
+    pub container: String,
+    pub digest: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushRequest {
+    /// Base URL of the target agent, e.g. `https://10.0.0.2:9443`.
+    pub target: String,
+    pub archives: Vec<ArchiveRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushResponse {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiveResponse {
+    pub digest: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub archives: Vec<ArchiveRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRecord {
+    pub container: String,
+    /// Full reference the node's runtime pulls, e.g. `127.0.0.1:5443/kube-migrate/<id>:<ctr>`.
+    pub image: String,
+    pub manifest_digest: String,
+    pub base_image: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageResponse {
+    pub images: Vec<ImageRecord>,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Short machine-readable reason (also a metric label).
+    pub reason: String,
+    pub message: String,
+}
+
+/// Migration ids are PodMigration UIDs; anything else is refused before it touches a path.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Container names are DNS labels.
+pub fn valid_container(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}

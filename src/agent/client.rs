@@ -1,0 +1,261 @@
+//! HTTPS clients: controller to agent, agent to agent (both mTLS) and agent to kubelet.
+
+use std::{io, time::Duration};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Method, Request, StatusCode, body::Frame};
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use rustls::ClientConfig;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::api::{
+    self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest,
+    ImageResponse, PushRequest, PushResponse, ReceiveResponse,
+};
+
+pub type Body = BoxBody<Bytes, io::Error>;
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid URL {0:?}")]
+    Url(String),
+    #[error("cannot reach {url}: {source}")]
+    Connect {
+        url: String,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("reading the answer of {url}: {source}")]
+    Body { url: String, source: hyper::Error },
+    #[error("{url} answered {status}: {reason}: {message}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        reason: String,
+        message: String,
+    },
+    #[error("{url} answered something unexpected: {source}")]
+    Decode {
+        url: String,
+        source: serde_json::Error,
+    },
+    #[error("{url} did not answer within {seconds} s")]
+    Timeout { url: String, seconds: u64 },
+}
+
+impl ClientError {
+    /// Connection failures, timeouts and 5xx/429 answers may succeed later.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Body { .. }
+            | ClientError::Timeout { .. } => true,
+            ClientError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            ClientError::Url(_) | ClientError::Decode { .. } => false,
+        }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ClientError::Url(_) => "invalid_url",
+            ClientError::Connect { .. } | ClientError::Body { .. } => "unreachable",
+            ClientError::Status { .. } => "error_status",
+            ClientError::Decode { .. } => "bad_answer",
+            ClientError::Timeout { .. } => "timeout",
+        }
+    }
+
+    /// The server's reason, for an error answer.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            ClientError::Status { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+/// An HTTPS-only client with the given TLS configuration.
+pub fn https_client(config: ClientConfig) -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+pub fn empty_body() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn json_body<T: Serialize>(value: &T) -> Body {
+    Full::new(Bytes::from(
+        serde_json::to_vec(value).expect("request types serialize"),
+    ))
+    .map_err(|never| match never {})
+    .boxed()
+}
+
+/// Stream a file as a request body in 256 KiB chunks (constant memory).
+pub fn file_body(file: tokio::fs::File) -> Body {
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// Send a request and decode a JSON answer; error answers become [`ClientError::Status`].
+pub async fn send<T: DeserializeOwned>(
+    client: &HttpsClient,
+    request: Request<Body>,
+    timeout: Duration,
+) -> Result<T, ClientError> {
+    let url = request.uri().to_string();
+    let response = match tokio::time::timeout(timeout, client.request(request)).await {
+        Ok(r) => r.map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?,
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                url,
+                seconds: timeout.as_secs(),
+            });
+        }
+    };
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|source| ClientError::Body {
+            url: url.clone(),
+            source,
+        })?
+        .to_bytes();
+    if !status.is_success() {
+        let (reason, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => (e.reason, e.message),
+            Err(_) => (
+                status.canonical_reason().unwrap_or("error").to_string(),
+                String::from_utf8_lossy(&body).into_owned(),
+            ),
+        };
+        return Err(ClientError::Status {
+            url,
+            status,
+            reason,
+            message,
+        });
+    }
+    serde_json::from_slice(&body).map_err(|source| ClientError::Decode { url, source })
+}
+
+fn request(method: Method, url: &str, body: Body) -> Result<Request<Body>, ClientError> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .map_err(|_| ClientError::Url(url.to_string()))
+}
+
+/// Client of the agents' API, used by the controller and (for uploads) by agents.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: HttpsClient,
+    /// Upper bound for a checkpoint, a push or an image build.
+    pub long_timeout: Duration,
+}
+
+impl AgentClient {
+    pub fn new(tls: ClientConfig, long_timeout: Duration) -> Self {
+        Self {
+            http: https_client(tls),
+            long_timeout,
+        }
+    }
+
+    pub async fn checkpoint(
+        &self,
+        base: &str,
+        id: &str,
+        req: &CheckpointRequest,
+    ) -> Result<CheckpointResponse, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/checkpoint");
+        send(
+            &self.http,
+            request(Method::POST, &url, json_body(req))?,
+            self.long_timeout,
+        )
+        .await
+    }
+
+    pub async fn push(
+        &self,
+        base: &str,
+        id: &str,
+        req: &PushRequest,
+    ) -> Result<PushResponse, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/push");
+        send(
+            &self.http,
+            request(Method::POST, &url, json_body(req))?,
+            self.long_timeout,
+        )
+        .await
+    }
+
+    pub async fn build_image(
+        &self,
+        base: &str,
+        id: &str,
+        req: &ImageRequest,
+    ) -> Result<ImageResponse, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/image");
+        send(
+            &self.http,
+            request(Method::POST, &url, json_body(req))?,
+            self.long_timeout,
+        )
+        .await
+    }
+
+    pub async fn delete(&self, base: &str, id: &str) -> Result<serde_json::Value, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}");
+        send(
+            &self.http,
+            request(Method::DELETE, &url, empty_body())?,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// Upload one archive to another agent, streamed from disk.
+    pub async fn upload(
+        &self,
+        base: &str,
+        id: &str,
+        archive: &ArchiveRef,
+        file: tokio::fs::File,
+    ) -> Result<ReceiveResponse, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/archives/{}", archive.container);
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(&url)
+            .header("content-type", "application/x-tar")
+            .header("content-length", archive.size_bytes)
+            .header(api::DIGEST_HEADER, &archive.digest)
+            .body(file_body(file))
+            .map_err(|_| ClientError::Url(url.clone()))?;
+        send(&self.http, req, self.long_timeout).await
+    }
+}

@@ -1,0 +1,12 @@
+//! The node agent: checkpoints containers through its own kubelet, streams archives to the
+//! target node's agent over mTLS, builds checkpoint images and serves them to its node's
+//! runtime, and cleans up after itself.
+
+pub mod api;
+pub mod archive;
+pub mod client;
+pub mod image;
+pub mod kubelet;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -1,0 +1,130 @@
+//! A read-only OCI distribution endpoint serving this node's checkpoint images to this
+//! node's container runtime (`GET`/`HEAD` of `/v2/kube-migrate/<id>/manifests/<tag>` and
+//! `/v2/kube-migrate/<id>/blobs/<digest>`).
+//!
+//! Checkpoint images hold the full memory of a container, secrets included, so the agent
+//! listens for this on loopback only (the DaemonSet uses the host network): only the node
+//! itself can pull.
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::json;
+
+use super::{image, store::Store};
+
+/// Repository prefix of every checkpoint image.
+pub const REPOSITORY_PREFIX: &str = "kube-migrate";
+
+pub fn router(store: Store) -> Router {
+    Router::new()
+        .route(
+            "/v2/",
+            get(|| async { ([("docker-distribution-api-version", "registry/2.0")], "{}") }),
+        )
+        .route("/v2/{*path}", get(serve).head(serve))
+        .with_state(store)
+}
+
+fn oci_error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"errors": [{"code": code, "message": message}]}).to_string(),
+    )
+        .into_response()
+}
+
+/// `kube-migrate/<id>/manifests/<ref>` → (id, "manifests", ref)
+fn parse(path: &str) -> Option<(&str, &str, &str)> {
+    let rest = path.strip_prefix(REPOSITORY_PREFIX)?.strip_prefix('/')?;
+    let (id, rest) = rest.split_once('/')?;
+    let (kind, reference) = rest.split_once('/')?;
+    (matches!(kind, "manifests" | "blobs") && !reference.contains('/'))
+        .then_some((id, kind, reference))
+}
+
+async fn serve(State(store): State<Store>, method: Method, Path(path): Path<String>) -> Response {
+    let Some((id, kind, reference)) = parse(&path) else {
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("no repository at {path}"),
+        );
+    };
+    let layout = match store.layout(id) {
+        Ok(l) => l,
+        Err(e) => return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string()),
+    };
+    let digest = if kind == "manifests" {
+        match image::resolve(&layout, reference) {
+            Ok(d) => d,
+            Err(e) => return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string()),
+        }
+    } else {
+        reference.to_string()
+    };
+    let blob = match image::blob_path(&layout, &digest) {
+        Ok(p) => p,
+        Err(e) => return oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()),
+    };
+    let file = match tokio::fs::File::open(&blob).await {
+        Ok(f) => f,
+        Err(_) => {
+            let code = if kind == "manifests" {
+                "MANIFEST_UNKNOWN"
+            } else {
+                "BLOB_UNKNOWN"
+            };
+            return oci_error(StatusCode::NOT_FOUND, code, format!("{digest} not found"));
+        }
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()),
+    };
+    let mut headers = HeaderMap::new();
+    let content_type = if kind == "manifests" {
+        image::MANIFEST_MEDIA_TYPE
+    } else {
+        "application/octet-stream"
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&digest) {
+        headers.insert("docker-content-digest", v);
+    }
+    if method == Method::HEAD {
+        return (StatusCode::OK, headers).into_response();
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    (StatusCode::OK, headers, body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn parses_only_our_repositories() {
+        assert_eq!(
+            parse("kube-migrate/abc-1/manifests/app"),
+            Some(("abc-1", "manifests", "app"))
+        );
+        assert_eq!(
+            parse("kube-migrate/abc/blobs/sha256:00"),
+            Some(("abc", "blobs", "sha256:00"))
+        );
+        assert_eq!(parse("library/busybox/manifests/latest"), None);
+        assert_eq!(parse("kube-migrate/abc/tags/list"), None);
+        assert_eq!(parse("kube-migrate/abc/manifests/a/b"), None);
+    }
+}

@@ -1,0 +1,534 @@
+//! The agent's API server (mTLS): checkpoint, push, receive, image, delete.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{delete, post, put},
+};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::instrument;
+
+use super::{
+    api::{
+        self, ArchiveRecord, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRecord,
+        ImageRequest, ImageResponse, PushRequest, PushResponse, ReceiveResponse,
+    },
+    archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
+    client::{AgentClient, ClientError},
+    image::{self, ImageError},
+    kubelet::{KubeletClient, KubeletError},
+    registry::REPOSITORY_PREFIX,
+    store::{Record, Store, StoreError},
+};
+use crate::metrics::{Metrics, OperationLabels, PhaseLabels};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kubelet(#[from] KubeletError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("target agent: {0}")]
+    Peer(#[from] ClientError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upload interrupted: {0}")]
+    Upload(String),
+}
+
+impl AgentError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            AgentError::BadRequest(_) => "bad_request",
+            AgentError::NotFound(_) => "not_found",
+            AgentError::Store(e) => e.metric_label(),
+            AgentError::Kubelet(e) => e.metric_label(),
+            AgentError::Archive(e) => e.metric_label(),
+            AgentError::Image(e) => e.metric_label(),
+            AgentError::Peer(e) => e.reason().map_or(e.metric_label(), |_| "peer_refused"),
+            AgentError::Io(_) => "io",
+            AgentError::Upload(_) => "upload_interrupted",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            AgentError::BadRequest(_)
+            | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Archive(ArchiveError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            // A corrupt or unsafe archive will not get better by retrying.
+            AgentError::Archive(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Kubelet(KubeletError::NotFound(_) | KubeletError::Forbidden(_)) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AgentError::Peer(e) if !e.retryable() => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Upload(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            reason: self.metric_label().to_string(),
+            message: self.to_string(),
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+/// Shared state of the agent's handlers.
+pub struct AgentState {
+    pub node: String,
+    pub store: Store,
+    pub kubelet: KubeletClient,
+    pub peers: AgentClient,
+    pub metrics: Arc<Metrics>,
+    /// `host:port` under which this node's runtime reaches the registry endpoint.
+    pub registry_host: String,
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl AgentState {
+    pub fn new(
+        node: String,
+        store: Store,
+        kubelet: KubeletClient,
+        peers: AgentClient,
+        metrics: Arc<Metrics>,
+        registry_host: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            store,
+            kubelet,
+            peers,
+            metrics,
+            registry_host,
+            locks: Default::default(),
+        })
+    }
+
+    /// One operation per migration at a time: a controller that retries after a restart
+    /// waits for the running operation and then sees its result.
+    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().expect("lock map poisoned");
+            locks.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
+            Arc::clone(locks.entry(id.to_string()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
+    fn record_op<T>(
+        &self,
+        operation: &'static str,
+        started: Instant,
+        result: &Result<T, AgentError>,
+    ) {
+        let label = match result {
+            Ok(_) => "ok",
+            Err(e) => e.metric_label(),
+        };
+        self.metrics
+            .agent_operations
+            .get_or_create(&OperationLabels {
+                operation,
+                result: label,
+            })
+            .inc();
+        self.metrics
+            .agent_operation_duration
+            .get_or_create(&PhaseLabels { phase: operation })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/v1/migrations/{id}/checkpoint", post(checkpoint))
+        .route("/v1/migrations/{id}/push", post(push))
+        .route("/v1/migrations/{id}/archives/{container}", put(receive))
+        .route("/v1/migrations/{id}/image", post(build_image))
+        .route("/v1/migrations/{id}", delete(forget))
+        .with_state(state)
+}
+
+#[instrument(skip_all, fields(id = %id, pod = %req.pod, namespace = %req.namespace))]
+async fn checkpoint(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    Json(req): Json<CheckpointRequest>,
+) -> Result<Json<CheckpointResponse>, AgentError> {
+    let started = Instant::now();
+    let result = do_checkpoint(&state, &id, &req).await;
+    state.record_op("checkpoint", started, &result);
+    result.map(Json)
+}
+
+async fn do_checkpoint(
+    state: &AgentState,
+    id: &str,
+    req: &CheckpointRequest,
+) -> Result<CheckpointResponse, AgentError> {
+    if req.containers.is_empty() || !req.containers.iter().all(|c| api::valid_container(c)) {
+        return Err(AgentError::BadRequest(format!(
+            "invalid container list {:?}",
+            req.containers
+        )));
+    }
+    let _guard = state.lock(id).await;
+    let mut record = state.store.load(id)?.unwrap_or_else(|| Record {
+        namespace: req.namespace.clone(),
+        pod: req.pod.clone(),
+        ..Default::default()
+    });
+    for container in &req.containers {
+        if let Some(done) = record.checkpointed.get(container)
+            && std::path::Path::new(&done.path).exists()
+        {
+            continue; // a retry after a controller restart: keep the checkpoint already taken
+        }
+        let started = Instant::now();
+        let path = state
+            .kubelet
+            .checkpoint(
+                &req.namespace,
+                &req.pod,
+                container,
+                Duration::from_secs(req.timeout_seconds),
+            )
+            .await?;
+        let info = validate_blocking(path.clone()).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(container, path = %path.display(), bytes = info.size, seconds, "checkpointed");
+        state.metrics.archive_bytes.observe(info.size as f64);
+        state
+            .metrics
+            .agent_bytes
+            .get_or_create(&PhaseLabels {
+                phase: "checkpoint",
+            })
+            .inc_by(info.size);
+        record.checkpointed.insert(
+            container.clone(),
+            ArchiveRecord {
+                container: container.clone(),
+                path: path.display().to_string(),
+                digest: info.digest,
+                size_bytes: info.size,
+                base_image: base_image(&info.config),
+                seconds,
+            },
+        );
+        state.store.save(id, &record)?;
+    }
+    let archives = req
+        .containers
+        .iter()
+        .filter_map(|c| record.checkpointed.get(c).cloned())
+        .collect();
+    Ok(CheckpointResponse { archives })
+}
+
+fn base_image(config: &ContainerConfig) -> String {
+    if config.rootfs_image_name.is_empty() {
+        config.rootfs_image_ref.clone()
+    } else {
+        config.rootfs_image_name.clone()
+    }
+}
+
+async fn validate_blocking(path: PathBuf) -> Result<ArchiveInfo, AgentError> {
+    tokio::task::spawn_blocking(move || archive::validate_file(&path))
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
+        .map_err(AgentError::from)
+}
+
+#[instrument(skip_all, fields(id = %id, target = %req.target))]
+async fn push(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    Json(req): Json<PushRequest>,
+) -> Result<Json<PushResponse>, AgentError> {
+    let started = Instant::now();
+    let result = do_push(&state, &id, &req).await;
+    state.record_op("send", started, &result);
+    result.map(Json)
+}
+
+async fn do_push(
+    state: &AgentState,
+    id: &str,
+    req: &PushRequest,
+) -> Result<PushResponse, AgentError> {
+    let _guard = state.lock(id).await;
+    let record = state
+        .store
+        .load(id)?
+        .ok_or_else(|| AgentError::NotFound(format!("no checkpoint for migration {id}")))?;
+    let started = Instant::now();
+    let mut bytes = 0;
+    for archive in &req.archives {
+        let held = record.checkpointed.get(&archive.container).ok_or_else(|| {
+            AgentError::NotFound(format!("no archive for container {}", archive.container))
+        })?;
+        if held.digest != archive.digest {
+            return Err(AgentError::BadRequest(format!(
+                "archive of {} is {}, not the requested {}",
+                archive.container, held.digest, archive.digest
+            )));
+        }
+        let file = tokio::fs::File::open(&held.path).await?;
+        let received = state.peers.upload(&req.target, id, archive, file).await?;
+        bytes += received.size_bytes;
+        state
+            .metrics
+            .agent_bytes
+            .get_or_create(&PhaseLabels { phase: "send" })
+            .inc_by(received.size_bytes);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if seconds > 0.0 {
+        state
+            .metrics
+            .transfer_throughput
+            .observe(bytes as f64 / seconds);
+    }
+    tracing::info!(bytes, seconds, "archives sent");
+    Ok(PushResponse { bytes, seconds })
+}
+
+#[instrument(skip_all, fields(id = %id, container = %container))]
+async fn receive(
+    State(state): State<Arc<AgentState>>,
+    Path((id, container)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ReceiveResponse>, AgentError> {
+    let started = Instant::now();
+    let result = do_receive(&state, &id, &container, &headers, body).await;
+    state.record_op("receive", started, &result);
+    result.map(Json)
+}
+
+async fn do_receive(
+    state: &AgentState,
+    id: &str,
+    container: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ReceiveResponse, AgentError> {
+    let expected = headers
+        .get(api::DIGEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|d| d.starts_with("sha256:"))
+        .ok_or_else(|| AgentError::BadRequest(format!("missing {} header", api::DIGEST_HEADER)))?
+        .to_string();
+    let final_path = state.store.archive_path(id, container)?;
+    let _guard = state.lock(id).await;
+    state.store.create_dir(id)?;
+    let part = final_path.with_extension("part");
+    let outcome = stream_to_file(body, &part).await;
+    let (actual, size) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    };
+    if actual != expected {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(ArchiveError::Digest { expected, actual }.into());
+    }
+    let info = match validate_blocking(part.clone()).await {
+        Ok(info) => info,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+    };
+    tokio::fs::rename(&part, &final_path).await?;
+    let mut record = state.store.load(id)?.unwrap_or_default();
+    record.received.insert(
+        container.to_string(),
+        ArchiveRecord {
+            container: container.to_string(),
+            path: final_path.display().to_string(),
+            digest: info.digest.clone(),
+            size_bytes: size,
+            base_image: base_image(&info.config),
+            seconds: 0.0,
+        },
+    );
+    state.store.save(id, &record)?;
+    state
+        .metrics
+        .agent_bytes
+        .get_or_create(&PhaseLabels { phase: "receive" })
+        .inc_by(size);
+    tracing::info!(bytes = size, digest = %info.digest, "archive received and verified");
+    Ok(ReceiveResponse {
+        digest: info.digest,
+        size_bytes: size,
+    })
+}
+
+/// Write a request body to `path` while hashing it: constant memory whatever the size.
+async fn stream_to_file(body: Body, path: &std::path::Path) -> Result<(String, u64), AgentError> {
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| AgentError::Upload(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            hasher.update(&data);
+            size += data.len() as u64;
+            file.write_all(&data).await?;
+        }
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
+}
+
+#[instrument(skip_all, fields(id = %id, pod = %req.pod))]
+async fn build_image(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    Json(req): Json<ImageRequest>,
+) -> Result<Json<ImageResponse>, AgentError> {
+    let started = Instant::now();
+    let result = do_build_image(&state, &id, &req).await;
+    state.record_op("image", started, &result);
+    result.map(Json)
+}
+
+async fn do_build_image(
+    state: &AgentState,
+    id: &str,
+    req: &ImageRequest,
+) -> Result<ImageResponse, AgentError> {
+    let _guard = state.lock(id).await;
+    let mut record = state
+        .store
+        .load(id)?
+        .ok_or_else(|| AgentError::NotFound(format!("no archives for migration {id}")))?;
+    record.namespace.clone_from(&req.namespace);
+    record.pod.clone_from(&req.pod);
+    state.store.save(id, &record)?;
+    let layout = state.store.layout(id)?;
+    let created = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut images = Vec::new();
+    for archive in &req.archives {
+        let held = record.received.get(&archive.container).ok_or_else(|| {
+            AgentError::NotFound(format!(
+                "no archive received for container {}",
+                archive.container
+            ))
+        })?;
+        if held.digest != archive.digest {
+            return Err(AgentError::BadRequest(format!(
+                "received archive of {} is {}, not {}",
+                archive.container, held.digest, archive.digest
+            )));
+        }
+        let info = ArchiveInfo {
+            digest: held.digest.clone(),
+            size: held.size_bytes,
+            entries: 0,
+            config: ContainerConfig {
+                rootfs_image_name: held.base_image.clone(),
+                ..Default::default()
+            },
+        };
+        let (layout, path, container, created) = (
+            layout.clone(),
+            PathBuf::from(&held.path),
+            archive.container.clone(),
+            created.clone(),
+        );
+        let built = tokio::task::spawn_blocking(move || {
+            image::build(&layout, &container, &container, &path, &info, &created)
+        })
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
+        images.push(ImageRecord {
+            container: archive.container.clone(),
+            image: format!(
+                "{}/{REPOSITORY_PREFIX}/{id}:{}",
+                state.registry_host, archive.container
+            ),
+            manifest_digest: built.manifest_digest,
+            base_image: built.base_image,
+        });
+    }
+    Ok(ImageResponse { images })
+}
+
+#[instrument(skip_all, fields(id = %id))]
+async fn forget(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let _guard = state.lock(&id).await;
+    let existed = state.store.delete(&id)?;
+    Ok(Json(serde_json::json!({ "deleted": existed })))
+}
+
+/// Remove migrations older than `max_age` every `every`.
+pub fn spawn_gc(
+    state: Arc<AgentState>,
+    max_age: Duration,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let store = state.store.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let deleted = store.gc(max_age, std::time::SystemTime::now());
+                (deleted, store.stored_bytes())
+            })
+            .await;
+            match result {
+                Ok((Ok(deleted), bytes)) => {
+                    state.metrics.agent_stored_bytes.set(bytes as i64);
+                    if !deleted.is_empty() {
+                        state.metrics.gc_deleted.inc_by(deleted.len() as u64);
+                        tracing::info!(?deleted, "garbage-collected stale migrations");
+                    }
+                }
+                Ok((Err(error), _)) => tracing::warn!(%error, "garbage collection failed"),
+                Err(error) => tracing::warn!(%error, "garbage collection task failed"),
+            }
+        }
+    })
+}

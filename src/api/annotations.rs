@@ -1,0 +1,156 @@
+//! Annotations, labels and fixed names shared by the webhook, the controller, the agent and
+//! the kubectl plugin.
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// API group of the `PodMigration` resource.
+pub const GROUP: &str = "migrate.io";
+
+/// Opt-in: `migrate.io/stateful: "true"` on a pod makes its evictions migrations.
+pub const STATEFUL: &str = "migrate.io/stateful";
+/// What happens to an eviction when the migration fails before the source stopped:
+/// `evict` (default: the eviction goes through, as without kube-migrate) or `block`.
+pub const ON_FAILURE: &str = "migrate.io/on-failure";
+/// Names the node the pod must be migrated to.
+pub const TARGET_NODE: &str = "migrate.io/target-node";
+/// Set by the mutating webhook (or the controller) on a replacement pod: the PodMigration it
+/// restores.
+pub const RESTORE_OF: &str = "migrate.io/restore-of";
+/// Set on a replacement pod that was gated but whose PodMigration the controller still has to
+/// choose (several migrations of one ReplicaSet in flight at once).
+pub const RESTORE_OWNER: &str = "migrate.io/restore-owner";
+/// Scheduling gate that keeps a replacement pod unscheduled until its checkpoint image is ready.
+pub const RESTORE_GATE: &str = "migrate.io/restore";
+/// Label on every PodMigration: the UID of the pod it migrates (idempotency key).
+pub const POD_UID_LABEL: &str = "migrate.io/pod-uid";
+/// Label on every PodMigration: the node it drains.
+pub const SOURCE_NODE_LABEL: &str = "migrate.io/source-node";
+/// Field manager for server-side apply and the `fieldManager` of every write.
+pub const FIELD_MANAGER: &str = "kube-migrate";
+/// Finalizer that lets the controller clean archives before a PodMigration goes away.
+pub const FINALIZER: &str = "migrate.io/cleanup";
+
+/// CRI-O reads this manifest annotation to know an image is a checkpoint (value: container name).
+pub const CRIO_CHECKPOINT_NAME: &str = "io.kubernetes.cri-o.annotations.checkpoint.name";
+/// containerd (2.1+) reads this one.
+pub const CRIU_CHECKPOINT_NAME: &str = "org.criu.checkpoint.container.name";
+/// Base (rootfs) image recorded in the checkpoint, CRI-O spelling.
+pub const CRIO_CHECKPOINT_ROOTFS_IMAGE: &str =
+    "io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName";
+/// Base (rootfs) image recorded in the checkpoint, CRIU/containerd spelling.
+pub const CRIU_CHECKPOINT_ROOTFS_IMAGE: &str = "org.criu.checkpoint.rootfsImageName";
+
+/// What a user asked for when a migration fails before the source stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailurePolicyAnnotation {
+    Evict,
+    Block,
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// `true` when the pod opted in with `migrate.io/stateful: "true"` (case-insensitive).
+pub fn is_stateful(pod: &Pod) -> bool {
+    annotation(pod, STATEFUL).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// The pod's `migrate.io/on-failure` policy. Unknown values fall back to the safe default of
+/// the annotation's documentation (`evict`) and are reported by the caller.
+pub fn on_failure(pod: &Pod) -> Result<FailurePolicyAnnotation, String> {
+    match annotation(pod, ON_FAILURE).map(str::trim) {
+        None | Some("") => Ok(FailurePolicyAnnotation::Evict),
+        Some(v) if v.eq_ignore_ascii_case("evict") => Ok(FailurePolicyAnnotation::Evict),
+        Some(v) if v.eq_ignore_ascii_case("block") => Ok(FailurePolicyAnnotation::Block),
+        Some(other) => Err(format!(
+            "invalid {ON_FAILURE} value {other:?} (expected \"evict\" or \"block\")"
+        )),
+    }
+}
+
+/// The node named by `migrate.io/target-node`, if any.
+pub fn requested_target(pod: &Pod) -> Option<&str> {
+    annotation(pod, TARGET_NODE)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// The PodMigration a replacement pod was bound to, if any.
+pub fn restore_of(pod: &Pod) -> Option<&str> {
+    annotation(pod, RESTORE_OF)
+}
+
+/// Deterministic PodMigration name for a pod: `<pod name>-<first 8 hex of uid>`, cut to fit
+/// the 253-character limit. Determinism makes the webhook's create idempotent across retries
+/// and replicas: a second create gets AlreadyExists.
+pub fn migration_name(pod_name: &str, pod_uid: &str) -> String {
+    let short: String = pod_uid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let max_prefix = 253 - 1 - short.len();
+    let prefix: String = pod_name.chars().take(max_prefix).collect();
+    format!("{}-{}", prefix.trim_end_matches(['-', '.']), short)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn pod_with(annotations: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stateful_annotation_is_an_explicit_opt_in() {
+        assert!(is_stateful(&pod_with(&[(STATEFUL, "true")])));
+        assert!(is_stateful(&pod_with(&[(STATEFUL, " TRUE ")])));
+        assert!(!is_stateful(&pod_with(&[(STATEFUL, "yes")])));
+        assert!(!is_stateful(&pod_with(&[(STATEFUL, "false")])));
+        assert!(!is_stateful(&Pod::default()));
+    }
+
+    #[test]
+    fn on_failure_defaults_to_evict_and_rejects_garbage() {
+        assert_eq!(
+            on_failure(&Pod::default()),
+            Ok(FailurePolicyAnnotation::Evict)
+        );
+        assert_eq!(
+            on_failure(&pod_with(&[(ON_FAILURE, "Block")])),
+            Ok(FailurePolicyAnnotation::Block)
+        );
+        let err = on_failure(&pod_with(&[(ON_FAILURE, "keep")])).unwrap_err();
+        assert!(err.contains("\"keep\""), "{err}");
+    }
+
+    #[test]
+    fn migration_name_is_deterministic_and_bounded() {
+        let uid = "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4";
+        assert_eq!(migration_name("web-0", uid), "web-0-0c9a8d74");
+        assert_eq!(migration_name("web-0", uid), migration_name("web-0", uid));
+        let long = "a".repeat(300);
+        let name = migration_name(&long, uid);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.ends_with("-0c9a8d74"));
+    }
+}

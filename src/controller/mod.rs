@@ -1,0 +1,3 @@
+//! The migration controller.
+pub mod placement;
+pub mod quantity;

@@ -1,0 +1,273 @@
+//! Choosing the target node: the scheduler's hard rules that matter for a single pod
+//! (cordon, readiness, nodeSelector, required node affinity, taints, resource requests),
+//! then the least loaded node. Pure: nodes and pods in, a choice or every node's reason out.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Toleration,
+};
+
+use super::quantity::Resources;
+
+/// Why a node cannot take the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfit {
+    IsSource,
+    NotFound,
+    NotReady,
+    Cordoned,
+    NoAgent,
+    NodeSelector,
+    NodeAffinity,
+    Taint(String),
+    Insufficient(&'static str),
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfit::IsSource => f.write_str("is the source node"),
+            Unfit::NotFound => f.write_str("does not exist"),
+            Unfit::NotReady => f.write_str("is not Ready"),
+            Unfit::Cordoned => f.write_str("is cordoned"),
+            Unfit::NoAgent => f.write_str("runs no kube-migrate agent"),
+            Unfit::NodeSelector => f.write_str("does not match the pod's nodeSelector"),
+            Unfit::NodeAffinity => f.write_str("does not match the pod's required node affinity"),
+            Unfit::Taint(t) => write!(f, "has untolerated taint {t}"),
+            Unfit::Insufficient(r) => write!(f, "has insufficient {r}"),
+        }
+    }
+}
+
+/// The outcome of target selection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Placement {
+    Node(String),
+    /// No node fits; the reason of every node, sorted by node name.
+    None(Vec<(String, Unfit)>),
+}
+
+impl Placement {
+    pub fn explain(reasons: &[(String, Unfit)]) -> String {
+        if reasons.is_empty() {
+            return "the cluster has no other node".into();
+        }
+        reasons
+            .iter()
+            .map(|(n, r)| format!("{n} {r}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Everything placement needs.
+pub struct PlacementInput<'a> {
+    pub pod: &'a Pod,
+    pub source_node: &'a str,
+    /// A node the user named (annotation or spec); only that node is considered.
+    pub requested: Option<&'a str>,
+    pub nodes: &'a [&'a Node],
+    /// Pods that hold resources (bound, not terminal), for the requests already on each node.
+    pub pods: &'a [&'a Pod],
+    /// Nodes that run an agent.
+    pub has_agent: &'a dyn Fn(&str) -> bool,
+}
+
+pub fn choose(input: &PlacementInput<'_>) -> Placement {
+    let request = pod_requests(input.pod);
+    let mut used: BTreeMap<&str, Resources> = BTreeMap::new();
+    for p in input.pods {
+        if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
+            let entry = used.entry(node).or_default();
+            entry.add(&pod_requests(p));
+            entry.pods += 1.0;
+        }
+    }
+    let candidates: Vec<&Node> = match input.requested {
+        Some(name) => match input
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+        {
+            Some(n) => vec![*n],
+            None => return Placement::None(vec![(name.to_string(), Unfit::NotFound)]),
+        },
+        None => input.nodes.to_vec(),
+    };
+    let mut best: Option<(f64, &str)> = None;
+    let mut reasons = Vec::new();
+    for node in candidates {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        match fit(input, node, &request, used.get(name)) {
+            Ok(load) => {
+                if best.is_none_or(|(l, n)| load < l || (load == l && name < n)) {
+                    best = Some((load, name));
+                }
+            }
+            Err(reason) => reasons.push((name.to_string(), reason)),
+        }
+    }
+    match best {
+        Some((_, name)) => Placement::Node(name.to_string()),
+        None => {
+            reasons.sort_by(|a, b| a.0.cmp(&b.0));
+            Placement::None(reasons)
+        }
+    }
+}
+
+/// Ok(load after placement, 0..=1+) or why not.
+fn fit(
+    input: &PlacementInput<'_>,
+    node: &Node,
+    request: &Resources,
+    used: Option<&Resources>,
+) -> Result<f64, Unfit> {
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    if name == input.source_node {
+        return Err(Unfit::IsSource);
+    }
+    let spec = node.spec.clone().unwrap_or_default();
+    if spec.unschedulable == Some(true) {
+        return Err(Unfit::Cordoned);
+    }
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    if !ready {
+        return Err(Unfit::NotReady);
+    }
+    if !(input.has_agent)(name) {
+        return Err(Unfit::NoAgent);
+    }
+    let pod_spec = input.pod.spec.clone().unwrap_or_default();
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    if let Some(selector) = &pod_spec.node_selector
+        && !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return Err(Unfit::NodeSelector);
+    }
+    if let Some(required) = pod_spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        && !required
+            .node_selector_terms
+            .iter()
+            .any(|t| term_matches(t, name, &labels))
+    {
+        return Err(Unfit::NodeAffinity);
+    }
+    let tolerations = pod_spec.tolerations.unwrap_or_default();
+    for taint in spec.taints.unwrap_or_default() {
+        if taint.effect == "PreferNoSchedule" {
+            continue;
+        }
+        if !tolerations
+            .iter()
+            .any(|t| tolerates(t, &taint.key, taint.value.as_deref(), &taint.effect))
+        {
+            return Err(Unfit::Taint(format!(
+                "{}={}:{}",
+                taint.key,
+                taint.value.unwrap_or_default(),
+                taint.effect
+            )));
+        }
+    }
+    let allocatable = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .map(Resources::from_list)
+        .unwrap_or_default();
+    let mut after = used.cloned().unwrap_or_default();
+    after.add(request);
+    after.pods += 1.0;
+    after.fits_in(&allocatable).map_err(Unfit::Insufficient)?;
+    Ok(after.load(&allocatable))
+}
+
+fn term_matches(term: &NodeSelectorTerm, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    let exprs = term.match_expressions.as_deref().unwrap_or_default();
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    if exprs.is_empty() && fields.is_empty() {
+        return false; // an empty term matches nothing (as in the scheduler)
+    }
+    exprs
+        .iter()
+        .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
+        && fields
+            .iter()
+            .all(|r| r.key == "metadata.name" && requirement_matches(r, Some(name)))
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = r.values.as_deref().unwrap_or_default();
+    match r.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(bound)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if r.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
+        }
+        _ => false,
+    }
+}
+
+fn tolerates(t: &Toleration, key: &str, value: Option<&str>, effect: &str) -> bool {
+    if let Some(e) = t.effect.as_deref()
+        && !e.is_empty()
+        && e != effect
+    {
+        return false;
+    }
+    match t.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => t.key.as_deref().is_none_or(|k| k.is_empty() || k == key),
+        _ => {
+            t.key.as_deref() == Some(key) && t.value.as_deref().unwrap_or("") == value.unwrap_or("")
+        }
+    }
+}
+
+/// Effective requests of a pod: the larger of the sum of its containers and its largest
+/// init container, plus overhead, as the scheduler counts them.
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Resources::default();
+    };
+    let mut sum = Resources::default();
+    for c in &spec.containers {
+        if let Some(r) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) {
+            sum.add(&Resources::from_list(r));
+        }
+    }
+    for c in spec.init_containers.as_deref().unwrap_or_default() {
+        if let Some(r) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) {
+            sum.max_with(&Resources::from_list(r));
+        }
+    }
+    if let Some(o) = &spec.overhead {
+        sum.add(&Resources::from_list(o));
+    }
+    sum
+}

@@ -1,0 +1,230 @@
+//! TLS for the webhook and the agents: one ring provider, certificates hot-reloaded.
+//!
+//! Kubernetes updates a mounted Secret by swapping a `..data` symlink, which file watches on
+//! the certificate path miss; so the files are polled and reloaded when their content hash
+//! changes. Handshakes read the current key through an `ArcSwap`, lock-free.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::ResolvesClientCert,
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("invalid key or certificate: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid client CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+impl TlsError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            TlsError::Read { .. } => "tls_read",
+            TlsError::NoCertificate { .. } | TlsError::NoKey { .. } => "tls_pem",
+            TlsError::Rustls(_) | TlsError::Verifier(_) => "tls_invalid",
+        }
+    }
+}
+
+/// Installs the process-wide crypto provider (ring). Call once, first thing in `main`.
+pub fn install_crypto_provider() {
+    // Err means already installed, which is fine for tests that call it repeatedly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_owned(),
+        })
+}
+
+pub fn root_store(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// A certificate and key pair read from two files, reloaded when their content changes.
+pub struct CertReloader {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+    hash: ArcSwap<[u8; 32]>,
+}
+
+impl fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertReloader")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish()
+    }
+}
+
+impl CertReloader {
+    pub fn new(
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let cert_path = cert_path.into();
+        let key_path = key_path.into();
+        let (key, hash) = Self::load(&cert_path, &key_path)?;
+        Ok(Arc::new(Self {
+            cert_path,
+            key_path,
+            current: ArcSwap::from_pointee(key),
+            hash: ArcSwap::from_pointee(hash),
+        }))
+    }
+
+    fn load(cert: &Path, key: &Path) -> Result<(CertifiedKey, [u8; 32]), TlsError> {
+        let mut hasher = Sha256::new();
+        hasher.update(read(cert)?);
+        hasher.update(read(key)?);
+        let hash: [u8; 32] = hasher.finalize().into();
+        let provider = rustls::crypto::ring::default_provider();
+        let certified = CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider)?;
+        Ok((certified, hash))
+    }
+
+    /// Reload when the files changed. Ok(true) when a new pair was installed; on error the
+    /// previous pair stays in use (a half-written Secret update must not break TLS).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let (key, hash) = Self::load(&self.cert_path, &self.key_path)?;
+        if **self.hash.load() == hash {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(key));
+        self.hash.store(Arc::new(hash));
+        Ok(true)
+    }
+
+    /// Poll the files forever.
+    pub fn spawn_poll(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match this.reload() {
+                    Ok(true) => {
+                        tracing::info!(cert = %this.cert_path.display(), "reloaded TLS certificate")
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "TLS certificate reload failed; keeping the previous one")
+                    }
+                }
+            }
+        })
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl ResolvesClientCert for CertReloader {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Server config; with `client_ca`, clients must present a certificate signed by it (mTLS).
+pub fn server_config(
+    certs: Arc<CertReloader>,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, TlsError> {
+    let builder = ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder(Arc::new(root_store(ca)?)).build()?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Client config trusting `ca`, presenting `identity` when given (mTLS).
+pub fn client_config(
+    ca: &Path,
+    identity: Option<Arc<CertReloader>>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder().with_root_certificates(root_store(ca)?);
+    let mut config = match identity {
+        Some(id) => builder.with_client_cert_resolver(id),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
