@@ -34,7 +34,7 @@ RUN=$STATE/run
 
 ours() { # <pid>: alive and its command line names this state dir
   local cmd
-  cmd=$(tr '\0' ' ' < "/proc/$1/cmdline" 2> /dev/null) && [[ $cmd == *"$STATE/"* ]]
+  cmd=$(tr '\0' ' ' 2> /dev/null < "/proc/$1/cmdline") && [[ $cmd == *"$STATE/"* ]]
 }
 
 # Reverse start order: clients before the apiserver, the apiserver before etcd.

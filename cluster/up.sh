@@ -73,7 +73,7 @@ touch "$STATE/.kube-migrate-cluster"
 # (its command line names this state dir), so a reused pid is not mistaken.
 ours() { # <pid>: alive and its command line names this state dir
   local cmd
-  cmd=$(tr '\0' ' ' < "/proc/$1/cmdline" 2> /dev/null) && [[ $cmd == *"$STATE/"* ]]
+  cmd=$(tr '\0' ' ' 2> /dev/null < "/proc/$1/cmdline") && [[ $cmd == *"$STATE/"* ]]
 }
 alive() { # <component>
   local pid
@@ -284,6 +284,8 @@ if (( ${#running[@]} == 0 )); then
   #   apiserver listens on loopback only; advertising the machine's other
   #   address would point the `kubernetes` Service at nothing, and Endpoints
   #   may not contain loopback addresses, so that Service gets no endpoints.
+  #   (With "none" the apiserver logs one harmless "Found stale data, removed
+  #   previous endpoints on kubernetes service" error at every start.)
   # --enable-admission-plugins adds to the default set (it does not replace it).
   # --service-account-*: the issuer and keys that make `kubectl create token`,
   #   projected tokens and TokenReview work; the default API audience is the issuer.
@@ -317,12 +319,18 @@ if (( ${#running[@]} == 0 )); then
   # --use-service-account-credentials: each controller acts as its own
   #   ServiceAccount, so RBAC is exercised as in a real cluster.
   # --cluster-signing-*: the CSR signers (kubelet client/serving, legacy-unknown).
+  # --client-ca-file + --authentication-skip-lookup (also for the scheduler):
+  #   authenticate clients of its own secure port with our CA instead of
+  #   reading the front-proxy (requestheader) CA from the apiserver's
+  #   extension-apiserver-authentication ConfigMap; there is no front proxy, and
+  #   the lookup would log an error about the missing CA every few seconds.
   # shellcheck disable=SC2086
   start kube-controller-manager "$BIN_K8S/kube-controller-manager" \
     --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
     --kubeconfig="$KCFG/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$KCFG/controller-manager.kubeconfig" \
     --authorization-kubeconfig="$KCFG/controller-manager.kubeconfig" \
+    --client-ca-file="$PKI/ca.crt" --authentication-skip-lookup \
     --leader-elect=false \
     --use-service-account-credentials=true \
     --root-ca-file="$PKI/ca.crt" \
@@ -338,6 +346,7 @@ if (( ${#running[@]} == 0 )); then
     --kubeconfig="$KCFG/scheduler.kubeconfig" \
     --authentication-kubeconfig="$KCFG/scheduler.kubeconfig" \
     --authorization-kubeconfig="$KCFG/scheduler.kubeconfig" \
+    --client-ca-file="$PKI/ca.crt" --authentication-skip-lookup \
     --leader-elect=false \
     --v=1 \
     ${KUBE_MIGRATE_SCHEDULER_ARGS:-}

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod agent;
 pub mod api;
+pub mod app;
 pub mod controller;
 pub mod metrics;
 pub mod server;

@@ -1,1 +1,391 @@
-//! HTTP glue of the webhooks (filled in below).
+//! HTTP handlers of the two webhooks. They read the cluster from watch caches and answer in
+//! a few milliseconds; the only API call on the hot path is creating a PodMigration.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{Json, Router, body::Bytes, extract::State, routing::post};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod},
+        policy::v1::Eviction,
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ObjectMeta, PostParams},
+    core::{
+        DynamicObject,
+        admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+    },
+    runtime::reflector::{ObjectRef, Store},
+};
+use tracing::{Span, instrument};
+
+use super::{
+    eviction::{self, Decision, EvictionRequest, STOP_SOURCE_OF, Snapshot},
+    pod::{self as podmut, PodDecision},
+    review,
+};
+use crate::{
+    api::{self, PodMigration},
+    metrics::{DecisionLabels, Metrics, WebhookLabels},
+};
+
+pub struct WebhookState {
+    pub client: Client,
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub migrations: Store<PodMigration>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: Arc<WebhookState>) -> Router {
+    Router::new()
+        .route("/validate/eviction", post(validate_eviction))
+        .route("/mutate/pod", post(mutate_pod))
+        .with_state(state)
+}
+
+type Review = Json<AdmissionReview<DynamicObject>>;
+
+impl WebhookState {
+    fn record(&self, webhook: &'static str, result: &'static str, started: Instant) {
+        self.metrics
+            .webhook_decisions
+            .get_or_create(&DecisionLabels { webhook, result })
+            .inc();
+        self.metrics
+            .webhook_latency
+            .get_or_create(&WebhookLabels { webhook })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn migrations_of(&self, namespace: &str, pod_name: Option<&str>) -> Vec<Arc<PodMigration>> {
+        self.migrations.state_filter(|m| {
+            m.metadata.namespace.as_deref() == Some(namespace)
+                && pod_name.is_none_or(|n| m.spec.pod_name == n)
+        })
+    }
+
+    /// The pod from the cache; on a miss (a pod created a moment ago) from the API server.
+    async fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
+        if let Some(pod) = self.pods.get(&ObjectRef::new(name).within(namespace)) {
+            return Some(pod);
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(std::time::Duration::from_secs(2), api.get_opt(name)).await {
+            Ok(Ok(pod)) => pod.map(Arc::new),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "pod lookup failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+#[instrument(skip_all, fields(uid, namespace, pod, decision))]
+async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) -> Review {
+    let started = Instant::now();
+    let request = match review::parse(&body) {
+        Ok(r) => r,
+        Err((error, uid)) => {
+            tracing::warn!(%error, "malformed AdmissionReview");
+            state.record("eviction", error.metric_label(), started);
+            return Json(review::invalid(uid, &error));
+        }
+    };
+    let span = Span::current();
+    span.record("uid", request.uid.as_str());
+    span.record(
+        "namespace",
+        request.namespace.as_deref().unwrap_or_default(),
+    );
+    span.record("pod", request.name.as_str());
+    let (result, response) = eviction_response(&state, &request).await;
+    span.record("decision", result);
+    state.record("eviction", result, started);
+    tracing::info!(
+        allowed = response.allowed,
+        code = response.result.code,
+        "eviction decided"
+    );
+    Json(response.into_review())
+}
+
+fn is_eviction(request: &AdmissionRequest<DynamicObject>) -> bool {
+    request.resource.resource == "pods"
+        && request.sub_resource.as_deref() == Some("eviction")
+        && request.operation == Operation::Create
+}
+
+async fn eviction_response(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> (&'static str, AdmissionResponse) {
+    if !is_eviction(request) {
+        let msg = format!(
+            "kube-migrate: /validate/eviction got {:?} {}/{:?}; only pods/eviction CREATE is handled, allowed unchanged",
+            request.operation, request.resource.resource, request.sub_resource
+        );
+        return ("unexpected_request", review::allow(request, Some(msg)));
+    }
+    let Some(namespace) = request.namespace.as_deref() else {
+        return (
+            "malformed_review",
+            review::deny(
+                request,
+                400,
+                "BadRequest",
+                "kube-migrate: eviction request without namespace".into(),
+            ),
+        );
+    };
+    let eviction: Option<Eviction> = match &request.object {
+        Some(obj) => match serde_json::to_value(obj).and_then(serde_json::from_value) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                return (
+                    "malformed_review",
+                    review::deny(
+                        request,
+                        400,
+                        "BadRequest",
+                        format!("kube-migrate: object is not an Eviction: {e}"),
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
+    let object_dry_run = eviction
+        .as_ref()
+        .and_then(|e| e.delete_options.as_ref())
+        .and_then(|o| o.dry_run.as_ref())
+        .is_some_and(|d| !d.is_empty());
+    let stop_source_of = eviction
+        .as_ref()
+        .and_then(|e| e.metadata.annotations.as_ref())
+        .and_then(|a| a.get(STOP_SOURCE_OF))
+        .cloned();
+    let req = EvictionRequest {
+        namespace,
+        pod_name: &request.name,
+        dry_run: request.dry_run || object_dry_run,
+        stop_source_of: stop_source_of.as_deref(),
+    };
+    let pod = state.pod(namespace, &request.name).await;
+    let pod_node_schedulable = pod
+        .as_ref()
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.node_name.as_deref())
+        .and_then(|n| state.nodes.get(&ObjectRef::new(n)))
+        .map(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true));
+    let migrations = state.migrations_of(namespace, Some(&request.name));
+    let snapshot = Snapshot {
+        pod: pod.as_deref(),
+        pod_node_schedulable,
+        migrations: &migrations,
+        now: Timestamp::now(),
+    };
+    let decision = eviction::decide(&req, &snapshot);
+    let result = decision.result();
+    let response = match decision {
+        Decision::Allow { warning, .. } => review::allow(request, warning),
+        Decision::Wait { message } | Decision::Block { message } => {
+            review::deny(request, 429, "TooManyRequests", message)
+        }
+        Decision::Gone { message } => review::deny(request, 404, "NotFound", message),
+        Decision::Start { name, spec } => match start(state, namespace, &name, spec).await {
+            Ok(target) => review::deny(
+                request,
+                429,
+                "TooManyRequests",
+                format!(
+                    "kube-migrate started live migration {name} of {namespace}/{} to {target}; \
+                     the eviction is allowed once the state is safe on the target",
+                    request.name
+                ),
+            ),
+            Err(e) if e.is_permanent() => {
+                return (
+                    "error",
+                    review::deny(
+                        request,
+                        500,
+                        "InternalError",
+                        format!("kube-migrate could not start the migration: {e}"),
+                    ),
+                );
+            }
+            Err(e) => {
+                return (
+                    "error",
+                    review::deny(
+                        request,
+                        429,
+                        "TooManyRequests",
+                        format!("kube-migrate could not start the migration yet ({e}); retrying"),
+                    ),
+                );
+            }
+        },
+    };
+    (result, response)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StartError(kube::Error);
+
+impl StartError {
+    /// Errors that retrying will not fix (CRD missing, RBAC): fail the drain loudly instead.
+    fn is_permanent(&self) -> bool {
+        matches!(&self.0, kube::Error::Api(e) if matches!(e.code, 400 | 403 | 404 | 422))
+    }
+}
+
+/// Create the PodMigration (idempotent: the name is derived from the pod UID).
+async fn start(
+    state: &WebhookState,
+    namespace: &str,
+    name: &str,
+    spec: api::PodMigrationSpec,
+) -> Result<String, StartError> {
+    let target = spec
+        .target_node
+        .clone()
+        .unwrap_or_else(|| "a node chosen by the controller".into());
+    let pm = PodMigration {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(
+                [
+                    (api::POD_UID_LABEL.to_string(), spec.pod_uid.clone()),
+                    (api::SOURCE_NODE_LABEL.to_string(), spec.source_node.clone()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+    let api: Api<PodMigration> = Api::namespaced(state.client.clone(), namespace);
+    let params = PostParams {
+        field_manager: Some(api::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, &pm).await {
+        Ok(_) => {
+            tracing::info!(migration = name, "migration started");
+            Ok(target)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(target),
+        Err(e) => Err(StartError(e)),
+    }
+}
+
+#[instrument(skip_all, fields(uid, namespace, pod, decision))]
+async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Review {
+    let started = Instant::now();
+    let request = match review::parse(&body) {
+        Ok(r) => r,
+        Err((error, uid)) => {
+            tracing::warn!(%error, "malformed AdmissionReview");
+            state.record("pod", error.metric_label(), started);
+            return Json(review::invalid(uid, &error));
+        }
+    };
+    let (result, response) = pod_response(&state, &request);
+    let span = Span::current();
+    span.record("uid", request.uid.as_str());
+    span.record(
+        "namespace",
+        request.namespace.as_deref().unwrap_or_default(),
+    );
+    span.record("decision", result);
+    state.record("pod", result, started);
+    Json(response.into_review())
+}
+
+fn pod_response(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> (&'static str, AdmissionResponse) {
+    if request.resource.resource != "pods"
+        || request.sub_resource.is_some()
+        || request.operation != Operation::Create
+    {
+        return ("unexpected_request", review::allow(request, None));
+    }
+    let Some(object) = &request.object else {
+        return (
+            "malformed_review",
+            review::deny(
+                request,
+                400,
+                "BadRequest",
+                "kube-migrate: pod CREATE without object".into(),
+            ),
+        );
+    };
+    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                "malformed_review",
+                review::deny(
+                    request,
+                    400,
+                    "BadRequest",
+                    format!("kube-migrate: object is not a Pod: {e}"),
+                ),
+            );
+        }
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| pod.namespace())
+        .unwrap_or_default();
+    let migrations = state.migrations_of(&namespace, None);
+    let decision = podmut::decide(&pod, &migrations);
+    let mut mutated = pod.clone();
+    match &decision {
+        PodDecision::Untouched => return (decision.result(), review::allow(request, None)),
+        PodDecision::Restore { migration } => {
+            let Some(m) = migrations
+                .iter()
+                .find(|m| m.metadata.name.as_deref() == Some(migration))
+            else {
+                return ("untouched", review::allow(request, None));
+            };
+            podmut::apply_restore(&mut mutated, m);
+        }
+        PodDecision::GateForOwner { owner_uid, .. } => {
+            podmut::gate_for_owner(&mut mutated, owner_uid)
+        }
+    }
+    let response = podmut::patch(&pod, &mutated)
+        .map_err(|e| e.to_string())
+        .and_then(|patch| {
+            review::allow(request, None)
+                .with_patch(patch)
+                .map_err(|e| e.to_string())
+        });
+    match response {
+        Ok(r) => (decision.result(), r),
+        Err(e) => (
+            "error",
+            review::deny(
+                request,
+                500,
+                "InternalError",
+                format!("kube-migrate: building the patch failed: {e}"),
+            ),
+        ),
+    }
+}

@@ -188,6 +188,9 @@ pub struct PodMigrationStatus {
     /// Start and end of each phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,
+    /// The agents were told to drop this migration's archives that are no longer needed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub archives_released: bool,
     /// Retries of the current phase.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,

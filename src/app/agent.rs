@@ -1,0 +1,178 @@
+//! `kube-migrate-agent`: the per-node agent (DaemonSet).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    agent::{
+        client::AgentClient,
+        kubelet::{KubeletClient, kubelet_tls},
+        registry,
+        server::{AgentState, router, spawn_gc},
+        store::Store,
+    },
+    metrics::Metrics,
+    server::{Health, admin_router, serve_admin, serve_tls},
+    telemetry::LogFormat,
+    tls::{CertReloader, agent_client_config, server_config},
+};
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "kube-migrate-agent",
+    version,
+    about = "kube-migrate node agent: checkpoint, transfer, checkpoint images"
+)]
+pub struct Options {
+    /// Name of this node (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// mTLS address of the agent API (controller and other agents).
+    #[arg(long, env = "KM_LISTEN", default_value = "0.0.0.0:9443")]
+    pub listen: SocketAddr,
+    /// Address of the read-only image endpoint for this node's runtime. Loopback only:
+    /// checkpoint images hold the containers' memory.
+    #[arg(long, env = "KM_REGISTRY_LISTEN", default_value = "127.0.0.1:5443")]
+    pub registry_listen: SocketAddr,
+    /// `host:port` the node's runtime pulls checkpoint images from (defaults to the
+    /// registry address).
+    #[arg(long, env = "KM_REGISTRY_HOST")]
+    pub registry_host: Option<String>,
+    /// Plain-HTTP address of /metrics, /livez and /readyz.
+    #[arg(long, env = "KM_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// The kubelet of this node (`https://$(NODE_IP):10250`).
+    #[arg(long, env = "KM_KUBELET_URL")]
+    pub kubelet_url: String,
+    /// CA of the kubelet's serving certificate.
+    #[arg(long, env = "KM_KUBELET_CA")]
+    pub kubelet_ca: Option<PathBuf>,
+    /// Do not verify the kubelet's serving certificate (many kubelets self-sign it).
+    #[arg(long, env = "KM_KUBELET_INSECURE_TLS", conflicts_with = "kubelet_ca")]
+    pub kubelet_insecure_tls: bool,
+    /// ServiceAccount token presented to the kubelet (re-read on every call).
+    #[arg(
+        long,
+        env = "KM_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub token_file: PathBuf,
+    /// Where archives and images are kept.
+    #[arg(long, env = "KM_STATE_DIR", default_value = "/var/lib/kube-migrate")]
+    pub state_dir: PathBuf,
+    #[arg(
+        long,
+        env = "KM_TLS_CERT",
+        default_value = "/etc/kube-migrate/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    #[arg(
+        long,
+        env = "KM_TLS_KEY",
+        default_value = "/etc/kube-migrate/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// CA of every kube-migrate certificate: clients must present one signed by it.
+    #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
+    pub ca: PathBuf,
+    /// Name in the other agents' certificates.
+    #[arg(
+        long,
+        env = "KM_AGENT_SERVER_NAME",
+        default_value = "kube-migrate-agent"
+    )]
+    pub agent_server_name: String,
+    /// Remove a migration's files this long after they were last touched.
+    #[arg(long, env = "KM_RETENTION_SECONDS", default_value_t = 86_400)]
+    pub retention_seconds: u64,
+    /// Upper bound of a transfer to another agent.
+    #[arg(long, env = "KM_TRANSFER_TIMEOUT_SECONDS", default_value_t = 3_600)]
+    pub transfer_timeout_seconds: u64,
+    #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("state directory: {0}")]
+    Store(#[from] crate::agent::store::StoreError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("either --kubelet-ca or --kubelet-insecure-tls is required")]
+    KubeletTrust,
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Listen { addr, source })
+}
+
+pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::default();
+    let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
+    certs.spawn_poll(Duration::from_secs(10));
+
+    let kubelet_tls = match (&opts.kubelet_ca, opts.kubelet_insecure_tls) {
+        (Some(ca), _) => kubelet_tls(Some(ca))?,
+        (None, true) => kubelet_tls(None)?,
+        (None, false) => return Err(RunError::KubeletTrust),
+    };
+    let store = Store::open(&opts.state_dir)?;
+    let registry_host = opts
+        .registry_host
+        .clone()
+        .unwrap_or_else(|| opts.registry_listen.to_string());
+    let state = AgentState::new(
+        opts.node_name.clone(),
+        store.clone(),
+        KubeletClient::new(
+            kubelet_tls,
+            opts.kubelet_url.clone(),
+            opts.token_file.clone(),
+        ),
+        AgentClient::new(
+            agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?,
+            Duration::from_secs(opts.transfer_timeout_seconds),
+        ),
+        Arc::clone(&metrics),
+        registry_host,
+    );
+    spawn_gc(
+        Arc::clone(&state),
+        Duration::from_secs(opts.retention_seconds),
+        Duration::from_secs(300),
+    );
+
+    let api = serve_tls(
+        bind(opts.listen).await?,
+        server_config(Arc::clone(&certs), Some(&opts.ca))?,
+        router(state),
+        shutdown.clone(),
+    );
+    let images = serve_tls(
+        bind(opts.registry_listen).await?,
+        server_config(Arc::clone(&certs), None)?,
+        registry::router(store),
+        shutdown.clone(),
+    );
+    tracing::info!(node = %opts.node_name, api = %opts.listen, registry = %opts.registry_listen, "agent listening");
+    health.set_ready(true);
+    let admin = serve_admin(
+        opts.admin_listen,
+        admin_router(metrics, health),
+        shutdown.clone(),
+    );
+    let (admin, _, _) = tokio::join!(admin, api, images);
+    admin.map_err(|source| RunError::Listen {
+        addr: opts.admin_listen,
+        source,
+    })
+}

@@ -1,0 +1,288 @@
+//! `kube-migrate-webhook`: both admission webhooks on every replica, plus the controller on
+//! the replica that holds the Lease.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        events::{Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admission::server::{WebhookState, router},
+    agent::client::AgentClient,
+    api::PodMigration,
+    controller::{self, Context, leader::LeaderElector},
+    metrics::Metrics,
+    server::{Health, admin_router, serve_admin, serve_tls},
+    telemetry::LogFormat,
+    tls::{CertReloader, agent_client_config, server_config},
+};
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "kube-migrate-webhook",
+    version,
+    about = "kube-migrate admission webhooks and migration controller"
+)]
+pub struct Options {
+    /// HTTPS address of the admission webhooks.
+    #[arg(long, env = "KM_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Plain-HTTP address of /metrics, /livez and /readyz.
+    #[arg(long, env = "KM_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+    /// Certificate (PEM) served to the API server and presented to agents; reloaded on change.
+    #[arg(
+        long,
+        env = "KM_TLS_CERT",
+        default_value = "/etc/kube-migrate/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    #[arg(
+        long,
+        env = "KM_TLS_KEY",
+        default_value = "/etc/kube-migrate/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// CA that signed the agents' certificates.
+    #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
+    pub ca: PathBuf,
+    /// Name the agents' certificates carry (they are dialled by IP).
+    #[arg(
+        long,
+        env = "KM_AGENT_SERVER_NAME",
+        default_value = "kube-migrate-agent"
+    )]
+    pub agent_server_name: String,
+    /// Namespace of the Lease and of the agent Service's EndpointSlices.
+    #[arg(long, env = "KM_NAMESPACE", default_value = "kube-migrate")]
+    pub namespace: String,
+    /// Service whose EndpointSlices list the agents (port named `api`).
+    #[arg(long, env = "KM_AGENT_SERVICE", default_value = "kube-migrate-agent")]
+    pub agent_service: String,
+    /// Identity in the leader Lease (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "kube-migrate-webhook")]
+    pub identity: String,
+    #[arg(long, env = "KM_LEASE_NAME", default_value = "kube-migrate-controller")]
+    pub lease_name: String,
+    /// Run only the webhooks, never the controller.
+    #[arg(long, env = "KM_WEBHOOK_ONLY")]
+    pub webhook_only: bool,
+    /// Active migrations per source node.
+    #[arg(long, env = "KM_MAX_PER_NODE", default_value_t = 2)]
+    pub max_per_node: usize,
+    /// Active migrations in the cluster.
+    #[arg(long, env = "KM_MAX_TOTAL", default_value_t = 10)]
+    pub max_total: usize,
+    #[arg(long, env = "KM_CHECKPOINT_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub checkpoint_timeout_seconds: u64,
+    /// Grace period of the source pod's eviction after its checkpoint.
+    #[arg(long, env = "KM_SOURCE_GRACE_PERIOD_SECONDS", default_value_t = 1)]
+    pub source_grace_period_seconds: i64,
+    /// How long to retry after the source stopped before the replacement starts fresh.
+    #[arg(long, env = "KM_RESTORE_DEADLINE_SECONDS", default_value_t = 600)]
+    pub restore_deadline_seconds: u64,
+    #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A reflector store fed by a watch; managedFields are dropped to keep the cache small.
+fn cache<K>(api: Api<K>, config: watcher::Config, shutdown: &CancellationToken) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .for_each(|_| futures::future::ready(()));
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stream => {}
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    store
+}
+
+pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunError> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::default();
+
+    let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
+    certs.spawn_poll(Duration::from_secs(10));
+    let tls = server_config(Arc::clone(&certs), None)?;
+    let agent_tls = agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?;
+
+    let pods = cache(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        &shutdown,
+    );
+    let nodes = cache(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        &shutdown,
+    );
+    let migrations = cache(
+        Api::<PodMigration>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        &shutdown,
+    );
+    let agents = cache(
+        Api::<EndpointSlice>::namespaced(client.clone(), &opts.namespace),
+        watcher::Config::default().labels(&format!(
+            "kubernetes.io/service-name={}",
+            opts.agent_service
+        )),
+        &shutdown,
+    );
+
+    let admin = serve_admin(
+        opts.admin_listen,
+        admin_router(Arc::clone(&metrics), health.clone()),
+        shutdown.clone(),
+    );
+    let state = Arc::new(WebhookState {
+        client: client.clone(),
+        pods: pods.clone(),
+        nodes: nodes.clone(),
+        migrations: migrations.clone(),
+        metrics: Arc::clone(&metrics),
+    });
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+    tracing::info!(addr = %opts.listen, "admission webhooks listening");
+    let webhooks = serve_tls(listener, tls, router(state), shutdown.clone());
+
+    // Ready once every cache has its first full list: answers before that would be guesses.
+    let readiness = {
+        let (pods, nodes, migrations, health) = (
+            pods.clone(),
+            nodes.clone(),
+            migrations.clone(),
+            health.clone(),
+        );
+        async move {
+            let _ = tokio::join!(
+                pods.wait_until_ready(),
+                nodes.wait_until_ready(),
+                migrations.wait_until_ready()
+            );
+            tracing::info!("caches synced; ready");
+            health.set_ready(true);
+        }
+    };
+
+    let controller = {
+        let config = controller::Config {
+            max_per_node: opts.max_per_node,
+            max_total: opts.max_total,
+            checkpoint_timeout: Duration::from_secs(opts.checkpoint_timeout_seconds),
+            source_grace_period_seconds: opts.source_grace_period_seconds,
+            max_attempts: 3,
+            restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
+        };
+        let agent_client = AgentClient::new(
+            agent_tls,
+            config.checkpoint_timeout + Duration::from_secs(60),
+        );
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kube-migrate".into(),
+                instance: Some(opts.identity.clone()),
+            },
+        );
+        let elector = LeaderElector::new(
+            Api::<Lease>::namespaced(client.clone(), &opts.namespace),
+            opts.lease_name.clone(),
+            opts.identity.clone(),
+            Duration::from_secs(15),
+        );
+        let webhook_only = opts.webhook_only;
+        let metrics = Arc::clone(&metrics);
+        let shutdown = shutdown.clone();
+        async move {
+            if webhook_only {
+                return;
+            }
+            elector
+                .run(shutdown, move |token| {
+                    let (client, pods, nodes, agents) =
+                        (client.clone(), pods.clone(), nodes.clone(), agents.clone());
+                    let (agent_client, recorder, metrics, config) = (
+                        agent_client.clone(),
+                        recorder.clone(),
+                        Arc::clone(&metrics),
+                        config.clone(),
+                    );
+                    async move {
+                        let for_ctx = client.clone();
+                        let shared = move |migrations| {
+                            Arc::new(Context {
+                                client: for_ctx,
+                                pods,
+                                nodes,
+                                agents,
+                                migrations,
+                                agent_client,
+                                recorder,
+                                metrics,
+                                config,
+                            })
+                        };
+                        controller::run(client, shared, token).await;
+                    }
+                })
+                .await;
+        }
+    };
+
+    let (admin, _, _, _) = tokio::join!(admin, webhooks, readiness, controller);
+    admin.map_err(|source| RunError::Listen {
+        addr: opts.admin_listen,
+        source,
+    })
+}

@@ -1,0 +1,205 @@
+//! Pure status transitions of a PodMigration: phase changes with their timings, conditions,
+//! failures. The reconciler decides *when*; these functions decide *what the status becomes*.
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+
+use crate::api::{Phase, PhaseTiming, PodMigrationStatus};
+
+pub const CONDITION_READY: &str = "Ready";
+pub const CONDITION_SOURCE_STOPPED: &str = "SourceStopped";
+pub const CONDITION_QUEUED: &str = "Queued";
+pub const CONDITION_DEGRADED: &str = "Degraded";
+pub const CONDITION_FAILED: &str = "Failed";
+
+/// Close the current phase's timing and enter `phase`. Returns the closed phase and its
+/// duration in seconds. Entering the phase already current changes nothing.
+pub fn enter(
+    status: &mut PodMigrationStatus,
+    phase: Phase,
+    now: Timestamp,
+) -> Option<(Phase, f64)> {
+    if status.phase == phase && !status.phases.is_empty() {
+        return None;
+    }
+    let mut closed = None;
+    if let Some(last) = status.phases.last_mut()
+        && last.finished_at.is_none()
+    {
+        let seconds = (now.as_millisecond() - last.started_at.0.as_millisecond()) as f64 / 1000.0;
+        last.finished_at = Some(Time(now));
+        last.seconds = Some(seconds);
+        closed = Some((last.phase, seconds));
+    }
+    status.phase = phase;
+    status.attempts = 0;
+    let terminal = phase.is_terminal();
+    status.phases.push(PhaseTiming {
+        phase,
+        started_at: Time(now),
+        finished_at: terminal.then_some(Time(now)),
+        seconds: terminal.then_some(0.0),
+    });
+    closed
+}
+
+/// Set (or update) a condition; the transition time moves only when the status flips.
+pub fn set_condition(
+    status: &mut PodMigrationStatus,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let value = if value { "True" } else { "False" };
+    match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = Time(now);
+            }
+            c.status = value.to_string();
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+        }
+        None => status.conditions.push(Condition {
+            type_: type_.to_string(),
+            status: value.to_string(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+            last_transition_time: Time(now),
+            observed_generation: None,
+        }),
+    }
+}
+
+pub fn condition_is_true(status: &PodMigrationStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Fail the migration with a reason (CamelCase, also the metric label) and a message.
+pub fn fail(
+    status: &mut PodMigrationStatus,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> Option<(Phase, f64)> {
+    let closed = enter(status, Phase::Failed, now);
+    status.reason = Some(reason.to_string());
+    set_condition(status, CONDITION_FAILED, true, reason, &message, now);
+    set_condition(status, CONDITION_QUEUED, false, "Finished", "", now);
+    status.message = Some(message);
+    closed
+}
+
+/// Mark the migration done.
+pub fn succeed(
+    status: &mut PodMigrationStatus,
+    message: String,
+    now: Timestamp,
+) -> Option<(Phase, f64)> {
+    let closed = enter(status, Phase::Succeeded, now);
+    status.reason = None;
+    set_condition(status, CONDITION_READY, true, "Restored", &message, now);
+    set_condition(status, CONDITION_DEGRADED, false, "Restored", "", now);
+    status.message = Some(message);
+    closed
+}
+
+/// Seconds spent in `phase`, when it finished.
+pub fn phase_seconds(status: &PodMigrationStatus, phase: Phase) -> Option<f64> {
+    status
+        .phases
+        .iter()
+        .rev()
+        .find(|t| t.phase == phase)
+        .and_then(|t| t.seconds)
+}
+
+/// Backoff for retries: 2, 4, 8, ... capped at 60 seconds.
+pub fn backoff(attempts: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(2u64.saturating_pow(attempts.clamp(1, 6)).min(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn phases_record_their_durations() {
+        let mut s = PodMigrationStatus::default();
+        assert_eq!(enter(&mut s, Phase::Pending, t(0)), None);
+        assert_eq!(
+            enter(&mut s, Phase::Checkpointing, t(2)),
+            Some((Phase::Pending, 2.0))
+        );
+        s.attempts = 3;
+        assert_eq!(
+            enter(&mut s, Phase::Transferring, t(5)),
+            Some((Phase::Checkpointing, 3.0))
+        );
+        assert_eq!(s.attempts, 0, "a new phase starts with no retries");
+        assert_eq!(
+            enter(&mut s, Phase::Transferring, t(6)),
+            None,
+            "re-entering is a no-op"
+        );
+        assert_eq!(phase_seconds(&s, Phase::Checkpointing), Some(3.0));
+        assert_eq!(phase_seconds(&s, Phase::Transferring), None);
+        succeed(&mut s, "done".into(), t(9));
+        assert_eq!(s.phase, Phase::Succeeded);
+        assert_eq!(phase_seconds(&s, Phase::Transferring), Some(4.0));
+        assert!(condition_is_true(&s, CONDITION_READY));
+        let phases: Vec<_> = s.phases.iter().map(|p| p.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Pending,
+                Phase::Checkpointing,
+                Phase::Transferring,
+                Phase::Succeeded
+            ]
+        );
+    }
+
+    #[test]
+    fn failure_records_reason_and_condition() {
+        let mut s = PodMigrationStatus::default();
+        enter(&mut s, Phase::Pending, t(0));
+        fail(&mut s, "NoTarget", "node-b is cordoned".into(), t(1));
+        assert_eq!(s.phase, Phase::Failed);
+        assert_eq!(s.reason.as_deref(), Some("NoTarget"));
+        assert_eq!(s.message.as_deref(), Some("node-b is cordoned"));
+        assert!(condition_is_true(&s, CONDITION_FAILED));
+        assert!(!condition_is_true(&s, CONDITION_QUEUED));
+    }
+
+    #[test]
+    fn condition_transition_time_moves_only_on_flips() {
+        let mut s = PodMigrationStatus::default();
+        set_condition(&mut s, CONDITION_QUEUED, true, "Limit", "a", t(0));
+        set_condition(&mut s, CONDITION_QUEUED, true, "Limit", "b", t(5));
+        assert_eq!(s.conditions[0].last_transition_time, Time(t(0)));
+        assert_eq!(s.conditions[0].message, "b");
+        set_condition(&mut s, CONDITION_QUEUED, false, "Started", "", t(7));
+        assert_eq!(s.conditions[0].last_transition_time, Time(t(7)));
+        assert_eq!(s.conditions.len(), 1);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(0).as_secs(), 2);
+        assert_eq!(backoff(1).as_secs(), 2);
+        assert_eq!(backoff(3).as_secs(), 8);
+        assert_eq!(backoff(40).as_secs(), 60);
+    }
+}
