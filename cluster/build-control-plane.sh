@@ -52,12 +52,14 @@ esac
 
 log() { echo "[build-control-plane] $*" >&2; }
 
-# True when <dir>/<cmd> exists and `<cmd> --version` mentions <version>.
+# True when <dir>/<cmd> exists and `<cmd> --version` shows <version> (with or
+# without its "v"; "Kubernetes v1.33.13", "etcd Version: 3.5.35").
 binary_ok() { # <dir> <cmd> <version>
-  local out
+  local out v
   [[ -x "$1/$2" ]] || return 1
   out=$("$1/$2" --version 2>&1) || return 1
-  [[ $out == *"${3#v}"* ]]
+  v=${3#v}; v=${v//./\\.}
+  [[ $out =~ (^|[^0-9.])$v($|[^0-9.]) ]]
 }
 
 k8s_ok() {
@@ -70,6 +72,19 @@ need_k8s=1 need_etcd=1
 if (( ! force )); then
   k8s_ok && need_k8s=0
   etcd_ok && need_etcd=0
+fi
+
+if (( need_k8s || need_etcd )); then
+  # One build at a time per cache (e.g. parallel CI jobs); whoever waited
+  # re-checks, as the other may just have built what is needed.
+  mkdir -p "$cache/bin"
+  exec 9> "$cache/bin/.build.lock"
+  if ! flock -n 9; then
+    log "another build holds $cache/bin/.build.lock; waiting for it"
+    flock 9
+    k8s_ok && need_k8s=0
+    etcd_ok && need_etcd=0
+  fi
 fi
 
 if (( need_k8s || need_etcd )); then
@@ -109,7 +124,6 @@ build_into() { # <final dir> <module dir> <-o target inside it, "" = the dir> <g
 if (( need_k8s )); then
   log "building kubernetes $K8S_VERSION: ${K8S_CMDS[*]} -> $K8S_BIN_DIR (takes a while on a cold cache)"
   start=$SECONDS
-  (cd "$k8s_mod" && "$GO" mod download k8s.io/kubernetes)
   # Version stamping as kubernetes' hack/lib/version.sh does it, so that
   # --version, /version and kubectl's skew check see the real version instead
   # of v0.0.0-master. buildDate is the module's publication time, keeping the
@@ -143,5 +157,5 @@ else
   log "etcd $ETCD_VERSION already built in $ETCD_BIN_DIR"
 fi
 
-log "bin dirs (PATH prefix; also: $0 --print-bindir):"
+log "bin dirs: $K8S_BIN_DIR:$ETCD_BIN_DIR (also printed by --print-bindir / --print-env)"
 echo "$K8S_BIN_DIR:$ETCD_BIN_DIR"

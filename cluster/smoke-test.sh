@@ -20,11 +20,11 @@ webhook_pid='' created_node=0
 
 passed=0 failed=0
 check() { # <description> <command...>
-  local out
+  local desc=$1 out; shift
   if out=$("$@" 2>&1); then
-    passed=$((passed + 1)); echo "ok   - $1"
+    passed=$((passed + 1)); echo "ok   - $desc"
   else
-    failed=$((failed + 1)); echo "FAIL - $1"; printf '%s\n' "$out" | sed "s/^/       /"
+    failed=$((failed + 1)); echo "FAIL - $desc"; printf '%s\n' "$out" | sed "s/^/       /"
   fi
 }
 as_admin() { kubectl --request-timeout=10s "$@"; }
@@ -57,7 +57,12 @@ expect() {
   got=$("$@") || return 1
   [[ $got == "$want" ]] || { echo "got '$got', want '$want'"; return 1; }
 }
-fails() { ! "$@"; }
+# fails_with <text> <command...>: the command fails and its output contains <text>.
+fails_with() {
+  local want=$1 out; shift
+  if out=$("$@" 2>&1); then echo "unexpectedly succeeded: $out"; return 1; fi
+  [[ $out == *"$want"* ]] || { echo "failed, but without '$want': $out"; return 1; }
+}
 
 # --- basics ---------------------------------------------------------------------
 check "/readyz is ok" expect ok as_admin get --raw /readyz
@@ -118,8 +123,10 @@ else
   check "node-a registers its Node object" as_node create --validate=false -f "$work/node-a.json"
 fi
 check "node-a may not create Node node-b (NodeRestriction)" \
-  fails as_node create --validate=false -f "$work/node-b.json"
-check "node-a may not list secrets (Node authorizer)" fails as_node get secrets -A
+  fails_with 'node "node-a" is not allowed to modify node "node-b"' \
+  as_node create --validate=false -f "$work/node-b.json"
+check "node-a may not list secrets (Node authorizer)" \
+  fails_with 'cannot list resource "secrets"' as_node get secrets -A
 
 # --- CSR signing by the controller-manager ---------------------------------------------
 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$work/csr.key" \
@@ -188,8 +195,8 @@ webhooks:
   timeoutSeconds: 5
 EOF
   check "webhook allows configmap smoke-allow" retry 10 as_admin create configmap smoke-allow
-  denied() { as_admin create configmap smoke-deny 2>&1 | grep -q 'denied by smoke webhook'; }
-  check "webhook denies configmap smoke-deny" denied
+  check "webhook denies configmap smoke-deny" \
+    fails_with 'denied by smoke webhook' as_admin create configmap smoke-deny
 else
   echo "skip - admission webhook by URL (no python3)"
 fi

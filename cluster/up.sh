@@ -22,6 +22,7 @@
 #   KUBE_MIGRATE_SCHEDULER_PORT            kube-scheduler secure port [10259]
 #   KUBE_MIGRATE_NODES                     node names to make credentials for ["node-a node-b node-c"]
 #   KUBE_MIGRATE_UP_TIMEOUT                seconds to wait for readiness [120]
+#   KUBE_MIGRATE_CERT_KEY_TYPE             key type of the CA and certificates: ecdsa (P-256) or rsa (2048) [ecdsa]
 #   KUBE_MIGRATE_APISERVER_ARGS, KUBE_MIGRATE_CONTROLLER_MANAGER_ARGS,
 #   KUBE_MIGRATE_SCHEDULER_ARGS, KUBE_MIGRATE_ETCD_ARGS
 #                                          extra flags (word-split) for that component
@@ -39,19 +40,20 @@ KCM_PORT=${KUBE_MIGRATE_CONTROLLER_MANAGER_PORT:-10257}
 SCHEDULER_PORT=${KUBE_MIGRATE_SCHEDULER_PORT:-10259}
 read -ra NODES <<< "${KUBE_MIGRATE_NODES:-node-a node-b node-c}"
 TIMEOUT=${KUBE_MIGRATE_UP_TIMEOUT:-120}
+KEY_TYPE=${KUBE_MIGRATE_CERT_KEY_TYPE:-ecdsa}
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1 # first address of SERVICE_CIDR: the `kubernetes` Service
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
-log() { echo "[up] $*" >&2; }
+start_ms=$(( $(date +%s%N) / 1000000 ))
+elapsed() { local ms=$(( $(date +%s%N) / 1000000 - start_ms )); printf '%d.%03d' $((ms / 1000)) $((ms % 1000)); }
+log() { echo "[up +$(elapsed)s] $*" >&2; }
 die() { echo "[up] ERROR: $*" >&2; exit 1; }
 
 for tool in openssl kubectl curl base64 setsid; do
   command -v "$tool" > /dev/null || die "$tool is required (Debian: apt-get install ${tool/kubectl/kubernetes-client})"
 done
-
-start_ms=$(( $(date +%s%N) / 1000000 ))
 
 # --- binaries --------------------------------------------------------------
 # A no-op taking well under a second when the binaries are cached.
@@ -100,21 +102,29 @@ rm -f "$STATE/admin.kubeconfig" # written again only once the cluster is ready
 # Generated once per state dir and reused; never written into the work tree.
 umask 077
 CA_DAYS=3650 CERT_DAYS=365
+# ECDSA P-256 by default: making the ~17 keys takes well under a second, where
+# RSA 2048 takes several on this kind of machine. Both work with Go's TLS,
+# rustls and OpenSSL. (The service-account key is RSA either way, see below.)
+case "$KEY_TYPE" in
+  ecdsa) NEWKEY=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) KEY_USAGE="digitalSignature" ;;
+  rsa) NEWKEY=(-newkey rsa:2048) KEY_USAGE="digitalSignature, keyEncipherment" ;;
+  *) die "KUBE_MIGRATE_CERT_KEY_TYPE must be ecdsa or rsa, not $KEY_TYPE" ;;
+esac
 
 # sign <name> <subject> <extendedKeyUsage> [subjectAltName]
-#   -> $PKI/<name>.key (RSA 2048) and $PKI/<name>.crt signed by the cluster CA
+#   -> $PKI/<name>.key and $PKI/<name>.crt signed by the cluster CA
 sign() {
   local name=$1 subj=$2 eku=$3 san=${4:-} ext
   ext=$(mktemp)
   {
     echo "basicConstraints = critical, CA:FALSE"
-    echo "keyUsage = critical, digitalSignature, keyEncipherment"
+    echo "keyUsage = critical, $KEY_USAGE"
     echo "extendedKeyUsage = $eku"
     echo "subjectKeyIdentifier = hash"
     echo "authorityKeyIdentifier = keyid, issuer"
     [[ -z $san ]] || echo "subjectAltName = $san"
   } > "$ext"
-  openssl req -new -newkey rsa:2048 -nodes -keyout "$PKI/$name.key" -subj "$subj" \
+  openssl req -new "${NEWKEY[@]}" -nodes -keyout "$PKI/$name.key" -subj "$subj" \
     -out "$PKI/$name.csr" 2> /dev/null
   openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
     -set_serial "0x$(openssl rand -hex 16)" -days "$CERT_DAYS" -sha256 \
@@ -141,7 +151,7 @@ if pki_complete; then
 else
   log "generating certificates in $PKI"
   rm -f "$PKI"/*.crt "$PKI"/*.key "$PKI"/*.pub
-  openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" \
+  openssl req -x509 -new "${NEWKEY[@]}" -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" \
     -days "$CA_DAYS" -sha256 -subj "/CN=kube-migrate-ca" \
     -addext "basicConstraints=critical,CA:TRUE" \
     -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2> /dev/null
@@ -168,7 +178,8 @@ else
     mv "$PKI/node-$n.crt" "$NODEDIR/$n.crt"; mv "$PKI/node-$n.key" "$NODEDIR/$n.key"
     mv "$PKI/node-$n-serving.crt" "$NODEDIR/$n-serving.crt"; mv "$PKI/node-$n-serving.key" "$NODEDIR/$n-serving.key"
   done
-  # Service-account token signing key pair.
+  # Service-account token signing key pair. RSA, so tokens are RS256, which
+  # every JWT library accepts.
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2> /dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2> /dev/null
 fi
@@ -240,6 +251,7 @@ wait_for() {
     (( $(date +%s) < deadline )) || fail "timed out after ${TIMEOUT}s waiting for $what"
     sleep 0.2
   done
+  log "$what: ok"
 }
 fail() {
   echo "[up] ERROR: $*" >&2
@@ -376,6 +388,5 @@ EOF
 install -m 600 "$ADMIN" "$STATE/admin.kubeconfig.tmp"
 mv "$STATE/admin.kubeconfig.tmp" "$STATE/admin.kubeconfig"
 
-elapsed_ms=$(( $(date +%s%N) / 1000000 - start_ms ))
-log "ready in $((elapsed_ms / 1000)).$(printf '%03d' $((elapsed_ms % 1000)))s: apiserver https://127.0.0.1:$APISERVER_PORT, node kubeconfigs in $NODEDIR"
+log "ready in $(elapsed)s: apiserver https://127.0.0.1:$APISERVER_PORT, node kubeconfigs in $NODEDIR"
 echo "export KUBECONFIG=$STATE/admin.kubeconfig"

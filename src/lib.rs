@@ -10,6 +10,7 @@ pub mod admission;
 pub mod agent;
 pub mod api;
 pub mod app;
+pub mod certs;
 pub mod controller;
 pub mod metrics;
 pub mod server;

@@ -1209,13 +1209,14 @@ async fn start_fresh(
         .into_iter()
         .filter(|p| p.namespace().as_deref() == Some(&ns) && api::restore_of(p) == Some(&name))
         .collect();
-    if candidates.is_empty() && status.owner.is_none() && ctx.pod(&ns, &pm.spec.pod_name).is_none()
+    if candidates.is_empty()
+        && status.owner.is_none()
+        && ctx.pod(&ns, &pm.spec.pod_name).is_none()
+        && let Some(template) = status.pod_template.clone()
     {
-        if let Some(template) = status.pod_template.clone() {
-            let mut pod: Pod = serde_json::from_value(template)?;
-            fresh(&mut pod);
-            pods.create(&PostParams::default(), &pod).await?;
-        }
+        let mut pod: Pod = serde_json::from_value(template)?;
+        fresh(&mut pod);
+        pods.create(&PostParams::default(), &pod).await?;
     }
     for pod in candidates {
         let mut desired = (*pod).clone();
