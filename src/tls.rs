@@ -221,12 +221,11 @@ pub fn client_config(
     identity: Option<Arc<CertReloader>>,
 ) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder().with_root_certificates(root_store(ca)?);
-    let mut config = match identity {
+    // ALPN is left to the HTTP connector.
+    Ok(match identity {
         Some(id) => builder.with_client_cert_resolver(id),
         None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    })
 }
 
 /// Verifies the server's certificate against the CA for a fixed name, whatever address was
@@ -286,10 +285,8 @@ pub fn agent_client_config(
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-    let mut config = ClientConfig::builder()
+    Ok(ClientConfig::builder()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
-        .with_client_cert_resolver(identity);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+        .with_client_cert_resolver(identity))
 }

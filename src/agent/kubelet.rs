@@ -100,7 +100,7 @@ impl ServerCertVerifier for AcceptAnyServerCert {
 
 /// TLS to the kubelet: verified against `ca`, or not verified at all when `ca` is None.
 pub fn kubelet_tls(ca: Option<&std::path::Path>) -> Result<ClientConfig, crate::tls::TlsError> {
-    let mut config = match ca {
+    Ok(match ca {
         Some(ca) => ClientConfig::builder()
             .with_root_certificates(crate::tls::root_store(ca)?)
             .with_no_client_auth(),
@@ -110,9 +110,7 @@ pub fn kubelet_tls(ca: Option<&std::path::Path>) -> Result<ClientConfig, crate::
                 rustls::crypto::ring::default_provider(),
             ))))
             .with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    })
 }
 
 #[derive(Clone)]

@@ -1,0 +1,444 @@
+//! Two agents over real mTLS on loopback: checkpoint through a kubelet endpoint that checks
+//! its bearer token, stream to the other agent with digest verification, build the image and
+//! pull its manifest and layer back through the registry endpoint.
+
+mod common;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use http_body_util::BodyExt;
+use kube_migrate::{
+    agent::{
+        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest},
+        client::{AgentClient, ClientError, empty_body, https_client},
+        kubelet::{KubeletClient, kubelet_tls},
+        registry,
+        server::{AgentState, router},
+        store::Store,
+    },
+    certs,
+    metrics::Metrics,
+    server::serve_tls,
+    tls::{
+        CertReloader, agent_client_config, client_config, install_crypto_provider, server_config,
+    },
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    certs: PathBuf,
+    kubelet_dir: PathBuf,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn listen(
+    router: Router,
+    tls: rustls::ServerConfig,
+    shutdown: &CancellationToken,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_tls(listener, tls, router, shutdown.clone()));
+    addr
+}
+
+/// A kubelet checkpoint endpoint: bearer token required, archive in the CRI-O layout.
+async fn kubelet_checkpoint(
+    State(dir): State<PathBuf>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, (StatusCode, String)> {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
+        return Err((StatusCode::UNAUTHORIZED, "Unauthorized".into()));
+    }
+    if container == "missing" {
+        return Err((StatusCode::NOT_FOUND, "404 page not found".into()));
+    }
+    let path = dir.join(format!(
+        "checkpoint-{pod}_{ns}-{container}-2026-11-23T10:05:00Z.tar"
+    ));
+    common::write_archive(
+        &path,
+        &container,
+        "registry.local/counter:1",
+        &common::bytes(3 * 1024 * 1024 + 17, 9),
+    );
+    Ok(Json(json!({ "items": [path.display().to_string()] })))
+}
+
+struct Agent {
+    url: String,
+    registry: SocketAddr,
+    state_dir: PathBuf,
+}
+
+async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
+    let cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let state_dir = env._dir.path().join(name);
+    let store = Store::open(&state_dir).unwrap();
+    let token = env._dir.path().join("token");
+    std::fs::write(&token, "test-token\n").unwrap();
+    // The registry address must be known before the state is built.
+    let reg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry_addr = reg_listener.local_addr().unwrap();
+    let state = AgentState::new(
+        name.into(),
+        store.clone(),
+        KubeletClient::new(
+            kubelet_tls(Some(&env.certs.join("ca.crt"))).unwrap(),
+            format!("https://127.0.0.1:{}", kubelet.port()),
+            token,
+        ),
+        AgentClient::new(
+            agent_client_config(
+                &env.certs.join("ca.crt"),
+                Arc::clone(&cert),
+                "kube-migrate-agent",
+            )
+            .unwrap(),
+            Duration::from_secs(60),
+        ),
+        Arc::new(Metrics::new()),
+        registry_addr.to_string(),
+    );
+    tokio::spawn(serve_tls(
+        reg_listener,
+        server_config(Arc::clone(&cert), None).unwrap(),
+        registry::router(store),
+        env.shutdown.clone(),
+    ));
+    let addr = listen(
+        router(state),
+        server_config(cert, Some(&env.certs.join("ca.crt"))).unwrap(),
+        &env.shutdown,
+    )
+    .await;
+    Agent {
+        url: format!("https://127.0.0.1:{}", addr.port()),
+        registry: registry_addr,
+        state_dir,
+    }
+}
+
+async fn setup() -> (Env, Agent, Agent, AgentClient) {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    let request = certs::Request {
+        namespace: "kube-migrate".into(),
+        webhook_service: "kube-migrate-webhook".into(),
+        agent_name: "kube-migrate-agent".into(),
+        extra_sans: vec!["127.0.0.1".into()],
+        days: 1,
+    };
+    certs::issue(&certs_dir, &request).unwrap();
+    let kubelet_dir = dir.path().join("kubelet-checkpoints");
+    std::fs::create_dir_all(&kubelet_dir).unwrap();
+    let env = Env {
+        _dir: dir,
+        certs: certs_dir,
+        kubelet_dir,
+        shutdown: CancellationToken::new(),
+    };
+    let kubelet_cert =
+        CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let kubelet = listen(
+        Router::new()
+            .route(
+                "/checkpoint/{ns}/{pod}/{container}",
+                post(kubelet_checkpoint),
+            )
+            .with_state(env.kubelet_dir.clone()),
+        server_config(kubelet_cert, None).unwrap(),
+        &env.shutdown,
+    )
+    .await;
+    let source = agent(&env, "node-a", kubelet).await;
+    let target = agent(&env, "node-b", kubelet).await;
+    let controller_identity =
+        CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
+    let controller = AgentClient::new(
+        agent_client_config(
+            &env.certs.join("ca.crt"),
+            controller_identity,
+            "kube-migrate-agent",
+        )
+        .unwrap(),
+        Duration::from_secs(60),
+    );
+    (env, source, target, controller)
+}
+
+const ID: &str = "9e9e9e9e-0000-4000-8000-000000000001";
+
+fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
+    CheckpointRequest {
+        namespace: "shop".into(),
+        pod: "db-0".into(),
+        containers: containers.iter().map(|c| c.to_string()).collect(),
+        timeout_seconds: 30,
+    }
+}
+
+#[tokio::test]
+async fn checkpoint_transfer_image_and_pull_over_mtls() {
+    let (env, source, target, controller) = setup().await;
+
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app", "sidecar"]))
+        .await
+        .unwrap();
+    assert_eq!(answer.archives.len(), 2);
+    let app = &answer.archives[0];
+    assert!(app.path.starts_with(env.kubelet_dir.to_str().unwrap()));
+    assert_eq!(app.base_image, "registry.local/counter:1");
+    let (digest, size) =
+        kube_migrate::agent::archive::digest_file(std::path::Path::new(&app.path)).unwrap();
+    assert_eq!(
+        (digest.as_str(), size),
+        (app.digest.as_str(), app.size_bytes)
+    );
+
+    // Idempotent: a controller retrying after a restart gets the same checkpoint back.
+    let again = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app", "sidecar"]))
+        .await
+        .unwrap();
+    assert_eq!(again.archives, answer.archives);
+
+    let refs: Vec<ArchiveRef> = answer
+        .archives
+        .iter()
+        .map(|a| ArchiveRef {
+            container: a.container.clone(),
+            digest: a.digest.clone(),
+            size_bytes: a.size_bytes,
+        })
+        .collect();
+    let pushed = controller
+        .push(
+            &source.url,
+            ID,
+            &PushRequest {
+                target: target.url.clone(),
+                archives: refs.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pushed.bytes,
+        answer.archives.iter().map(|a| a.size_bytes).sum::<u64>()
+    );
+    let received = target
+        .state_dir
+        .join("migrations")
+        .join(ID)
+        .join("archives")
+        .join("app.tar");
+    assert_eq!(
+        kube_migrate::agent::archive::digest_file(&received)
+            .unwrap()
+            .0,
+        app.digest
+    );
+
+    let images = controller
+        .build_image(
+            &target.url,
+            ID,
+            &ImageRequest {
+                namespace: "shop".into(),
+                pod: "db-0".into(),
+                archives: refs,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(images.images.len(), 2);
+    assert_eq!(
+        images.images[0].image,
+        format!("{}/kube-migrate/{ID}:app", target.registry)
+    );
+
+    // Pull through the registry endpoint like a runtime would.
+    let http = https_client(client_config(&env.certs.join("ca.crt"), None).unwrap());
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            let uri = format!("https://127.0.0.1:{}{path}", target.registry.port());
+            let response = http
+                .request(hyper::Request::get(uri).body(empty_body()).unwrap())
+                .await
+                .unwrap();
+            let status = response.status();
+            let digest = response
+                .headers()
+                .get("docker-content-digest")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                status,
+                digest,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            )
+        }
+    };
+    let (status, digest, body) = get(format!("/v2/kube-migrate/{ID}/manifests/app")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        digest.as_deref(),
+        Some(images.images[0].manifest_digest.as_str())
+    );
+    let manifest: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        manifest["annotations"]["io.kubernetes.cri-o.annotations.checkpoint.name"],
+        "app"
+    );
+    let layer_digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(layer_digest, app.digest);
+    let (status, _, layer) = get(format!("/v2/kube-migrate/{ID}/blobs/{layer_digest}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(layer.len() as u64, app.size_bytes);
+    let (status, _, _) = get(format!("/v2/kube-migrate/{ID}/manifests/nope")).await;
+    assert_eq!(status, 404);
+
+    // Deleting forgets everything, the kubelet's archives included.
+    controller.delete(&source.url, ID).await.unwrap();
+    controller.delete(&target.url, ID).await.unwrap();
+    assert!(!std::path::Path::new(&app.path).exists());
+    assert!(!target.state_dir.join("migrations").join(ID).exists());
+}
+
+#[tokio::test]
+async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
+    let (env, source, target, controller) = setup().await;
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let path = &answer.archives[0].path;
+    let wrong = ArchiveRef {
+        container: "app".into(),
+        digest: format!("sha256:{}", "0".repeat(64)),
+        size_bytes: answer.archives[0].size_bytes,
+    };
+    let file = tokio::fs::File::open(path).await.unwrap();
+    // Upload directly, as a source agent with a corrupted archive would.
+    let identity =
+        CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let peer = AgentClient::new(
+        agent_client_config(&env.certs.join("ca.crt"), identity, "kube-migrate-agent").unwrap(),
+        Duration::from_secs(60),
+    );
+    let err = peer
+        .upload(&target.url, ID, &wrong, file)
+        .await
+        .unwrap_err();
+    let ClientError::Status {
+        status,
+        reason,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*status, 422);
+    assert_eq!(reason, "digest_mismatch");
+    assert!(message.contains("expected sha256:000"), "{message}");
+    let dir = target
+        .state_dir
+        .join("migrations")
+        .join(ID)
+        .join("archives");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "no partial archive kept"
+    );
+    // And the push API refuses a digest it does not hold.
+    let err = controller
+        .push(
+            &source.url,
+            ID,
+            &PushRequest {
+                target: target.url.clone(),
+                archives: vec![wrong],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(!err.retryable(), "{err}");
+}
+
+#[tokio::test]
+async fn kubelet_errors_are_explained() {
+    let (_env, source, _target, controller) = setup().await;
+    let err = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["missing"]))
+        .await
+        .unwrap_err();
+    let ClientError::Status {
+        status,
+        reason,
+        message,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (*status, reason.as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported")
+    );
+    assert!(
+        message.contains("ContainerCheckpoint feature gate"),
+        "{message}"
+    );
+    let err = controller
+        .checkpoint(&source.url, "../etc", &checkpoint_request(&["app"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Status { status, .. } if status.as_u16() == 400 || status.as_u16() == 404),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_api_requires_a_client_certificate() {
+    let (env, source, _target, _controller) = setup().await;
+    let anonymous = AgentClient::new(
+        client_config(&env.certs.join("ca.crt"), None).unwrap(),
+        Duration::from_secs(10),
+    );
+    let err = anonymous
+        .delete(&source.url.replace("127.0.0.1", "127.0.0.1"), ID)
+        .await;
+    // The dialled name is the IP, which the agent certificate also carries (issued with
+    // --san 127.0.0.1 here), so only the missing client certificate can fail this.
+    assert!(
+        matches!(
+            err,
+            Err(ClientError::Connect { .. }) | Err(ClientError::Body { .. })
+        ),
+        "{err:?}"
+    );
+}
