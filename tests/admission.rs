@@ -177,7 +177,7 @@ fn only_the_controllers_own_eviction_passes_once_the_source_may_stop() {
         ..req("db-0")
     };
     assert_eq!(
-        decide(&p, &[stopping.clone()], ours.clone()).result(),
+        decide(&p, std::slice::from_ref(&stopping), ours.clone()).result(),
         "allowed_source_stop"
     );
     // kubectl's retry at the same moment keeps waiting: the state is not on the target yet.
@@ -193,7 +193,7 @@ fn failures_follow_the_pods_current_policy() {
     let failed = migration(&p, Phase::Failed, |s| {
         s.message = Some("no eligible target node".into())
     });
-    let Decision::Block { message } = decide(&p, &[failed.clone()], req("cache-6d5f7-x2x9q"))
+    let Decision::Block { message } = decide(&p, std::slice::from_ref(&failed), req("cache-6d5f7-x2x9q"))
     else {
         panic!()
     };
@@ -427,7 +427,7 @@ async fn a_statefulset_replacement_is_gated_pinned_and_swapped() {
     let review: Value =
         serde_json::from_slice(&data("admission/pod-create-statefulset.json")).unwrap();
     let answer = post(
-        state(&[], &[m.clone()]),
+        state(&[], std::slice::from_ref(&m)),
         "/mutate/pod",
         data("admission/pod-create-statefulset.json"),
     )
