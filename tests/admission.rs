@@ -193,7 +193,8 @@ fn failures_follow_the_pods_current_policy() {
     let failed = migration(&p, Phase::Failed, |s| {
         s.message = Some("no eligible target node".into())
     });
-    let Decision::Block { message } = decide(&p, std::slice::from_ref(&failed), req("cache-6d5f7-x2x9q"))
+    let Decision::Block { message } =
+        decide(&p, std::slice::from_ref(&failed), req("cache-6d5f7-x2x9q"))
     else {
         panic!()
     };

@@ -11,7 +11,9 @@ use kube_migrate::{
 };
 use serde_json::Value;
 
-fn tar_with(entries: &[(&str, tar::EntryType, Option<&str>)]) -> Vec<u8> {
+type Entry<'a> = (&'a str, tar::EntryType, Option<&'a str>);
+
+fn tar_with(entries: &[Entry<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     {
         let mut b = tar::Builder::new(&mut out);
@@ -61,7 +63,7 @@ fn a_kubelet_archive_validates_and_hashes_in_one_pass() {
 #[test]
 fn hostile_archives_are_refused() {
     use tar::EntryType::{Block, Link, Regular, Symlink};
-    let cases: &[(&[(&str, tar::EntryType, Option<&str>)], &str)] = &[
+    let cases: &[(&[Entry<'_>], &str)] = &[
         (&[("/etc/passwd", Regular, None)], "absolute path"),
         (&[("checkpoint/../../x", Regular, None)], "'..' component"),
         (
