@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -14,10 +14,7 @@ pub enum CertsError {
     #[error("generating certificates: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// What to issue.
@@ -82,18 +79,13 @@ pub fn issue(dir: &Path, req: &Request) -> Result<(), CertsError> {
         source,
     })?;
     let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    let ca_key_pair = match (
-        std::fs::read_to_string(&ca_cert),
-        std::fs::read_to_string(&ca_key),
-    ) {
+    let ca_key_pair = match (std::fs::read_to_string(&ca_cert), std::fs::read_to_string(&ca_key)) {
         (Ok(_), Ok(key)) => KeyPair::from_pem(&key)?,
         _ => {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(Vec::<String>::new())?;
             params.distinguished_name = DistinguishedName::new();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "kube-migrate CA");
+            params.distinguished_name.push(DnType::CommonName, "kube-migrate CA");
             params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             params.key_usages = vec![
                 KeyUsagePurpose::KeyCertSign,
@@ -120,15 +112,9 @@ pub fn issue(dir: &Path, req: &Request) -> Result<(), CertsError> {
         let mut params = CertificateParams::new(sans)?;
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         // Both serve and act as clients (webhook → agent, agent → agent).
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         validity(&mut params, req.days);
         let cert = params.signed_by(&key, &issuer)?;
         write(&dir.join(format!("{name}.crt")), &cert.pem(), false)?;

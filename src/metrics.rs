@@ -90,9 +90,8 @@ impl Metrics {
             "Admission decisions by webhook and result",
             webhook_decisions.clone(),
         );
-        let webhook_latency = Family::<WebhookLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(latency_buckets())
-        });
+        let webhook_latency =
+            Family::<WebhookLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
         registry.register(
             "webhook_latency_seconds",
             "Time to answer an AdmissionReview",
@@ -110,9 +109,8 @@ impl Metrics {
             "From PodMigration creation to a terminal phase",
             migration_duration.clone(),
         );
-        let phase_duration = Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(seconds_buckets())
-        });
+        let phase_duration =
+            Family::<PhaseLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
         registry.register(
             "phase_duration_seconds",
             "Duration of each migration phase",
@@ -124,25 +122,24 @@ impl Metrics {
             "From the source pod's stop to the replacement being Ready",
             downtime.clone(),
         );
-        let drain_duration = Family::<NodeLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(seconds_buckets())
-        });
+        let drain_duration =
+            Family::<NodeLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
         registry.register(
             "drain_duration_seconds",
             "Per drained node: first intercepted eviction to the last of its migrations finished",
             drain_duration.clone(),
         );
-        let archive_bytes = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(1024.0 * 1024.0, 4.0, 10),
-        );
-        registry.register(
-            "archive_bytes",
-            "Size of checkpoint archives",
-            archive_bytes.clone(),
-        );
-        let transfer_throughput = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(1024.0 * 1024.0, 2.0, 14),
-        );
+        let archive_bytes = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            1024.0 * 1024.0,
+            4.0,
+            10,
+        ));
+        registry.register("archive_bytes", "Size of checkpoint archives", archive_bytes.clone());
+        let transfer_throughput = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            1024.0 * 1024.0,
+            2.0,
+            14,
+        ));
         registry.register(
             "transfer_throughput_bytes_per_second",
             "Agent-to-agent archive transfer throughput",
@@ -161,9 +158,7 @@ impl Metrics {
             agent_operations.clone(),
         );
         let agent_operation_duration =
-            Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(seconds_buckets())
-            });
+            Family::<PhaseLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
         registry.register(
             "agent_operation_duration_seconds",
             "Agent operation duration (checkpoint, send, receive, image)",
@@ -216,9 +211,7 @@ impl Metrics {
     pub fn set_in_flight(&self, counts: &[(Phase, i64)]) {
         for (phase, n) in counts {
             self.in_flight
-                .get_or_create(&PhaseLabels {
-                    phase: phase.as_str(),
-                })
+                .get_or_create(&PhaseLabels { phase: phase.as_str() })
                 .set(*n);
         }
     }

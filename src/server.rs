@@ -24,12 +24,7 @@ use crate::metrics::Metrics;
 
 /// Serve `router` over TLS until `shutdown` fires. Handshake failures are logged per
 /// connection and never stop the server.
-pub async fn serve_tls(
-    listener: TcpListener,
-    config: ServerConfig,
-    router: Router,
-    shutdown: CancellationToken,
-) {
+pub async fn serve_tls(listener: TcpListener, config: ServerConfig, router: Router, shutdown: CancellationToken) {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     loop {
         let (stream, peer) = tokio::select! {
@@ -118,11 +113,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serve the admin router on plain HTTP.
-pub async fn serve_admin(
-    addr: SocketAddr,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve_admin(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server (metrics, probes) listening");
     axum::serve(listener, router)

@@ -15,12 +15,7 @@ pub fn init(format: LogFormat) {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_current_span(true))
             .init(),
         LogFormat::Plain => registry.with(fmt::layer()).init(),
     }

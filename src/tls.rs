@@ -24,10 +24,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no PEM private key")]
@@ -70,9 +67,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
             source,
         })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
     }
     Ok(certs)
 }
@@ -84,9 +79,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             path: path.to_owned(),
             source,
         })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_owned(),
-        })
+        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
 }
 
 pub fn root_store(ca: &Path) -> Result<RootCertStore, TlsError> {
@@ -115,10 +108,7 @@ impl fmt::Debug for CertReloader {
 }
 
 impl CertReloader {
-    pub fn new(
-        cert_path: impl Into<PathBuf>,
-        key_path: impl Into<PathBuf>,
-    ) -> Result<Arc<Self>, TlsError> {
+    pub fn new(cert_path: impl Into<PathBuf>, key_path: impl Into<PathBuf>) -> Result<Arc<Self>, TlsError> {
         let cert_path = cert_path.into();
         let key_path = key_path.into();
         let (key, hash) = Self::load(&cert_path, &key_path)?;
@@ -185,11 +175,7 @@ impl ResolvesServerCert for CertReloader {
 }
 
 impl ResolvesClientCert for CertReloader {
-    fn resolve(
-        &self,
-        _issuers: &[&[u8]],
-        _schemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _issuers: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
     }
 
@@ -199,15 +185,12 @@ impl ResolvesClientCert for CertReloader {
 }
 
 /// Server config; with `client_ca`, clients must present a certificate signed by it (mTLS).
-pub fn server_config(
-    certs: Arc<CertReloader>,
-    client_ca: Option<&Path>,
-) -> Result<ServerConfig, TlsError> {
+pub fn server_config(certs: Arc<CertReloader>, client_ca: Option<&Path>) -> Result<ServerConfig, TlsError> {
     let builder = ServerConfig::builder();
     let builder = match client_ca {
-        Some(ca) => builder.with_client_cert_verifier(
-            WebPkiClientVerifier::builder(Arc::new(root_store(ca)?)).build()?,
-        ),
+        Some(ca) => {
+            builder.with_client_cert_verifier(WebPkiClientVerifier::builder(Arc::new(root_store(ca)?)).build()?)
+        }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(certs);
@@ -216,10 +199,7 @@ pub fn server_config(
 }
 
 /// Client config trusting `ca`, presenting `identity` when given (mTLS).
-pub fn client_config(
-    ca: &Path,
-    identity: Option<Arc<CertReloader>>,
-) -> Result<ClientConfig, TlsError> {
+pub fn client_config(ca: &Path, identity: Option<Arc<CertReloader>>) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder().with_root_certificates(root_store(ca)?);
     // ALPN is left to the HTTP connector.
     Ok(match identity {

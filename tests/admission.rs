@@ -16,10 +16,7 @@ use kube_migrate::{
         pod::{self as podmut, PodDecision},
         server::{WebhookState, router},
     },
-    api::{
-        self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationSpec,
-        PodMigrationStatus, Trigger,
-    },
+    api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationSpec, PodMigrationStatus, Trigger},
     metrics::Metrics,
 };
 use serde_json::{Value, json};
@@ -37,11 +34,7 @@ fn now() -> Timestamp {
     Timestamp::from_second(1_800_000_000).unwrap()
 }
 
-fn migration(
-    pod: &Pod,
-    phase: Phase,
-    f: impl FnOnce(&mut PodMigrationStatus),
-) -> Arc<PodMigration> {
+fn migration(pod: &Pod, phase: Phase, f: impl FnOnce(&mut PodMigrationStatus)) -> Arc<PodMigration> {
     let name = pod.metadata.name.clone().unwrap();
     let uid = pod.metadata.uid.clone().unwrap();
     let mut pm = PodMigration::new(
@@ -92,10 +85,7 @@ fn decide(pod: &Pod, migrations: &[Arc<PodMigration>], r: EvictionRequest<'_>) -
 #[test]
 fn unannotated_pods_are_evicted_at_once() {
     let p = pod("pod-unannotated");
-    assert_eq!(
-        decide(&p, &[], req("web-7d9f-abcde")).result(),
-        "allowed_unmanaged"
-    );
+    assert_eq!(decide(&p, &[], req("web-7d9f-abcde")).result(), "allowed_unmanaged");
 }
 
 #[test]
@@ -158,11 +148,7 @@ fn retries_wait_until_the_state_is_safe_on_the_target() {
     }
     for phase in [Phase::BuildingImage, Phase::Restoring, Phase::Succeeded] {
         let m = migration(&p, phase, |_| {});
-        assert_eq!(
-            decide(&p, &[m], req("db-0")).result(),
-            "allowed_state_safe",
-            "{phase}"
-        );
+        assert_eq!(decide(&p, &[m], req("db-0")).result(), "allowed_state_safe", "{phase}");
     }
 }
 
@@ -193,14 +179,11 @@ fn failures_follow_the_pods_current_policy() {
     let failed = migration(&p, Phase::Failed, |s| {
         s.message = Some("no eligible target node".into())
     });
-    let Decision::Block { message } =
-        decide(&p, std::slice::from_ref(&failed), req("cache-6d5f7-x2x9q"))
-    else {
+    let Decision::Block { message } = decide(&p, std::slice::from_ref(&failed), req("cache-6d5f7-x2x9q")) else {
         panic!()
     };
     assert!(
-        message.contains("no eligible target node")
-            && message.contains("migrate.io/on-failure=evict"),
+        message.contains("no eligible target node") && message.contains("migrate.io/on-failure=evict"),
         "{message}"
     );
     // The operator re-annotates to unblock the drain.
@@ -254,10 +237,7 @@ fn a_drain_retry_never_evicts_the_restored_statefulset_pod() {
     };
     assert!(message.starts_with("pods \"db-0\" not found"), "{message}");
     // Draining the replacement's own (cordoned) node is a genuine eviction: migrate again.
-    assert_eq!(
-        eviction::decide(&req("db-0"), &snap(false)).result(),
-        "started"
-    );
+    assert_eq!(eviction::decide(&req("db-0"), &snap(false)).result(), "started");
 }
 
 fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
@@ -272,8 +252,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         pm_writer.apply_watcher_event(&watcher::Event::Apply((**m).clone()));
     }
     // Unreachable API server: these tests must not need it.
-    let client =
-        kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
+    let client = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
     Arc::new(WebhookState {
         client,
         pods: pod_store,
@@ -327,10 +306,7 @@ async fn malformed_reviews_get_a_well_formed_denial() {
         assert_eq!(response["uid"], uid, "{file}: uid recovered when present");
         assert_eq!(response["status"]["code"], 400, "{file}");
         assert!(
-            response["status"]["message"]
-                .as_str()
-                .unwrap()
-                .contains(needle),
+            response["status"]["message"].as_str().unwrap().contains(needle),
             "{file}: {response}"
         );
     }
@@ -359,10 +335,7 @@ async fn an_eviction_of_a_migrating_pod_is_answered_429_too_many_requests() {
 
 #[tokio::test]
 async fn both_dry_run_flags_are_honoured_over_http() {
-    for file in [
-        "eviction-dry-run-request.json",
-        "eviction-dry-run-delete-options.json",
-    ] {
+    for file in ["eviction-dry-run-request.json", "eviction-dry-run-delete-options.json"] {
         // No migration exists and the API server is unreachable: a start would fail loudly.
         let answer = post(
             state(&[pod("pod-statefulset")], &[]),
@@ -372,10 +345,7 @@ async fn both_dry_run_flags_are_honoured_over_http() {
         .await;
         assert_eq!(answer["response"]["allowed"], true, "{file}");
         assert!(
-            answer["response"]["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("dry run"),
+            answer["response"]["warnings"][0].as_str().unwrap().contains("dry run"),
             "{file}"
         );
     }
@@ -390,10 +360,7 @@ async fn unannotated_pods_pass_over_http() {
     )
     .await;
     assert_eq!(answer["response"]["allowed"], true);
-    assert_eq!(
-        answer["response"]["uid"],
-        "6b2d2a4e-0002-4c8e-9e57-8a1f0b2c0002"
-    );
+    assert_eq!(answer["response"]["uid"], "6b2d2a4e-0002-4c8e-9e57-8a1f0b2c0002");
 }
 
 fn patched(answer: &Value, original: &Value) -> Value {
@@ -425,8 +392,7 @@ async fn a_statefulset_replacement_is_gated_pinned_and_swapped() {
             ..Default::default()
         }];
     });
-    let review: Value =
-        serde_json::from_slice(&data("admission/pod-create-statefulset.json")).unwrap();
+    let review: Value = serde_json::from_slice(&data("admission/pod-create-statefulset.json")).unwrap();
     let answer = post(
         state(&[], std::slice::from_ref(&m)),
         "/mutate/pod",
@@ -434,14 +400,8 @@ async fn a_statefulset_replacement_is_gated_pinned_and_swapped() {
     )
     .await;
     let pod = patched(&answer, &review["request"]["object"]);
-    assert_eq!(
-        pod["metadata"]["annotations"][api::RESTORE_OF],
-        json!(m.metadata.name)
-    );
-    assert_eq!(
-        pod["spec"]["schedulingGates"],
-        json!([{ "name": api::RESTORE_GATE }])
-    );
+    assert_eq!(pod["metadata"]["annotations"][api::RESTORE_OF], json!(m.metadata.name));
+    assert_eq!(pod["spec"]["schedulingGates"], json!([{ "name": api::RESTORE_GATE }]));
     assert_eq!(
         pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         json!([{ "matchFields": [{ "key": "metadata.name", "operator": "In", "values": ["node-b"] }] }])
@@ -477,8 +437,7 @@ fn rs_owner() -> OwnerInfo {
 
 #[test]
 fn replicaset_replacements_bind_when_unambiguous_and_gate_otherwise() {
-    let review: Value =
-        serde_json::from_slice(&data("admission/pod-create-replicaset.json")).unwrap();
+    let review: Value = serde_json::from_slice(&data("admission/pod-create-replicaset.json")).unwrap();
     let new: Pod = serde_json::from_value(review["request"]["object"].clone()).unwrap();
     let a = pod("pod-replicaset");
     let mut b = pod("pod-replicaset");
@@ -492,11 +451,7 @@ fn replicaset_replacements_bind_when_unambiguous_and_gate_otherwise() {
             migration: ma.metadata.name.clone().unwrap()
         }
     );
-    let PodDecision::GateForOwner {
-        owner_uid,
-        candidates,
-    } = podmut::decide(&new, &[ma.clone(), mb])
-    else {
+    let PodDecision::GateForOwner { owner_uid, candidates } = podmut::decide(&new, &[ma.clone(), mb]) else {
         panic!()
     };
     assert_eq!(owner_uid, rs_owner().uid);
@@ -532,12 +487,15 @@ fn a_bare_pod_is_recreated_under_its_name() {
 #[test]
 fn pinning_narrows_existing_affinity_and_is_idempotent() {
     let mut p = pod("pod-statefulset");
-    p.spec.as_mut().unwrap().affinity = Some(serde_json::from_value(json!({
-        "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
-            { "matchExpressions": [{ "key": "disk", "operator": "In", "values": ["ssd"] }] },
-            { "matchExpressions": [{ "key": "zone", "operator": "Exists" }] }
-        ]}}
-    })).unwrap());
+    p.spec.as_mut().unwrap().affinity = Some(
+        serde_json::from_value(json!({
+            "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": { "nodeSelectorTerms": [
+                { "matchExpressions": [{ "key": "disk", "operator": "In", "values": ["ssd"] }] },
+                { "matchExpressions": [{ "key": "zone", "operator": "Exists" }] }
+            ]}}
+        }))
+        .unwrap(),
+    );
     let m = migration(&p, Phase::Restoring, |_| {});
     let mut once = p.clone();
     podmut::apply_restore(&mut once, &m);

@@ -25,9 +25,7 @@ use kube_migrate::{
     certs,
     metrics::Metrics,
     server::serve_tls,
-    tls::{
-        CertReloader, agent_client_config, client_config, install_crypto_provider, server_config,
-    },
+    tls::{CertReloader, agent_client_config, client_config, install_crypto_provider, server_config},
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -45,11 +43,7 @@ impl Drop for Env {
     }
 }
 
-async fn listen(
-    router: Router,
-    tls: rustls::ServerConfig,
-    shutdown: &CancellationToken,
-) -> SocketAddr {
+async fn listen(router: Router, tls: rustls::ServerConfig, shutdown: &CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve_tls(listener, tls, router, shutdown.clone()));
@@ -68,9 +62,7 @@ async fn kubelet_checkpoint(
     if container == "missing" {
         return Err((StatusCode::NOT_FOUND, "404 page not found".into()));
     }
-    let path = dir.join(format!(
-        "checkpoint-{pod}_{ns}-{container}-2026-11-23T10:05:00Z.tar"
-    ));
+    let path = dir.join(format!("checkpoint-{pod}_{ns}-{container}-2026-11-23T10:05:00Z.tar"));
     common::write_archive(
         &path,
         &container,
@@ -104,12 +96,7 @@ async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
             token,
         ),
         AgentClient::new(
-            agent_client_config(
-                &env.certs.join("ca.crt"),
-                Arc::clone(&cert),
-                "kube-migrate-agent",
-            )
-            .unwrap(),
+            agent_client_config(&env.certs.join("ca.crt"), Arc::clone(&cert), "kube-migrate-agent").unwrap(),
             Duration::from_secs(60),
         ),
         Arc::new(Metrics::new()),
@@ -154,14 +141,10 @@ async fn setup() -> (Env, Agent, Agent, AgentClient) {
         kubelet_dir,
         shutdown: CancellationToken::new(),
     };
-    let kubelet_cert =
-        CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let kubelet_cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
     let kubelet = listen(
         Router::new()
-            .route(
-                "/checkpoint/{ns}/{pod}/{container}",
-                post(kubelet_checkpoint),
-            )
+            .route("/checkpoint/{ns}/{pod}/{container}", post(kubelet_checkpoint))
             .with_state(env.kubelet_dir.clone()),
         server_config(kubelet_cert, None).unwrap(),
         &env.shutdown,
@@ -169,15 +152,9 @@ async fn setup() -> (Env, Agent, Agent, AgentClient) {
     .await;
     let source = agent(&env, "node-a", kubelet).await;
     let target = agent(&env, "node-b", kubelet).await;
-    let controller_identity =
-        CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
+    let controller_identity = CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
     let controller = AgentClient::new(
-        agent_client_config(
-            &env.certs.join("ca.crt"),
-            controller_identity,
-            "kube-migrate-agent",
-        )
-        .unwrap(),
+        agent_client_config(&env.certs.join("ca.crt"), controller_identity, "kube-migrate-agent").unwrap(),
         Duration::from_secs(60),
     );
     (env, source, target, controller)
@@ -206,12 +183,8 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
     let app = &answer.archives[0];
     assert!(app.path.starts_with(env.kubelet_dir.to_str().unwrap()));
     assert_eq!(app.base_image, "registry.local/counter:1");
-    let (digest, size) =
-        kube_migrate::agent::archive::digest_file(std::path::Path::new(&app.path)).unwrap();
-    assert_eq!(
-        (digest.as_str(), size),
-        (app.digest.as_str(), app.size_bytes)
-    );
+    let (digest, size) = kube_migrate::agent::archive::digest_file(std::path::Path::new(&app.path)).unwrap();
+    assert_eq!((digest.as_str(), size), (app.digest.as_str(), app.size_bytes));
 
     // Idempotent: a controller retrying after a restart gets the same checkpoint back.
     let again = controller
@@ -240,10 +213,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        pushed.bytes,
-        answer.archives.iter().map(|a| a.size_bytes).sum::<u64>()
-    );
+    assert_eq!(pushed.bytes, answer.archives.iter().map(|a| a.size_bytes).sum::<u64>());
     let received = target
         .state_dir
         .join("migrations")
@@ -251,9 +221,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
         .join("archives")
         .join("app.tar");
     assert_eq!(
-        kube_migrate::agent::archive::digest_file(&received)
-            .unwrap()
-            .0,
+        kube_migrate::agent::archive::digest_file(&received).unwrap().0,
         app.digest
     );
 
@@ -290,28 +258,18 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
                 .headers()
                 .get("docker-content-digest")
                 .map(|v| v.to_str().unwrap().to_string());
-            (
-                status,
-                digest,
-                response.into_body().collect().await.unwrap().to_bytes(),
-            )
+            (status, digest, response.into_body().collect().await.unwrap().to_bytes())
         }
     };
     let (status, digest, body) = get(format!("/v2/kube-migrate/{ID}/manifests/app")).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        digest.as_deref(),
-        Some(images.images[0].manifest_digest.as_str())
-    );
+    assert_eq!(digest.as_deref(), Some(images.images[0].manifest_digest.as_str()));
     let manifest: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         manifest["annotations"]["io.kubernetes.cri-o.annotations.checkpoint.name"],
         "app"
     );
-    let layer_digest = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let layer_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     assert_eq!(layer_digest, app.digest);
     let (status, _, layer) = get(format!("/v2/kube-migrate/{ID}/blobs/{layer_digest}")).await;
     assert_eq!(status, 200);
@@ -341,16 +299,12 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
     };
     let file = tokio::fs::File::open(path).await.unwrap();
     // Upload directly, as a source agent with a corrupted archive would.
-    let identity =
-        CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let identity = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
     let peer = AgentClient::new(
         agent_client_config(&env.certs.join("ca.crt"), identity, "kube-migrate-agent").unwrap(),
         Duration::from_secs(60),
     );
-    let err = peer
-        .upload(&target.url, ID, &wrong, file)
-        .await
-        .unwrap_err();
+    let err = peer.upload(&target.url, ID, &wrong, file).await.unwrap_err();
     let ClientError::Status {
         status,
         reason,
@@ -363,16 +317,8 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
     assert_eq!(*status, 422);
     assert_eq!(reason, "digest_mismatch");
     assert!(message.contains("expected sha256:000"), "{message}");
-    let dir = target
-        .state_dir
-        .join("migrations")
-        .join(ID)
-        .join("archives");
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        0,
-        "no partial archive kept"
-    );
+    let dir = target.state_dir.join("migrations").join(ID).join("archives");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no partial archive kept");
     // And the push API refuses a digest it does not hold.
     let err = controller
         .push(
@@ -408,10 +354,7 @@ async fn kubelet_errors_are_explained() {
         (*status, reason.as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported")
     );
-    assert!(
-        message.contains("ContainerCheckpoint feature gate"),
-        "{message}"
-    );
+    assert!(message.contains("ContainerCheckpoint feature gate"), "{message}");
     let err = controller
         .checkpoint(&source.url, "../etc", &checkpoint_request(&["app"]))
         .await
@@ -433,10 +376,7 @@ async fn the_agent_api_requires_a_client_certificate() {
     // The dialled name is the IP, which the agent certificate also carries (issued with
     // --san 127.0.0.1 here), so only the missing client certificate can fail this.
     assert!(
-        matches!(
-            err,
-            Err(ClientError::Connect { .. }) | Err(ClientError::Body { .. })
-        ),
+        matches!(err, Err(ClientError::Connect { .. }) | Err(ClientError::Body { .. })),
         "{err:?}"
     );
 }

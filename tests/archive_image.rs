@@ -44,12 +44,7 @@ fn validate(bytes: &[u8]) -> Result<archive::ArchiveInfo, ArchiveError> {
 fn a_kubelet_archive_validates_and_hashes_in_one_pass() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.tar");
-    common::write_archive(
-        &path,
-        "app",
-        "registry.local/counter:1",
-        &common::bytes(300_000, 1),
-    );
+    common::write_archive(&path, "app", "registry.local/counter:1", &common::bytes(300_000, 1));
     let info = archive::validate_file(&path).unwrap();
     let (digest, size) = archive::digest_file(&path).unwrap();
     assert_eq!(info.digest, digest);
@@ -115,8 +110,7 @@ fn corrupt_or_incomplete_archives_are_refused_clearly() {
 }
 
 fn read_json(layout: &std::path::Path, digest: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(image::blob_path(layout, digest).unwrap()).unwrap())
-        .unwrap()
+    serde_json::from_slice(&std::fs::read(image::blob_path(layout, digest).unwrap()).unwrap()).unwrap()
 }
 
 #[test]
@@ -131,22 +125,13 @@ fn the_checkpoint_image_is_one_layer_holding_the_archive_with_both_annotations()
     );
     let info = archive::validate_file(&archive_path).unwrap();
     let layout = dir.path().join("image");
-    let built = image::build(
-        &layout,
-        "app",
-        "app",
-        &archive_path,
-        &info,
-        "2026-11-23T10:05:00Z",
-    )
-    .unwrap();
+    let built = image::build(&layout, "app", "app", &archive_path, &info, "2026-11-23T10:05:00Z").unwrap();
 
     assert_eq!(
         std::fs::read_to_string(layout.join("oci-layout")).unwrap(),
         r#"{"imageLayoutVersion":"1.0.0"}"#
     );
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(index["manifests"][0]["digest"], built.manifest_digest);
     assert_eq!(
@@ -200,12 +185,7 @@ fn the_checkpoint_image_is_one_layer_holding_the_archive_with_both_annotations()
 
     // A second container adds a second tag; rebuilding replaces, never duplicates.
     let other = dir.path().join("sidecar.tar");
-    common::write_archive(
-        &other,
-        "sidecar",
-        "registry.local/logger:2",
-        &common::bytes(1000, 5),
-    );
+    common::write_archive(&other, "sidecar", "registry.local/logger:2", &common::bytes(1000, 5));
     let other_info = archive::validate_file(&other).unwrap();
     image::build(
         &layout,
@@ -216,17 +196,8 @@ fn the_checkpoint_image_is_one_layer_holding_the_archive_with_both_annotations()
         "2026-11-23T10:05:00Z",
     )
     .unwrap();
-    image::build(
-        &layout,
-        "app",
-        "app",
-        &archive_path,
-        &info,
-        "2026-11-23T10:05:00Z",
-    )
-    .unwrap();
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    image::build(&layout, "app", "app", &archive_path, &info, "2026-11-23T10:05:00Z").unwrap();
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
     assert_eq!(
         image::resolve(&layout, "sidecar").unwrap(),

@@ -77,10 +77,7 @@ fn picks_the_least_loaded_fitting_node() {
 fn every_rule_excludes_with_a_reason() {
     let nodes = [
         node("node-a", json!({})),
-        node(
-            "node-cordoned",
-            json!({ "spec": { "unschedulable": true } }),
-        ),
+        node("node-cordoned", json!({ "spec": { "unschedulable": true } })),
         node(
             "node-notready",
             json!({ "status": { "conditions": [{ "type": "Ready", "status": "False" }] } }),
@@ -90,18 +87,10 @@ fn every_rule_excludes_with_a_reason() {
             "node-tainted",
             json!({ "spec": { "taints": [{ "key": "gpu", "value": "yes", "effect": "NoSchedule" }] } }),
         ),
-        node(
-            "node-small",
-            json!({ "status": { "allocatable": { "cpu": "500m" } } }),
-        ),
-        node(
-            "node-wrongzone",
-            json!({ "metadata": { "labels": { "zone": "b" } } }),
-        ),
+        node("node-small", json!({ "status": { "allocatable": { "cpu": "500m" } } })),
+        node("node-wrongzone", json!({ "metadata": { "labels": { "zone": "b" } } })),
     ];
-    let p = pod(
-        json!({ "spec": { "nodeSelector": { "kubernetes.io/hostname": "node-wrongzone", "zone": "a" } } }),
-    );
+    let p = pod(json!({ "spec": { "nodeSelector": { "kubernetes.io/hostname": "node-wrongzone", "zone": "a" } } }));
     let Placement::None(reasons) = place(&p, &nodes, &[], None) else {
         panic!("nothing fits")
     };
@@ -128,10 +117,7 @@ fn taints_tolerations_resources_and_affinity() {
         "node-t",
         json!({ "spec": { "taints": [{ "key": "gpu", "value": "yes", "effect": "NoSchedule" }] } }),
     );
-    let small = node(
-        "node-s",
-        json!({ "status": { "allocatable": { "cpu": "500m" } } }),
-    );
+    let small = node("node-s", json!({ "status": { "allocatable": { "cpu": "500m" } } }));
     let nodes = [node("node-a", json!({})), tainted.clone(), small.clone()];
     let Placement::None(reasons) = place(&pod(json!({})), &nodes, &[], None) else {
         panic!()
@@ -139,13 +125,9 @@ fn taints_tolerations_resources_and_affinity() {
     assert!(reasons.contains(&("node-t".into(), Unfit::Taint("gpu=yes:NoSchedule".into()))));
     assert!(reasons.contains(&("node-s".into(), Unfit::Insufficient("cpu"))));
 
-    let tolerant = pod(
-        json!({ "spec": { "tolerations": [{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule" }] } }),
-    );
-    assert_eq!(
-        place(&tolerant, &nodes, &[], None),
-        Placement::Node("node-t".into())
-    );
+    let tolerant =
+        pod(json!({ "spec": { "tolerations": [{ "key": "gpu", "operator": "Exists", "effect": "NoSchedule" }] } }));
+    assert_eq!(place(&tolerant, &nodes, &[], None), Placement::Node("node-t".into()));
 
     let affine = pod(
         json!({ "spec": { "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -166,12 +148,7 @@ fn a_requested_node_is_the_only_candidate() {
         node("node-c", json!({ "spec": { "unschedulable": true } })),
     ];
     assert_eq!(
-        place(
-            &pod(json!({})),
-            &nodes,
-            &[running_on("node-b", "3")],
-            Some("node-b")
-        ),
+        place(&pod(json!({})), &nodes, &[running_on("node-b", "3")], Some("node-b")),
         Placement::Node("node-b".into())
     );
     assert_eq!(

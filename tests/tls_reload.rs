@@ -19,27 +19,15 @@ fn issue(dir: &std::path::Path) {
 fn a_secret_style_symlink_swap_is_picked_up_and_garbage_is_ignored() {
     kube_migrate::tls::install_crypto_provider();
     let mount = tempfile::tempdir().unwrap();
-    let (v1, v2) = (
-        mount.path().join("..2026_v1"),
-        mount.path().join("..2026_v2"),
-    );
+    let (v1, v2) = (mount.path().join("..2026_v1"), mount.path().join("..2026_v2"));
     issue(&v1);
     issue(&v2);
     // Kubelet layout: tls.crt -> ..data/webhook.crt, ..data -> ..<timestamp>
     symlink(&v1, mount.path().join("..data")).unwrap();
-    symlink(
-        mount.path().join("..data/webhook.crt"),
-        mount.path().join("tls.crt"),
-    )
-    .unwrap();
-    symlink(
-        mount.path().join("..data/webhook.key"),
-        mount.path().join("tls.key"),
-    )
-    .unwrap();
+    symlink(mount.path().join("..data/webhook.crt"), mount.path().join("tls.crt")).unwrap();
+    symlink(mount.path().join("..data/webhook.key"), mount.path().join("tls.key")).unwrap();
 
-    let reloader =
-        CertReloader::new(mount.path().join("tls.crt"), mount.path().join("tls.key")).unwrap();
+    let reloader = CertReloader::new(mount.path().join("tls.crt"), mount.path().join("tls.key")).unwrap();
     let first = reloader.current();
     assert!(!reloader.reload().unwrap(), "unchanged content: no reload");
 

@@ -3,10 +3,7 @@ use clap::Parser;
 use kube_migrate::certs::{Request, issue};
 
 #[derive(Parser)]
-#[command(
-    name = "kube-migrate-certs",
-    about = "Create the kube-migrate CA and certificates"
-)]
+#[command(name = "kube-migrate-certs", about = "Create the kube-migrate CA and certificates")]
 struct Options {
     /// Output directory (the CA in it is reused when present).
     #[arg(long, default_value = "certs/out")]
@@ -35,9 +32,6 @@ fn main() -> anyhow::Result<()> {
         days: o.days,
     };
     issue(&o.out, &request)?;
-    println!(
-        "wrote ca.crt, webhook.crt/key and agent.crt/key to {}",
-        o.out.display()
-    );
+    println!("wrote ca.crt, webhook.crt/key and agent.crt/key to {}", o.out.display());
     Ok(())
 }

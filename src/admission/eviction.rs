@@ -6,8 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 
 use crate::api::{
-    self, FailurePolicyAnnotation, MigrationPolicy, OnFailure, Phase, PodMigration,
-    PodMigrationSpec, Trigger,
+    self, FailurePolicyAnnotation, MigrationPolicy, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger,
 };
 
 /// Annotation the controller puts on its own Eviction of a source pod, naming the migration.
@@ -51,10 +50,7 @@ pub enum Decision {
         warning: Option<String>,
     },
     /// Create this PodMigration, then answer 429.
-    Start {
-        name: String,
-        spec: PodMigrationSpec,
-    },
+    Start { name: String, spec: PodMigrationSpec },
     /// Answer 429: the migration runs (kubectl retries in 5 s).
     Wait { message: String },
     /// Answer 429: the migration failed and the pod's policy blocks the eviction.
@@ -78,10 +74,7 @@ impl Decision {
 }
 
 fn allow(result: &'static str) -> Decision {
-    Decision::Allow {
-        result,
-        warning: None,
-    }
+    Decision::Allow { result, warning: None }
 }
 
 /// Decide what to answer to one eviction.

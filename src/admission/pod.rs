@@ -5,8 +5,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
-    PodSchedulingGate,
+    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
 };
 
 use crate::api::{self, PodMigration};
@@ -20,10 +19,7 @@ pub enum PodDecision {
     Restore { migration: String },
     /// A replacement for one of several migrations of the same owner: gate it and let the
     /// controller, which sees every claim in order, pick the migration.
-    GateForOwner {
-        owner_uid: String,
-        candidates: Vec<String>,
-    },
+    GateForOwner { owner_uid: String, candidates: Vec<String> },
 }
 
 impl PodDecision {
@@ -58,10 +54,7 @@ fn awaits_replacement(m: &PodMigration) -> bool {
 pub fn decide(pod: &Pod, migrations: &[Arc<PodMigration>]) -> PodDecision {
     if let Some(name) = api::restore_of(pod) {
         // Already bound (recreated by our controller, or re-sent): re-apply idempotently.
-        return match migrations
-            .iter()
-            .find(|m| m.metadata.name.as_deref() == Some(name))
-        {
+        return match migrations.iter().find(|m| m.metadata.name.as_deref() == Some(name)) {
             Some(_) => PodDecision::Restore {
                 migration: name.to_string(),
             },
@@ -93,10 +86,7 @@ pub fn decide(pod: &Pod, migrations: &[Arc<PodMigration>]) -> PodDecision {
         },
         many => PodDecision::GateForOwner {
             owner_uid: owner.unwrap_or_default().to_string(),
-            candidates: many
-                .iter()
-                .filter_map(|m| m.metadata.name.clone())
-                .collect(),
+            candidates: many.iter().filter_map(|m| m.metadata.name.clone()).collect(),
         },
     }
 }
@@ -150,18 +140,14 @@ pub fn pin_to_node(pod: &mut Pod, node: &str) {
     };
     let spec = pod.spec.get_or_insert_with(Default::default);
     let affinity = spec.affinity.get_or_insert_with(Affinity::default);
-    let node_affinity = affinity
-        .node_affinity
-        .get_or_insert_with(NodeAffinity::default);
+    let node_affinity = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
     let required = node_affinity
         .required_during_scheduling_ignored_during_execution
         .get_or_insert_with(|| NodeSelector {
             node_selector_terms: vec![],
         });
     if required.node_selector_terms.is_empty() {
-        required
-            .node_selector_terms
-            .push(NodeSelectorTerm::default());
+        required.node_selector_terms.push(NodeSelectorTerm::default());
     }
     for term in &mut required.node_selector_terms {
         let fields = term.match_fields.get_or_insert_with(Vec::new);

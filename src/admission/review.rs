@@ -43,25 +43,17 @@ pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, (ReviewErro
         .and_then(|u| u.as_str())
         .unwrap_or_default()
         .to_string();
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default();
-    let api_version = value
-        .get("apiVersion")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default();
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or_default();
     if kind != "AdmissionReview" || api_version != "admission.k8s.io/v1" {
         return Err((
             ReviewError::NotAReview(format!("got kind {kind:?} apiVersion {api_version:?}")),
             uid,
         ));
     }
-    let review: AdmissionReview<DynamicObject> = serde_json::from_value(value)
-        .map_err(|e| (ReviewError::NotAReview(e.to_string()), uid.clone()))?;
-    let request = review
-        .request
-        .ok_or((ReviewError::NoRequest, uid.clone()))?;
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_value(value).map_err(|e| (ReviewError::NotAReview(e.to_string()), uid.clone()))?;
+    let request = review.request.ok_or((ReviewError::NoRequest, uid.clone()))?;
     if request.uid.is_empty() {
         return Err((ReviewError::Unexpected("request.uid is empty".into()), uid));
     }
@@ -78,22 +70,14 @@ pub fn invalid(uid: String, error: &ReviewError) -> AdmissionReview<DynamicObjec
 
 /// Deny with an HTTP code and a Kubernetes reason (the API server keeps codes >= 400, so
 /// `429 TooManyRequests` reaches kubectl, which retries every 5 s).
-pub fn deny(
-    request: &AdmissionRequest<DynamicObject>,
-    code: u16,
-    reason: &str,
-    message: String,
-) -> AdmissionResponse {
+pub fn deny(request: &AdmissionRequest<DynamicObject>, code: u16, reason: &str, message: String) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request).deny(message.clone());
     response.result = Status::failure(&message, reason).with_code(code);
     response
 }
 
 /// Allow, optionally with a warning shown by kubectl.
-pub fn allow(
-    request: &AdmissionRequest<DynamicObject>,
-    warning: Option<String>,
-) -> AdmissionResponse {
+pub fn allow(request: &AdmissionRequest<DynamicObject>, warning: Option<String>) -> AdmissionResponse {
     let mut response = AdmissionResponse::from(request);
     response.warnings = warning.map(|w| vec![w]);
     response

@@ -63,8 +63,7 @@ impl WebhookState {
 
     fn migrations_of(&self, namespace: &str, pod_name: Option<&str>) -> Vec<Arc<PodMigration>> {
         self.migrations.state_filter(|m| {
-            m.metadata.namespace.as_deref() == Some(namespace)
-                && pod_name.is_none_or(|n| m.spec.pod_name == n)
+            m.metadata.namespace.as_deref() == Some(namespace) && pod_name.is_none_or(|n| m.spec.pod_name == n)
         })
     }
 
@@ -98,10 +97,7 @@ async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) 
     };
     let span = Span::current();
     span.record("uid", request.uid.as_str());
-    span.record(
-        "namespace",
-        request.namespace.as_deref().unwrap_or_default(),
-    );
+    span.record("namespace", request.namespace.as_deref().unwrap_or_default());
     span.record("pod", request.name.as_str());
     let (result, response) = eviction_response(&state, &request).await;
     span.record("decision", result);
@@ -302,23 +298,14 @@ async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Revi
     let (result, response) = pod_response(&state, &request);
     let span = Span::current();
     span.record("uid", request.uid.as_str());
-    span.record(
-        "namespace",
-        request.namespace.as_deref().unwrap_or_default(),
-    );
+    span.record("namespace", request.namespace.as_deref().unwrap_or_default());
     span.record("decision", result);
     state.record("pod", result, started);
     Json(response.into_review())
 }
 
-fn pod_response(
-    state: &WebhookState,
-    request: &AdmissionRequest<DynamicObject>,
-) -> (&'static str, AdmissionResponse) {
-    if request.resource.resource != "pods"
-        || request.sub_resource.is_some()
-        || request.operation != Operation::Create
-    {
+fn pod_response(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> (&'static str, AdmissionResponse) {
+    if request.resource.resource != "pods" || request.sub_resource.is_some() || request.operation != Operation::Create {
         return ("unexpected_request", review::allow(request, None));
     }
     let Some(object) = &request.object else {
@@ -365,9 +352,7 @@ fn pod_response(
             };
             podmut::apply_restore(&mut mutated, m);
         }
-        PodDecision::GateForOwner { owner_uid, .. } => {
-            podmut::gate_for_owner(&mut mutated, owner_uid)
-        }
+        PodDecision::GateForOwner { owner_uid, .. } => podmut::gate_for_owner(&mut mutated, owner_uid),
     }
     let response = podmut::patch(&pod, &mutated)
         .map_err(|e| e.to_string())

@@ -79,10 +79,7 @@ impl<R: Read> HashingReader<R> {
     /// Drain the rest of the input and return (`sha256:<hex>`, bytes read).
     pub fn finish(mut self) -> io::Result<(String, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-            self.count,
-        ))
+        Ok((format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count))
     }
 }
 
@@ -97,11 +94,7 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// `sha256:<hex>` of a file, read in constant memory.
 pub fn digest_file(path: &Path) -> io::Result<(String, u64)> {
-    HashingReader::new(io::BufReader::with_capacity(
-        1 << 20,
-        std::fs::File::open(path)?,
-    ))
-    .finish()
+    HashingReader::new(io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?)).finish()
 }
 
 /// A path inside the archive, refused when it could escape the directory it is unpacked in.
@@ -165,9 +158,7 @@ pub fn validate<R: Read>(reader: R) -> Result<ArchiveInfo, ArchiveError> {
             })?;
             let kind = entry.header().entry_type();
             match kind {
-                tar::EntryType::Regular
-                | tar::EntryType::Directory
-                | tar::EntryType::Continuous => {}
+                tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Continuous => {}
                 tar::EntryType::Symlink | tar::EntryType::Link => {
                     let target = entry
                         .link_name()?
@@ -176,12 +167,12 @@ pub fn validate<R: Read>(reader: R) -> Result<ArchiveInfo, ArchiveError> {
                             why: "link without target",
                         })?
                         .into_owned();
-                    link_stays_inside(&path, &target, kind == tar::EntryType::Link).map_err(
-                        |why| ArchiveError::Unsafe {
+                    link_stays_inside(&path, &target, kind == tar::EntryType::Link).map_err(|why| {
+                        ArchiveError::Unsafe {
                             path: display.clone(),
                             why,
-                        },
-                    )?;
+                        }
+                    })?;
                 }
                 // PAX and GNU long-name headers are consumed by the tar reader itself.
                 tar::EntryType::XGlobalHeader
@@ -229,8 +220,5 @@ pub fn validate<R: Read>(reader: R) -> Result<ArchiveInfo, ArchiveError> {
 
 /// Validate the archive at `path`.
 pub fn validate_file(path: &Path) -> Result<ArchiveInfo, ArchiveError> {
-    validate(io::BufReader::with_capacity(
-        1 << 20,
-        std::fs::File::open(path)?,
-    ))
+    validate(io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?))
 }

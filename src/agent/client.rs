@@ -15,8 +15,8 @@ use rustls::ClientConfig;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest,
-    ImageResponse, PushRequest, PushResponse, ReceiveResponse,
+    self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, PushRequest,
+    PushResponse, ReceiveResponse,
 };
 
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -41,10 +41,7 @@ pub enum ClientError {
         message: String,
     },
     #[error("{url} answered something unexpected: {source}")]
-    Decode {
-        url: String,
-        source: serde_json::Error,
-    },
+    Decode { url: String, source: serde_json::Error },
     #[error("{url} did not answer within {seconds} s")]
     Timeout { url: String, seconds: u64 },
 }
@@ -53,12 +50,8 @@ impl ClientError {
     /// Connection failures, timeouts and 5xx/429 answers may succeed later.
     pub fn retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. }
-            | ClientError::Body { .. }
-            | ClientError::Timeout { .. } => true,
-            ClientError::Status { status, .. } => {
-                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
-            }
+            ClientError::Connect { .. } | ClientError::Body { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
             ClientError::Url(_) | ClientError::Decode { .. } => false,
         }
     }
@@ -93,17 +86,13 @@ pub fn https_client(config: ClientConfig) -> HttpsClient {
 }
 
 pub fn empty_body() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
 pub fn json_body<T: Serialize>(value: &T) -> Body {
-    Full::new(Bytes::from(
-        serde_json::to_vec(value).expect("request types serialize"),
-    ))
-    .map_err(|never| match never {})
-    .boxed()
+    Full::new(Bytes::from(serde_json::to_vec(value).expect("request types serialize")))
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Stream a file as a request body in 256 KiB chunks (constant memory).
@@ -199,12 +188,7 @@ impl AgentClient {
         .await
     }
 
-    pub async fn push(
-        &self,
-        base: &str,
-        id: &str,
-        req: &PushRequest,
-    ) -> Result<PushResponse, ClientError> {
+    pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {
         let url = format!("{base}/v1/migrations/{id}/push");
         send(
             &self.http,
@@ -214,12 +198,7 @@ impl AgentClient {
         .await
     }
 
-    pub async fn build_image(
-        &self,
-        base: &str,
-        id: &str,
-        req: &ImageRequest,
-    ) -> Result<ImageResponse, ClientError> {
+    pub async fn build_image(&self, base: &str, id: &str, req: &ImageRequest) -> Result<ImageResponse, ClientError> {
         let url = format!("{base}/v1/migrations/{id}/image");
         send(
             &self.http,

@@ -99,10 +99,7 @@ pub fn build(
     created: &str,
 ) -> Result<BuiltImage, ImageError> {
     std::fs::create_dir_all(layout.join("blobs").join("sha256"))?;
-    write_atomic(
-        &layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    write_atomic(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
 
     let layer = blob_path(layout, &info.digest)?;
     if !layer.exists() {

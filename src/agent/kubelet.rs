@@ -18,10 +18,7 @@ use super::client::{ClientError, HttpsClient, empty_body, https_client, send};
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {
     #[error("reading the ServiceAccount token {path}: {source}")]
-    Token {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Token { path: PathBuf, source: std::io::Error },
     #[error(
         "the kubelet has no checkpoint endpoint for this container (unknown pod or container, or the \
          ContainerCheckpoint feature gate is off): {0}"
@@ -29,9 +26,7 @@ pub enum KubeletError {
     NotFound(String),
     #[error("the kubelet refused the checkpoint (the agent needs create on nodes/checkpoint): {0}")]
     Forbidden(String),
-    #[error(
-        "the container runtime failed to checkpoint (is CRIU installed and enabled in the runtime?): {0}"
-    )]
+    #[error("the container runtime failed to checkpoint (is CRIU installed and enabled in the runtime?): {0}")]
     Runtime(String),
     #[error("the kubelet answered without an archive path: {0}")]
     NoArchive(String),
@@ -157,22 +152,19 @@ impl KubeletClient {
             .body(empty_body())
             .map_err(|_| ClientError::Url(url.clone()))?;
         // Give the kubelet its own timeout plus a margin to answer.
-        let answer: CheckpointAnswer =
-            match send(&self.http, request, timeout + Duration::from_secs(15)).await {
-                Ok(a) => a,
-                Err(ClientError::Status {
-                    status, message, ..
-                }) if status == 404 => return Err(KubeletError::NotFound(message)),
-                Err(ClientError::Status {
-                    status, message, ..
-                }) if status == 401 || status == 403 => {
-                    return Err(KubeletError::Forbidden(message));
-                }
-                Err(ClientError::Status {
-                    status, message, ..
-                }) if status.is_server_error() => return Err(KubeletError::Runtime(message)),
-                Err(e) => return Err(e.into()),
-            };
+        let answer: CheckpointAnswer = match send(&self.http, request, timeout + Duration::from_secs(15)).await {
+            Ok(a) => a,
+            Err(ClientError::Status { status, message, .. }) if status == 404 => {
+                return Err(KubeletError::NotFound(message));
+            }
+            Err(ClientError::Status { status, message, .. }) if status == 401 || status == 403 => {
+                return Err(KubeletError::Forbidden(message));
+            }
+            Err(ClientError::Status { status, message, .. }) if status.is_server_error() => {
+                return Err(KubeletError::Runtime(message));
+            }
+            Err(e) => return Err(e.into()),
+        };
         answer
             .items
             .into_iter()

@@ -45,8 +45,7 @@ fn parse(path: &str) -> Option<(&str, &str, &str)> {
     let rest = path.strip_prefix(REPOSITORY_PREFIX)?.strip_prefix('/')?;
     let (id, rest) = rest.split_once('/')?;
     let (kind, reference) = rest.split_once('/')?;
-    (matches!(kind, "manifests" | "blobs") && !reference.contains('/'))
-        .then_some((id, kind, reference))
+    (matches!(kind, "manifests" | "blobs") && !reference.contains('/')).then_some((id, kind, reference))
 }
 
 async fn serve(State(store): State<Store>, method: Method, Path(path): Path<String>) -> Response {
@@ -102,10 +101,7 @@ async fn serve(State(store): State<Store>, method: Method, Path(path): Path<Stri
     if method == Method::HEAD {
         return (StatusCode::OK, headers).into_response();
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file,
-        256 * 1024,
-    ));
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
     (StatusCode::OK, headers, body).into_response()
 }
 

@@ -22,8 +22,8 @@ use tracing::instrument;
 
 use super::{
     api::{
-        self, ArchiveRecord, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRecord,
-        ImageRequest, ImageResponse, PushRequest, PushResponse, ReceiveResponse,
+        self, ArchiveRecord, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRecord, ImageRequest,
+        ImageResponse, PushRequest, PushResponse, ReceiveResponse,
     },
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
     client::{AgentClient, ClientError},
@@ -74,9 +74,7 @@ impl AgentError {
     fn status(&self) -> StatusCode {
         match self {
             AgentError::BadRequest(_)
-            | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => {
-                StatusCode::BAD_REQUEST
-            }
+            | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Archive(ArchiveError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             // A corrupt or unsafe archive will not get better by retrying.
@@ -144,12 +142,7 @@ impl AgentState {
         lock.lock_owned().await
     }
 
-    fn record_op<T>(
-        &self,
-        operation: &'static str,
-        started: Instant,
-        result: &Result<T, AgentError>,
-    ) {
+    fn record_op<T>(&self, operation: &'static str, started: Instant, result: &Result<T, AgentError>) {
         let label = match result {
             Ok(_) => "ok",
             Err(e) => e.metric_label(),
@@ -230,9 +223,7 @@ async fn do_checkpoint(
         state
             .metrics
             .agent_bytes
-            .get_or_create(&PhaseLabels {
-                phase: "checkpoint",
-            })
+            .get_or_create(&PhaseLabels { phase: "checkpoint" })
             .inc_by(info.size);
         record.checkpointed.insert(
             container.clone(),
@@ -282,11 +273,7 @@ async fn push(
     result.map(Json)
 }
 
-async fn do_push(
-    state: &AgentState,
-    id: &str,
-    req: &PushRequest,
-) -> Result<PushResponse, AgentError> {
+async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<PushResponse, AgentError> {
     let _guard = state.lock(id).await;
     let record = state
         .store
@@ -295,9 +282,10 @@ async fn do_push(
     let started = Instant::now();
     let mut bytes = 0;
     for archive in &req.archives {
-        let held = record.checkpointed.get(&archive.container).ok_or_else(|| {
-            AgentError::NotFound(format!("no archive for container {}", archive.container))
-        })?;
+        let held = record
+            .checkpointed
+            .get(&archive.container)
+            .ok_or_else(|| AgentError::NotFound(format!("no archive for container {}", archive.container)))?;
         if held.digest != archive.digest {
             return Err(AgentError::BadRequest(format!(
                 "archive of {} is {}, not the requested {}",
@@ -315,10 +303,7 @@ async fn do_push(
     }
     let seconds = started.elapsed().as_secs_f64();
     if seconds > 0.0 {
-        state
-            .metrics
-            .transfer_throughput
-            .observe(bytes as f64 / seconds);
+        state.metrics.transfer_throughput.observe(bytes as f64 / seconds);
     }
     tracing::info!(bytes, seconds, "archives sent");
     Ok(PushResponse { bytes, seconds })
@@ -430,11 +415,7 @@ async fn build_image(
     result.map(Json)
 }
 
-async fn do_build_image(
-    state: &AgentState,
-    id: &str,
-    req: &ImageRequest,
-) -> Result<ImageResponse, AgentError> {
+async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Result<ImageResponse, AgentError> {
     let _guard = state.lock(id).await;
     let mut record = state
         .store
@@ -447,12 +428,10 @@ async fn do_build_image(
     let created = k8s_openapi::jiff::Timestamp::now().to_string();
     let mut images = Vec::new();
     for archive in &req.archives {
-        let held = record.received.get(&archive.container).ok_or_else(|| {
-            AgentError::NotFound(format!(
-                "no archive received for container {}",
-                archive.container
-            ))
-        })?;
+        let held = record
+            .received
+            .get(&archive.container)
+            .ok_or_else(|| AgentError::NotFound(format!("no archive received for container {}", archive.container)))?;
         if held.digest != archive.digest {
             return Err(AgentError::BadRequest(format!(
                 "received archive of {} is {}, not {}",
@@ -474,17 +453,13 @@ async fn do_build_image(
             archive.container.clone(),
             created.clone(),
         );
-        let built = tokio::task::spawn_blocking(move || {
-            image::build(&layout, &container, &container, &path, &info, &created)
-        })
-        .await
-        .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
+        let built =
+            tokio::task::spawn_blocking(move || image::build(&layout, &container, &container, &path, &info, &created))
+                .await
+                .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
         images.push(ImageRecord {
             container: archive.container.clone(),
-            image: format!(
-                "{}/{REPOSITORY_PREFIX}/{id}:{}",
-                state.registry_host, archive.container
-            ),
+            image: format!("{}/{REPOSITORY_PREFIX}/{id}:{}", state.registry_host, archive.container),
             manifest_digest: built.manifest_digest,
             base_image: built.base_image,
         });
@@ -503,11 +478,7 @@ async fn forget(
 }
 
 /// Remove migrations older than `max_age` every `every`.
-pub fn spawn_gc(
-    state: Arc<AgentState>,
-    max_age: Duration,
-    every: Duration,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn_gc(state: Arc<AgentState>, max_age: Duration, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {

@@ -28,10 +28,7 @@ pub enum StoreError {
     #[error("store I/O at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("corrupt record {path}: {source}")]
-    Record {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Record { path: PathBuf, source: serde_json::Error },
 }
 
 impl StoreError {
@@ -100,10 +97,7 @@ impl Store {
         if !api::valid_container(container) {
             return Err(StoreError::InvalidContainer(container.to_string()));
         }
-        Ok(self
-            .dir(id)?
-            .join("archives")
-            .join(format!("{container}.tar")))
+        Ok(self.dir(id)?.join("archives").join(format!("{container}.tar")))
     }
 
     pub fn layout(&self, id: &str) -> Result<PathBuf, StoreError> {
@@ -154,10 +148,7 @@ impl Store {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::Io {
-                path: dir,
-                source: e,
-            }),
+            Err(e) => Err(StoreError::Io { path: dir, source: e }),
         }
     }
 

@@ -35,8 +35,7 @@ pub const CRIO_CHECKPOINT_NAME: &str = "io.kubernetes.cri-o.annotations.checkpoi
 /// containerd (2.1+) reads this one.
 pub const CRIU_CHECKPOINT_NAME: &str = "org.criu.checkpoint.container.name";
 /// Base (rootfs) image recorded in the checkpoint, CRI-O spelling.
-pub const CRIO_CHECKPOINT_ROOTFS_IMAGE: &str =
-    "io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName";
+pub const CRIO_CHECKPOINT_ROOTFS_IMAGE: &str = "io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName";
 /// Base (rootfs) image recorded in the checkpoint, CRIU/containerd spelling.
 pub const CRIU_CHECKPOINT_ROOTFS_IMAGE: &str = "org.criu.checkpoint.rootfsImageName";
 
@@ -75,9 +74,7 @@ pub fn on_failure(pod: &Pod) -> Result<FailurePolicyAnnotation, String> {
 
 /// The node named by `migrate.io/target-node`, if any.
 pub fn requested_target(pod: &Pod) -> Option<&str> {
-    annotation(pod, TARGET_NODE)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    annotation(pod, TARGET_NODE).map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// The PodMigration a replacement pod was bound to, if any.
@@ -131,10 +128,7 @@ mod tests {
 
     #[test]
     fn on_failure_defaults_to_evict_and_rejects_garbage() {
-        assert_eq!(
-            on_failure(&Pod::default()),
-            Ok(FailurePolicyAnnotation::Evict)
-        );
+        assert_eq!(on_failure(&Pod::default()), Ok(FailurePolicyAnnotation::Evict));
         assert_eq!(
             on_failure(&pod_with(&[(ON_FAILURE, "Block")])),
             Ok(FailurePolicyAnnotation::Block)

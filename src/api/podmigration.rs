@@ -77,20 +77,7 @@ pub enum OnFailure {
 }
 
 /// Phases, in order. `Failed` can follow any non-terminal phase.
-#[derive(
-    Deserialize,
-    Serialize,
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    JsonSchema,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
 pub enum Phase {
     /// Accepted; waiting for a slot, a PodDisruptionBudget, or a target node.
     #[default]
@@ -289,10 +276,7 @@ impl PodMigration {
 
     /// The state is on the target node (transfer verified), so the drain may move on.
     pub fn state_is_safe(&self) -> bool {
-        matches!(
-            self.phase(),
-            Phase::BuildingImage | Phase::Restoring | Phase::Succeeded
-        )
+        matches!(self.phase(), Phase::BuildingImage | Phase::Restoring | Phase::Succeeded)
     }
 
     /// When the migration reached a terminal phase.

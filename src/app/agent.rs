@@ -61,27 +61,15 @@ pub struct Options {
     /// Where archives and images are kept.
     #[arg(long, env = "KM_STATE_DIR", default_value = "/var/lib/kube-migrate")]
     pub state_dir: PathBuf,
-    #[arg(
-        long,
-        env = "KM_TLS_CERT",
-        default_value = "/etc/kube-migrate/tls/tls.crt"
-    )]
+    #[arg(long, env = "KM_TLS_CERT", default_value = "/etc/kube-migrate/tls/tls.crt")]
     pub tls_cert: PathBuf,
-    #[arg(
-        long,
-        env = "KM_TLS_KEY",
-        default_value = "/etc/kube-migrate/tls/tls.key"
-    )]
+    #[arg(long, env = "KM_TLS_KEY", default_value = "/etc/kube-migrate/tls/tls.key")]
     pub tls_key: PathBuf,
     /// CA of every kube-migrate certificate: clients must present one signed by it.
     #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
     pub ca: PathBuf,
     /// Name in the other agents' certificates.
-    #[arg(
-        long,
-        env = "KM_AGENT_SERVER_NAME",
-        default_value = "kube-migrate-agent"
-    )]
+    #[arg(long, env = "KM_AGENT_SERVER_NAME", default_value = "kube-migrate-agent")]
     pub agent_server_name: String,
     /// Remove a migration's files this long after they were last touched.
     #[arg(long, env = "KM_RETENTION_SECONDS", default_value_t = 86_400)]
@@ -100,10 +88,7 @@ pub enum RunError {
     #[error("state directory: {0}")]
     Store(#[from] crate::agent::store::StoreError),
     #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("either --kubelet-ca or --kubelet-insecure-tls is required")]
     KubeletTrust,
 }
@@ -133,11 +118,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     let state = AgentState::new(
         opts.node_name.clone(),
         store.clone(),
-        KubeletClient::new(
-            kubelet_tls,
-            opts.kubelet_url.clone(),
-            opts.token_file.clone(),
-        ),
+        KubeletClient::new(kubelet_tls, opts.kubelet_url.clone(), opts.token_file.clone()),
         AgentClient::new(
             agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?,
             Duration::from_secs(opts.transfer_timeout_seconds),
@@ -165,11 +146,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     );
     tracing::info!(node = %opts.node_name, api = %opts.listen, registry = %opts.registry_listen, "agent listening");
     health.set_ready(true);
-    let admin = serve_admin(
-        opts.admin_listen,
-        admin_router(metrics, health),
-        shutdown.clone(),
-    );
+    let admin = serve_admin(opts.admin_listen, admin_router(metrics, health), shutdown.clone());
     let (admin, _, _) = tokio::join!(admin, api, images);
     admin.map_err(|source| RunError::Listen {
         addr: opts.admin_listen,

@@ -45,27 +45,15 @@ pub struct Options {
     #[arg(long, env = "KM_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
     /// Certificate (PEM) served to the API server and presented to agents; reloaded on change.
-    #[arg(
-        long,
-        env = "KM_TLS_CERT",
-        default_value = "/etc/kube-migrate/tls/tls.crt"
-    )]
+    #[arg(long, env = "KM_TLS_CERT", default_value = "/etc/kube-migrate/tls/tls.crt")]
     pub tls_cert: PathBuf,
-    #[arg(
-        long,
-        env = "KM_TLS_KEY",
-        default_value = "/etc/kube-migrate/tls/tls.key"
-    )]
+    #[arg(long, env = "KM_TLS_KEY", default_value = "/etc/kube-migrate/tls/tls.key")]
     pub tls_key: PathBuf,
     /// CA that signed the agents' certificates.
     #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
     pub ca: PathBuf,
     /// Name the agents' certificates carry (they are dialled by IP).
-    #[arg(
-        long,
-        env = "KM_AGENT_SERVER_NAME",
-        default_value = "kube-migrate-agent"
-    )]
+    #[arg(long, env = "KM_AGENT_SERVER_NAME", default_value = "kube-migrate-agent")]
     pub agent_server_name: String,
     /// Namespace of the Lease and of the agent Service's EndpointSlices.
     #[arg(long, env = "KM_NAMESPACE", default_value = "kube-migrate")]
@@ -106,22 +94,13 @@ pub enum RunError {
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A reflector store fed by a watch; managedFields are dropped to keep the cache small.
 fn cache<K>(api: Api<K>, config: watcher::Config, shutdown: &CancellationToken) -> Store<K>
 where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store();
@@ -168,10 +147,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     );
     let agents = cache(
         Api::<EndpointSlice>::namespaced(client.clone(), &opts.namespace),
-        watcher::Config::default().labels(&format!(
-            "kubernetes.io/service-name={}",
-            opts.agent_service
-        )),
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", opts.agent_service)),
         &shutdown,
     );
 
@@ -198,12 +174,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
 
     // Ready once every cache has its first full list: answers before that would be guesses.
     let readiness = {
-        let (pods, nodes, migrations, health) = (
-            pods.clone(),
-            nodes.clone(),
-            migrations.clone(),
-            health.clone(),
-        );
+        let (pods, nodes, migrations, health) = (pods.clone(), nodes.clone(), migrations.clone(), health.clone());
         async move {
             let _ = tokio::join!(
                 pods.wait_until_ready(),
@@ -224,10 +195,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             max_attempts: 3,
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
         };
-        let agent_client = AgentClient::new(
-            agent_tls,
-            config.checkpoint_timeout + Duration::from_secs(60),
-        );
+        let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -250,8 +218,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             }
             elector
                 .run(shutdown, move |token| {
-                    let (client, pods, nodes, agents) =
-                        (client.clone(), pods.clone(), nodes.clone(), agents.clone());
+                    let (client, pods, nodes, agents) = (client.clone(), pods.clone(), nodes.clone(), agents.clone());
                     let (agent_client, recorder, metrics, config) = (
                         agent_client.clone(),
                         recorder.clone(),

@@ -9,10 +9,7 @@ pub const API_PORT_NAME: &str = "api";
 
 /// The base URL of the agent on `node`, from the watched EndpointSlices.
 pub fn endpoint_for(slices: &Store<EndpointSlice>, node: &str) -> Option<String> {
-    slices
-        .state()
-        .iter()
-        .find_map(|slice| base_url(slice, node))
+    slices.state().iter().find_map(|slice| base_url(slice, node))
 }
 
 pub fn base_url(slice: &EndpointSlice, node: &str) -> Option<String> {
@@ -23,8 +20,7 @@ pub fn base_url(slice: &EndpointSlice, node: &str) -> Option<String> {
         .find(|p| p.name.as_deref() == Some(API_PORT_NAME))?
         .port?;
     let endpoint = slice.endpoints.iter().find(|e| {
-        e.node_name.as_deref() == Some(node)
-            && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+        e.node_name.as_deref() == Some(node) && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
     })?;
     let address = endpoint.addresses.first()?;
     let host = if address.contains(':') {
@@ -51,10 +47,7 @@ mod tests {
             ]
         }))
         .unwrap();
-        assert_eq!(
-            base_url(&slice, "node-a").as_deref(),
-            Some("https://10.0.0.1:9443")
-        );
+        assert_eq!(base_url(&slice, "node-a").as_deref(), Some("https://10.0.0.1:9443"));
         assert_eq!(base_url(&slice, "node-b"), None, "not ready");
         assert_eq!(base_url(&slice, "node-c"), None);
     }

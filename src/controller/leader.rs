@@ -97,11 +97,7 @@ impl LeaderElector {
         spec.renew_time = Some(MicroTime(now));
         spec.lease_duration_seconds = Some(seconds);
         // replace() carries the resourceVersion we read: a concurrent writer makes it 409.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
@@ -180,10 +176,7 @@ mod tests {
             ..Default::default()
         };
         assert!(held_by_other(&spec("b", 1_000_000 - 5), "a", now));
-        assert!(
-            !held_by_other(&spec("b", 1_000_000 - 16), "a", now),
-            "expired"
-        );
+        assert!(!held_by_other(&spec("b", 1_000_000 - 16), "a", now), "expired");
         assert!(!held_by_other(&spec("a", 1_000_000 - 5), "a", now), "mine");
         assert!(!held_by_other(&LeaseSpec::default(), "a", now), "unheld");
     }

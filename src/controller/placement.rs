@@ -4,9 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Toleration,
-};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Toleration};
 
 use super::quantity::Resources;
 
@@ -85,11 +83,7 @@ pub fn choose(input: &PlacementInput<'_>) -> Placement {
         }
     }
     let candidates: Vec<&Node> = match input.requested {
-        Some(name) => match input
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(name))
-        {
+        Some(name) => match input.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(name)) {
             Some(n) => vec![*n],
             None => return Placement::None(vec![(name.to_string(), Unfit::NotFound)]),
         },
@@ -118,12 +112,7 @@ pub fn choose(input: &PlacementInput<'_>) -> Placement {
 }
 
 /// Ok(load after placement, 0..=1+) or why not.
-fn fit(
-    input: &PlacementInput<'_>,
-    node: &Node,
-    request: &Resources,
-    used: Option<&Resources>,
-) -> Result<f64, Unfit> {
+fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Option<&Resources>) -> Result<f64, Unfit> {
     let name = node.metadata.name.as_deref().unwrap_or_default();
     if name == input.source_node {
         return Err(Unfit::IsSource);
@@ -155,10 +144,7 @@ fn fit(
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
         && !required
             .node_selector_terms
             .iter()
@@ -224,11 +210,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
             ) else {
                 return false;
             };
-            if r.operator == "Gt" {
-                v > bound
-            } else {
-                v < bound
-            }
+            if r.operator == "Gt" { v > bound } else { v < bound }
         }
         _ => false,
     }
@@ -243,9 +225,7 @@ fn tolerates(t: &Toleration, key: &str, value: Option<&str>, effect: &str) -> bo
     }
     match t.operator.as_deref().unwrap_or("Equal") {
         "Exists" => t.key.as_deref().is_none_or(|k| k.is_empty() || k == key),
-        _ => {
-            t.key.as_deref() == Some(key) && t.value.as_deref().unwrap_or("") == value.unwrap_or("")
-        }
+        _ => t.key.as_deref() == Some(key) && t.value.as_deref().unwrap_or("") == value.unwrap_or(""),
     }
 }
 

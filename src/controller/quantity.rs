@@ -46,11 +46,7 @@ pub struct Resources {
 
 impl Resources {
     pub fn from_list(list: &BTreeMap<String, Quantity>) -> Self {
-        let get = |k: &str| {
-            list.get(k)
-                .and_then(|q| parse_quantity(&q.0))
-                .unwrap_or(0.0)
-        };
+        let get = |k: &str| list.get(k).and_then(|q| parse_quantity(&q.0)).unwrap_or(0.0);
         Resources {
             cpu: get("cpu"),
             memory: get("memory"),

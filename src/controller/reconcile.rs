@@ -39,10 +39,7 @@ use crate::{
         api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest},
         client::{AgentClient, ClientError},
     },
-    api::{
-        self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationStatus, PodRef,
-        Trigger,
-    },
+    api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationStatus, PodRef, Trigger},
     metrics::{Metrics, NodeLabels, OutcomeLabels, PhaseLabels},
 };
 
@@ -181,13 +178,8 @@ impl Context {
         self.pods.get(&ObjectRef::new(name).within(ns))
     }
 
-    async fn write_status(
-        &self,
-        pm: &PodMigration,
-        status: &PodMigrationStatus,
-    ) -> Result<(), Error> {
-        let api: Api<PodMigration> =
-            Api::namespaced(self.client.clone(), &pm.namespace().unwrap_or_default());
+    async fn write_status(&self, pm: &PodMigration, status: &PodMigrationStatus) -> Result<(), Error> {
+        let api: Api<PodMigration> = Api::namespaced(self.client.clone(), &pm.namespace().unwrap_or_default());
         let patch = json!({ "apiVersion": "migrate.io/v1alpha1", "kind": "PodMigration", "status": status });
         api.patch_status(
             &pm.name_any(),
@@ -223,18 +215,11 @@ impl Context {
     }
 
     /// Record a phase change's metrics.
-    fn observe(
-        &self,
-        pm: &PodMigration,
-        closed: Option<(Phase, f64)>,
-        status: &PodMigrationStatus,
-    ) {
+    fn observe(&self, pm: &PodMigration, closed: Option<(Phase, f64)>, status: &PodMigrationStatus) {
         if let Some((phase, seconds)) = closed {
             self.metrics
                 .phase_duration
-                .get_or_create(&PhaseLabels {
-                    phase: phase.as_str(),
-                })
+                .get_or_create(&PhaseLabels { phase: phase.as_str() })
                 .observe(seconds);
         }
         if !status.phase.is_terminal() || closed.is_none() {
@@ -326,13 +311,7 @@ async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Move to `phase`, with metrics and an Event.
-async fn transition(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-    phase: Phase,
-    note: String,
-) {
+async fn transition(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context, phase: Phase, note: String) {
     let closed = state::enter(status, phase, Timestamp::now());
     status.message = Some(note.clone());
     ctx.observe(pm, closed, status);
@@ -353,11 +332,7 @@ async fn fail(
     Action::requeue(Duration::ZERO)
 }
 
-async fn pending(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let now = Timestamp::now();
     let Some(pod) = ctx
@@ -369,15 +344,11 @@ async fn pending(
             status,
             ctx,
             "PodGone",
-            format!(
-                "pod {ns}/{} vanished before the checkpoint",
-                pm.spec.pod_name
-            ),
+            format!("pod {ns}/{} vanished before the checkpoint", pm.spec.pod_name),
         )
         .await);
     };
-    if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(pm.spec.source_node.as_str())
-    {
+    if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(pm.spec.source_node.as_str()) {
         return Ok(fail(
             pm,
             status,
@@ -403,14 +374,7 @@ async fn pending(
             active.len(),
             ctx.config.max_total
         );
-        state::set_condition(
-            status,
-            CONDITION_QUEUED,
-            true,
-            "ConcurrencyLimit",
-            &msg,
-            now,
-        );
+        state::set_condition(status, CONDITION_QUEUED, true, "ConcurrencyLimit", &msg, now);
         status.message = Some(msg);
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
@@ -418,14 +382,7 @@ async fn pending(
     // A PodDisruptionBudget is the operator's availability contract, and a migration has
     // downtime between stop and restore: wait, as a plain drain would.
     if let Some(msg) = pdb_blocks(ctx, &ns, &pod).await? {
-        state::set_condition(
-            status,
-            CONDITION_QUEUED,
-            true,
-            "PodDisruptionBudget",
-            &msg,
-            now,
-        );
+        state::set_condition(status, CONDITION_QUEUED, true, "PodDisruptionBudget", &msg, now);
         status.message = Some(msg);
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
@@ -436,10 +393,7 @@ async fn pending(
             status,
             ctx,
             "NoAgent",
-            format!(
-                "no kube-migrate agent runs on source node {}",
-                pm.spec.source_node
-            ),
+            format!("no kube-migrate agent runs on source node {}", pm.spec.source_node),
         )
         .await);
     };
@@ -587,11 +541,7 @@ fn pod_template(pod: &Pod) -> Result<serde_json::Value, Error> {
     Ok(serde_json::to_value(template)?)
 }
 
-async fn checkpointing(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
     if status.source_stop_requested_at.is_none() {
@@ -628,20 +578,13 @@ async fn checkpointing(
             Ok(a) => a,
             Err(e) if e.retryable() && status.attempts + 1 < ctx.config.max_attempts => {
                 status.attempts += 1;
-                status.message = Some(format!(
-                    "checkpoint attempt {} failed, retrying: {e}",
-                    status.attempts
-                ));
+                status.message = Some(format!("checkpoint attempt {} failed, retrying: {e}", status.attempts));
                 return Ok(Action::requeue(state::backoff(status.attempts)));
             }
             Err(e) => return rollback(pm, status, ctx, "CheckpointFailed", e.to_string()).await,
         };
         for archive in answer.archives {
-            if let Some(c) = status
-                .containers
-                .iter_mut()
-                .find(|c| c.name == archive.container)
-            {
+            if let Some(c) = status.containers.iter_mut().find(|c| c.name == archive.container) {
                 c.archive = Some(archive.path);
                 c.digest = Some(archive.digest);
                 c.size_bytes = Some(archive.size_bytes);
@@ -764,34 +707,25 @@ async fn rollback(
     .await)
 }
 
-async fn transferring(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
     let Some(source) = ctx.agent(&pm.spec.source_node) else {
         return retry_after_stop(
             pm,
             status,
             ctx,
-            format!(
-                "the agent of source node {} is unreachable",
-                pm.spec.source_node
-            ),
+            format!("the agent of source node {} is unreachable", pm.spec.source_node),
         )
         .await;
     };
     let target = match ensure_target(pm, status, ctx).await {
         Some(t) => t,
         None => {
-            return retry_after_stop(pm, status, ctx, "no node can take the pod right now".into())
-                .await;
+            return retry_after_stop(pm, status, ctx, "no node can take the pod right now".into()).await;
         }
     };
     let Some(target_agent) = ctx.agent(&target) else {
-        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}"))
-            .await;
+        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}")).await;
     };
     let request = PushRequest {
         target: target_agent,
@@ -819,18 +753,12 @@ async fn transferring(
             .await;
             Ok(Action::requeue(Duration::ZERO))
         }
-        Err(e) => {
-            retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await
-        }
+        Err(e) => retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await,
     }
 }
 
 /// The target chosen in Pending, or a new one if it vanished or became unfit since.
-async fn ensure_target(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Option<String> {
+async fn ensure_target(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Option<String> {
     let current = status.target_node.clone()?;
     let node_ok = ctx.nodes.get(&ObjectRef::new(&current)).is_some_and(|n| {
         n.status
@@ -846,12 +774,7 @@ async fn ensure_target(
         Some(t) => serde_json::from_value(t.clone()).ok()?,
         None => Pod::default(),
     };
-    match choose_target(
-        ctx,
-        &pod,
-        &pm.spec.source_node,
-        pm.spec.target_node.as_deref(),
-    ) {
+    match choose_target(ctx, &pod, &pm.spec.source_node, pm.spec.target_node.as_deref()) {
         Placement::Node(n) => {
             ctx.event(
                 pm,
@@ -891,7 +814,14 @@ async fn retry_after_stop(
     let stopped = status.source_stopped_at.as_ref().map_or(now, |t| t.0);
     if seconds_between(&stopped, &now) > ctx.config.restore_deadline.as_secs_f64() {
         start_fresh(pm, status, ctx).await?;
-        return Ok(fail(pm, status, ctx, "StateLost", format!("{message}; gave up after the restore deadline, the replacement starts from its original image")).await);
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "StateLost",
+            format!("{message}; gave up after the restore deadline, the replacement starts from its original image"),
+        )
+        .await);
     }
     status.attempts += 1;
     state::set_condition(status, CONDITION_DEGRADED, true, "Retrying", &message, now);
@@ -900,19 +830,11 @@ async fn retry_after_stop(
     Ok(Action::requeue(state::backoff(status.attempts)))
 }
 
-async fn building(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
-    let target = status
-        .target_node
-        .clone()
-        .ok_or(Error::Missing("status.targetNode"))?;
+    let target = status.target_node.clone().ok_or(Error::Missing("status.targetNode"))?;
     let Some(agent) = ctx.agent(&target) else {
-        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}"))
-            .await;
+        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}")).await;
     };
     let request = ImageRequest {
         namespace: pm.namespace().unwrap_or_default(),
@@ -922,11 +844,7 @@ async fn building(
     match ctx.agent_client.build_image(&agent, &id, &request).await {
         Ok(answer) => {
             for image in answer.images {
-                if let Some(c) = status
-                    .containers
-                    .iter_mut()
-                    .find(|c| c.name == image.container)
-                {
+                if let Some(c) = status.containers.iter_mut().find(|c| c.name == image.container) {
                     c.image = Some(image.image);
                 }
             }
@@ -940,15 +858,7 @@ async fn building(
             .await;
             Ok(Action::requeue(Duration::ZERO))
         }
-        Err(e) => {
-            retry_after_stop(
-                pm,
-                status,
-                ctx,
-                format!("image build on {target} failed: {e}"),
-            )
-            .await
-        }
+        Err(e) => retry_after_stop(pm, status, ctx, format!("image build on {target} failed: {e}")).await,
     }
 }
 
@@ -978,11 +888,7 @@ fn restore_trouble(pod: &Pod) -> Option<String> {
             let reason = waiting.reason.as_deref()?;
             matches!(
                 reason,
-                "CrashLoopBackOff"
-                    | "ErrImagePull"
-                    | "ImagePullBackOff"
-                    | "CreateContainerError"
-                    | "RunContainerError"
+                "CrashLoopBackOff" | "ErrImagePull" | "ImagePullBackOff" | "CreateContainerError" | "RunContainerError"
             )
             .then(|| {
                 format!(
@@ -994,11 +900,7 @@ fn restore_trouble(pod: &Pod) -> Option<String> {
         })
 }
 
-async fn restoring(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(replacement) = find_replacement(pm, status, ctx, &pods).await? else {
@@ -1038,8 +940,7 @@ async fn restoring(
     if is_ready(&replacement) {
         let now = Timestamp::now();
         if let Some(stopped) = &status.source_stopped_at {
-            status.downtime_seconds =
-                Some((seconds_between(&stopped.0, &now) * 1000.0).round() / 1000.0);
+            status.downtime_seconds = Some((seconds_between(&stopped.0, &now) * 1000.0).round() / 1000.0);
         }
         let message = format!(
             "{} restored on {} (downtime {:.1}s)",
@@ -1055,10 +956,7 @@ async fn restoring(
     if let Some(trouble) = restore_trouble(&replacement) {
         return retry_after_stop(pm, status, ctx, trouble).await;
     }
-    status.message = Some(format!(
-        "waiting for {} to become Ready",
-        replacement.name_any()
-    ));
+    status.message = Some(format!("waiting for {} to become Ready", replacement.name_any()));
     Ok(Action::requeue(Duration::from_secs(1)))
 }
 
@@ -1087,9 +985,7 @@ async fn find_replacement(
         // Two replacements claimed one migration (webhook replicas raced): the later ones
         // never ran; deleting them lets their controller recreate them for another migration.
         for extra in bound.iter().skip(1).filter(|p| podmut::is_gated(p)) {
-            let _ = pods
-                .delete(&extra.name_any(), &DeleteParams::default())
-                .await;
+            let _ = pods.delete(&extra.name_any(), &DeleteParams::default()).await;
         }
         return Ok(Some(Arc::clone(first)));
     }
@@ -1159,32 +1055,18 @@ async fn patch_pod(pods: &Api<Pod>, current: &Pod, desired: &Pod) -> Result<(), 
     if diff.0.is_empty() {
         return Ok(());
     }
-    let mut ops = vec![
-        json!({ "op": "test", "path": "/metadata/resourceVersion", "value": current.resource_version() }),
-    ];
-    ops.extend(
-        serde_json::to_value(&diff)?
-            .as_array()
-            .cloned()
-            .unwrap_or_default(),
-    );
+    let mut ops =
+        vec![json!({ "op": "test", "path": "/metadata/resourceVersion", "value": current.resource_version() })];
+    ops.extend(serde_json::to_value(&diff)?.as_array().cloned().unwrap_or_default());
     let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))?;
-    pods.patch(
-        &current.name_any(),
-        &PatchParams::default(),
-        &Patch::<()>::Json(patch),
-    )
-    .await?;
+    pods.patch(&current.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await?;
     Ok(())
 }
 
 /// Give up on the checkpoint: let the replacement run its original image, so the workload
 /// runs again (its state is lost, which the Failed status and a Warning Event say).
-async fn start_fresh(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<(), Error> {
+async fn start_fresh(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<(), Error> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let originals: Vec<(String, Option<String>)> = status
@@ -1226,11 +1108,7 @@ async fn start_fresh(
     Ok(())
 }
 
-async fn finished(
-    pm: &PodMigration,
-    status: &mut PodMigrationStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn finished(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     if !status.archives_released {
         release_archives(ctx, pm, status).await;
     }

@@ -16,11 +16,7 @@ pub const CONDITION_FAILED: &str = "Failed";
 
 /// Close the current phase's timing and enter `phase`. Returns the closed phase and its
 /// duration in seconds. Entering the phase already current changes nothing.
-pub fn enter(
-    status: &mut PodMigrationStatus,
-    phase: Phase,
-    now: Timestamp,
-) -> Option<(Phase, f64)> {
+pub fn enter(status: &mut PodMigrationStatus, phase: Phase, now: Timestamp) -> Option<(Phase, f64)> {
     if status.phase == phase && !status.phases.is_empty() {
         return None;
     }
@@ -76,19 +72,11 @@ pub fn set_condition(
 }
 
 pub fn condition_is_true(status: &PodMigrationStatus, type_: &str) -> bool {
-    status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == type_ && c.status == "True")
+    status.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
 /// Fail the migration with a reason (CamelCase, also the metric label) and a message.
-pub fn fail(
-    status: &mut PodMigrationStatus,
-    reason: &str,
-    message: String,
-    now: Timestamp,
-) -> Option<(Phase, f64)> {
+pub fn fail(status: &mut PodMigrationStatus, reason: &str, message: String, now: Timestamp) -> Option<(Phase, f64)> {
     let closed = enter(status, Phase::Failed, now);
     status.reason = Some(reason.to_string());
     set_condition(status, CONDITION_FAILED, true, reason, &message, now);
@@ -98,11 +86,7 @@ pub fn fail(
 }
 
 /// Mark the migration done.
-pub fn succeed(
-    status: &mut PodMigrationStatus,
-    message: String,
-    now: Timestamp,
-) -> Option<(Phase, f64)> {
+pub fn succeed(status: &mut PodMigrationStatus, message: String, now: Timestamp) -> Option<(Phase, f64)> {
     let closed = enter(status, Phase::Succeeded, now);
     status.reason = None;
     set_condition(status, CONDITION_READY, true, "Restored", &message, now);
@@ -138,21 +122,14 @@ mod tests {
     fn phases_record_their_durations() {
         let mut s = PodMigrationStatus::default();
         assert_eq!(enter(&mut s, Phase::Pending, t(0)), None);
-        assert_eq!(
-            enter(&mut s, Phase::Checkpointing, t(2)),
-            Some((Phase::Pending, 2.0))
-        );
+        assert_eq!(enter(&mut s, Phase::Checkpointing, t(2)), Some((Phase::Pending, 2.0)));
         s.attempts = 3;
         assert_eq!(
             enter(&mut s, Phase::Transferring, t(5)),
             Some((Phase::Checkpointing, 3.0))
         );
         assert_eq!(s.attempts, 0, "a new phase starts with no retries");
-        assert_eq!(
-            enter(&mut s, Phase::Transferring, t(6)),
-            None,
-            "re-entering is a no-op"
-        );
+        assert_eq!(enter(&mut s, Phase::Transferring, t(6)), None, "re-entering is a no-op");
         assert_eq!(phase_seconds(&s, Phase::Checkpointing), Some(3.0));
         assert_eq!(phase_seconds(&s, Phase::Transferring), None);
         succeed(&mut s, "done".into(), t(9));

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Make (or renew) the kube-migrate CA and certificates, store them as Secrets and wire the
+# CA into both webhook configurations. Re-running renews the leaf certificates and keeps the
+# CA; the running pods pick the new certificates up without a restart.
+#
+#   certs/install.sh [OUT_DIR]      (needs kubectl pointed at the cluster)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-certs/out}
+ns=${KM_NAMESPACE:-kube-migrate}
+cargo run --quiet --release -p kube-migrate-certs -- --out "$out" --namespace "$ns" ${KM_EXTRA_SANS:+$(printf -- '--san %s ' $KM_EXTRA_SANS)}
+for name in webhook agent; do
+  kubectl -n "$ns" create secret generic "kube-migrate-$name-tls" \
+    --from-file=tls.crt="$out/$name.crt" --from-file=tls.key="$out/$name.key" --from-file=ca.crt="$out/ca.crt" \
+    --dry-run=client -o yaml | kubectl apply -f -
+done
+bundle=$(base64 -w0 < "$out/ca.crt")
+kubectl patch validatingwebhookconfiguration kube-migrate-eviction --type=json \
+  -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]"
+kubectl patch mutatingwebhookconfiguration kube-migrate-restore --type=json \
+  -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]"
+echo "certificates in $out; Secrets and caBundle updated"
