@@ -1,0 +1,98 @@
+//! Helpers for the end-to-end scenarios: kubectl as a user runs it, a kube client for
+//! assertions, and polling with deadlines.
+
+use std::{future::Future, process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+
+/// Output of one kubectl run.
+#[derive(Debug)]
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Run kubectl (KUBECONFIG from the environment) and capture everything.
+pub fn kubectl(args: &[&str]) -> Run {
+    let out = Command::new("kubectl").args(args).output().expect("kubectl runs");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// kubectl that must succeed.
+pub fn must(args: &[&str]) -> String {
+    let run = kubectl(args);
+    assert!(run.ok, "kubectl {} failed:\n{}", args.join(" "), run.all());
+    run.stdout
+}
+
+/// `kubectl apply -f -` with a manifest.
+pub fn apply(manifest: &str) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}\n{manifest}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Poll `probe` every 500 ms until it returns Some, or fail after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match probe().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() > deadline {
+            match last_error {
+                Some(e) => return Err(e).context(format!("timed out waiting for {what}")),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn client() -> kube::Client {
+    kube_migrate::tls::install_crypto_provider();
+    kube::Client::try_default()
+        .await
+        .expect("KUBECONFIG points at the local cluster (scripts/e2e.sh)")
+}
+
+/// The first log line of a container (the test kubelet says there how it started).
+pub fn first_log_line(ns: &str, pod: &str, container: &str) -> Option<String> {
+    let run = kubectl(&["logs", "-n", ns, pod, "-c", container]);
+    run.ok.then(|| run.stdout.lines().next().map(str::to_string)).flatten()
+}
+
+/// Value of `key=<value>` in a log line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))
+}

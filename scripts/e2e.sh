@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# End-to-end scenarios against the local cluster (real control plane, test kubelets,
+# kube-migrate agents and webhook, kubectl drain). Brings it up, runs, brings it down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
+scripts/local-cluster.sh up >/dev/null
+# shellcheck disable=SC1091
+source "${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}/km/env"
+status=0
+cargo test --locked -p kube-migrate-e2e --test drain -- --ignored --test-threads=1 --nocapture || status=$?
+if ((status != 0)); then
+  echo "---- logs ----"
+  tail -n 40 "$KUBE_MIGRATE_CLUSTER_DIR"/km/logs/*.log || true
+fi
+exit $status

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# kube-migrate on a local cluster made of real upstream parts, as local processes:
+#   control plane (cluster/up.sh: etcd, kube-apiserver, controller-manager, scheduler),
+#   one test kubelet per node (testkit), one kube-migrate agent per node, and the
+#   kube-migrate webhook/controller, all on 127.0.0.1 with the repository's certificates.
+#
+#   scripts/local-cluster.sh up     start everything; prints `export KUBECONFIG=...`
+#   scripts/local-cluster.sh down   stop everything and delete the state
+#
+# The product runs with its own ServiceAccounts' tokens (RBAC from manifests/rbac.yaml),
+# the webhook configurations come from manifests/webhooks.yaml with the local URL and
+# caBundle, and the agents are found through EndpointSlices of the agent Service, as in a
+# cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STATE=${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}
+KM=$STATE/km
+NODES=(node-a node-b node-c)
+PROFILE=${KUBE_MIGRATE_PROFILE:-debug}
+BIN=$ROOT/target/$PROFILE
+WEBHOOK_PORT=${KUBE_MIGRATE_WEBHOOK_PORT:-18443}
+WEBHOOK_ADMIN_PORT=${KUBE_MIGRATE_WEBHOOK_ADMIN_PORT:-18080}
+export KUBE_MIGRATE_CLUSTER_DIR=$STATE
+
+log() { printf '[local-cluster] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Ports per node index i: kubelet 11250+i, agent API 19443+i, registry 15443+i, agent admin 19090+i.
+kubelet_port() { echo $((11250 + $1)); }
+agent_port() { echo $((19443 + $1)); }
+registry_port() { echo $((15443 + $1)); }
+agent_admin_port() { echo $((19090 + $1)); }
+
+start() { # name, command...
+  local name=$1; shift
+  mkdir -p "$KM/logs" "$KM/run"
+  setsid "$@" >"$KM/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$KM/run/$name.pid"
+}
+
+wait_for() { # description, seconds, command...
+  local what=$1 seconds=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS > deadline)); then
+      log "timed out waiting for $what"
+      tail -n 30 "$KM"/logs/*.log >&2 || true
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+stop_all() {
+  if [[ -d $KM/run ]]; then
+    for pidfile in "$KM"/run/*.pid; do
+      [[ -e $pidfile ]] || continue
+      local pid; pid=$(cat "$pidfile")
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    sleep 1
+    for pidfile in "$KM"/run/*.pid; do
+      [[ -e $pidfile ]] || continue
+      local pid; pid=$(cat "$pidfile")
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      rm -f "$pidfile"
+    done
+  fi
+  # Leftovers of an interrupted run (anything started from this state dir).
+  pkill -f "$KM/" 2>/dev/null || true
+}
+
+up() {
+  command -v kubectl >/dev/null || die "kubectl is needed"
+  log "building the control plane (cached after the first time)"
+  cluster/build-control-plane.sh >&2
+  log "building kube-migrate ($PROFILE)"
+  if [[ $PROFILE == release ]]; then cargo build --release --workspace --bins --locked >&2; else cargo build --workspace --bins --locked >&2; fi
+  stop_all
+  eval "$(cluster/up.sh "$STATE" | tail -n 1)"
+  export KUBECONFIG
+  mkdir -p "$KM"
+  log "certificates"
+  "$BIN/kube-migrate-certs" --out "$KM/certs" --san 127.0.0.1 --san localhost >&2
+
+  log "installing the CRD, namespace and RBAC from manifests/"
+  kubectl apply -f manifests/namespace.yaml -f manifests/crd.yaml -f manifests/rbac.yaml >&2
+  kubectl wait --for condition=Established crd/podmigrations.migrate.io --timeout=60s >&2
+  # The agents run as local processes: a selector-less agent Service whose EndpointSlices
+  # we write, one per node (each node's agent has its own loopback port here).
+  kubectl apply -f - >&2 <<YAML
+apiVersion: v1
+kind: Service
+metadata: { name: kube-migrate-agent, namespace: kube-migrate }
+spec:
+  clusterIP: None
+  ports: [{ name: api, port: 9443 }]
+YAML
+  for i in "${!NODES[@]}"; do
+    kubectl apply -f - >&2 <<YAML
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-migrate-agent-${NODES[$i]}
+  namespace: kube-migrate
+  labels:
+    kubernetes.io/service-name: kube-migrate-agent
+    endpointslice.kubernetes.io/managed-by: local-cluster.kube-migrate.io
+addressType: IPv4
+ports: [{ name: api, port: $(agent_port "$i"), protocol: TCP }]
+endpoints:
+  - addresses: ["127.0.0.1"]
+    nodeName: ${NODES[$i]}
+    conditions: { ready: true }
+YAML
+  done
+
+  log "ServiceAccount tokens for the product's own identities"
+  local server; server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+  kubectl -n kube-migrate create token kube-migrate-webhook --duration=24h > "$KM/webhook.token"
+  kubectl -n kube-migrate create token kube-migrate-agent --duration=24h > "$KM/agent.token"
+  kubectl config view --raw --minify --flatten > "$KM/webhook.kubeconfig"
+  KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-credentials kube-migrate-webhook --token="$(cat "$KM/webhook.token")" >/dev/null
+  KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-context --current --user=kube-migrate-webhook >/dev/null
+  : "$server"
+
+  log "test kubelets and agents"
+  for i in "${!NODES[@]}"; do
+    local n=${NODES[$i]}
+    mkdir -p "$KM/$n/checkpoints" "$KM/$n/agent"
+    start "kubelet-$n" "$BIN/test-kubelet" --node-name "$n" \
+      --kubeconfig "$STATE/nodes/$n.kubeconfig" \
+      --listen "127.0.0.1:$(kubelet_port "$i")" \
+      --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
+      --registry-ca "$KM/certs/ca.crt" \
+      --checkpoint-dir "$KM/$n/checkpoints"
+    start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
+      --listen "127.0.0.1:$(agent_port "$i")" \
+      --registry-listen "127.0.0.1:$(registry_port "$i")" \
+      --admin-listen "127.0.0.1:$(agent_admin_port "$i")" \
+      --kubelet-url "https://127.0.0.1:$(kubelet_port "$i")" --kubelet-ca "$STATE/nodes/ca.crt" \
+      --token-file "$KM/agent.token" --state-dir "$KM/$n/agent" \
+      --tls-cert "$KM/certs/agent.crt" --tls-key "$KM/certs/agent.key" --ca "$KM/certs/ca.crt" \
+      --retention-seconds 3600 --log-format plain
+  done
+  for n in "${NODES[@]}"; do
+    wait_for "node $n Ready" 60 kubectl wait --for=condition=Ready "node/$n" --timeout=2s
+  done
+
+  log "webhook + controller"
+  start webhook env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME=webhook-0 "$BIN/kube-migrate-webhook" \
+    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
+    --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
+    --namespace kube-migrate --log-format plain
+  wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
+
+  log "webhook configurations from manifests/webhooks.yaml (local URL and caBundle)"
+  local bundle; bundle=$(base64 -w0 < "$KM/certs/ca.crt")
+  kubectl apply -f manifests/webhooks.yaml >&2
+  kubectl patch validatingwebhookconfiguration kube-migrate-eviction --type=json -p \
+    "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig\",\"value\":{\"url\":\"https://127.0.0.1:$WEBHOOK_PORT/validate/eviction\",\"caBundle\":\"$bundle\"}}]" >&2
+  kubectl patch mutatingwebhookconfiguration kube-migrate-restore --type=json -p \
+    "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig\",\"value\":{\"url\":\"https://127.0.0.1:$WEBHOOK_PORT/mutate/pod\",\"caBundle\":\"$bundle\"}}]" >&2
+
+  cat > "$KM/env" <<ENV
+export KUBECONFIG=$KUBECONFIG
+export KUBE_MIGRATE_CLUSTER_DIR=$STATE
+export KUBE_MIGRATE_METRICS_URL=http://127.0.0.1:$WEBHOOK_ADMIN_PORT/metrics
+ENV
+  log "ready: nodes ${NODES[*]}; logs in $KM/logs"
+  echo "export KUBECONFIG=$KUBECONFIG"
+}
+
+down() {
+  stop_all
+  cluster/down.sh --purge "$STATE" >&2 || true
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
