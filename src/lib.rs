@@ -13,6 +13,7 @@ pub mod app;
 pub mod certs;
 pub mod controller;
 pub mod metrics;
+pub mod plugin;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -2,4 +2,5 @@
 //! The binaries' `main` only installs the crypto provider, parses and calls these.
 
 pub mod agent;
+pub mod kubectl;
 pub mod webhook;

@@ -1,0 +1,369 @@
+//! `kubectl-migrate` (a kubectl plugin: `kubectl migrate ...`).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+
+use crate::{
+    api::{self, MigrationPolicy, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger},
+    controller::agents,
+    plugin::{self, PluginError},
+};
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "kubectl-migrate",
+    version,
+    about = "Live-migrate stateful pods with kube-migrate"
+)]
+pub struct Options {
+    /// Namespace (defaults to the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    pub namespace: Option<String>,
+    /// Namespace where kube-migrate runs (to find its agents).
+    #[arg(long, global = true, default_value = "kube-migrate", env = "KM_NAMESPACE")]
+    pub system_namespace: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Migrate one pod to another node and follow the migration until it is done.
+    Pod {
+        name: String,
+        /// Target node; chosen like a drain migration when omitted.
+        #[arg(long)]
+        to: Option<String>,
+        /// Create the migration and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Show migrations (all in the namespace, or one in detail).
+    Status {
+        name: Option<String>,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Cordon a node and evict its pods, migrating the stateful ones, with a progress view.
+    Drain {
+        node: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+pub async fn run(opts: Options) -> Result<(), PluginError> {
+    let client = Client::try_default().await?;
+    let namespace = opts
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    match opts.command {
+        Command::Pod {
+            name,
+            to,
+            no_wait,
+            timeout,
+        } => {
+            migrate_pod(
+                &client,
+                &namespace,
+                &opts.system_namespace,
+                &name,
+                to.as_deref(),
+                no_wait,
+                timeout,
+            )
+            .await
+        }
+        Command::Status { name, all_namespaces } => status(&client, &namespace, name.as_deref(), all_namespaces).await,
+        Command::Drain { node, timeout } => drain(&client, &node, timeout).await,
+    }
+}
+
+async fn migrate_pod(
+    client: &Client,
+    ns: &str,
+    system_ns: &str,
+    name: &str,
+    to: Option<&str>,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<(), PluginError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods.get_opt(name).await?;
+    plugin::check_pod(pod.as_ref(), ns, name)?;
+    let pod = pod.expect("checked");
+
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let all_pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), system_ns)
+        .list(&ListParams::default().labels("kubernetes.io/service-name=kube-migrate-agent"))
+        .await?
+        .items;
+    let node_refs: Vec<&Node> = nodes.iter().collect();
+    let bound: Vec<&Pod> = all_pods
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .collect();
+    let has_agent = |node: &str| slices.iter().any(|s| agents::base_url(s, node).is_some());
+    let target = plugin::check_target(&pod, to, &node_refs, &bound, &has_agent)?;
+
+    let uid = pod.uid().unwrap_or_default();
+    let pm_name = api::migration_name(name, &uid);
+    let policy = match api::on_failure(&pod) {
+        Ok(api::FailurePolicyAnnotation::Block) => OnFailure::Block,
+        _ => OnFailure::Evict,
+    };
+    let pm = PodMigration {
+        metadata: ObjectMeta {
+            name: Some(pm_name.clone()),
+            namespace: Some(ns.to_string()),
+            labels: Some(BTreeMap::from([
+                (api::POD_UID_LABEL.to_string(), uid.clone()),
+                (
+                    api::SOURCE_NODE_LABEL.to_string(),
+                    pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        spec: PodMigrationSpec {
+            pod_name: name.to_string(),
+            pod_uid: uid,
+            source_node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            target_node: to.map(str::to_string),
+            trigger: Trigger::Manual,
+            policy: MigrationPolicy { on_failure: policy },
+        },
+        status: None,
+    };
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+    match pms
+        .create(
+            &PostParams {
+                field_manager: Some("kubectl-migrate".into()),
+                ..Default::default()
+            },
+            &pm,
+        )
+        .await
+    {
+        Ok(_) => println!("podmigration.migrate.io/{pm_name} created: {ns}/{name} -> {target}"),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            println!("podmigration.migrate.io/{pm_name} already exists; following it")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if no_wait {
+        return Ok(());
+    }
+    follow(&pms, &pm_name, timeout).await
+}
+
+/// Print a progress line whenever the migration changes, until it ends.
+async fn follow(pms: &Api<PodMigration>, name: &str, timeout: u64) -> Result<(), PluginError> {
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Some(pm) = pms.get_opt(name).await? {
+            let line = plugin::progress_line(&pm, started.elapsed().as_secs_f64());
+            let key = line.split_once(']').map_or(line.as_str(), |(_, rest)| rest).to_string();
+            if key != last {
+                println!("{line}");
+                last = key;
+            }
+            let status = pm.status.clone().unwrap_or_default();
+            match status.phase {
+                Phase::Succeeded => {
+                    let replacement = status.replacement.map(|r| r.name).unwrap_or_default();
+                    println!(
+                        "migrated: {replacement} runs on {} (downtime {:.2} s)",
+                        pm.target_node().unwrap_or("?"),
+                        status.downtime_seconds.unwrap_or_default()
+                    );
+                    return Ok(());
+                }
+                Phase::Failed => {
+                    return Err(PluginError::Failed {
+                        name: name.to_string(),
+                        reason: status.reason.unwrap_or_default(),
+                        message: status.message.unwrap_or_default(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if started.elapsed() > Duration::from_secs(timeout) {
+            return Err(PluginError::Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn status(client: &Client, ns: &str, name: Option<&str>, all: bool) -> Result<(), PluginError> {
+    let pms: Api<PodMigration> = if all {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), ns)
+    };
+    if let Some(name) = name {
+        let pm = pms.get(name).await?;
+        let s = pm.status.clone().unwrap_or_default();
+        println!(
+            "Name:       {}\nNamespace:  {}\nPod:        {} ({})",
+            pm.name_any(),
+            pm.namespace().unwrap_or_default(),
+            pm.spec.pod_name,
+            pm.spec.pod_uid
+        );
+        println!(
+            "Trigger:    {:?}\nPhase:      {}\nSource:     {}\nTarget:     {}",
+            pm.spec.trigger,
+            s.phase,
+            pm.spec.source_node,
+            pm.target_node().unwrap_or("-")
+        );
+        if let Some(m) = &s.message {
+            println!("Message:    {m}");
+        }
+        if let Some(d) = s.downtime_seconds {
+            println!("Downtime:   {d:.3} s");
+        }
+        println!("Phases:");
+        for t in &s.phases {
+            println!(
+                "  {:<14} {}",
+                t.phase.as_str(),
+                t.seconds
+                    .map(|x| format!("{x:.3} s"))
+                    .unwrap_or_else(|| "running".into())
+            );
+        }
+        println!("Containers:");
+        for c in &s.containers {
+            println!(
+                "  {:<14} {} {} {}",
+                c.name,
+                c.size_bytes
+                    .map(crate::controller::reconcile::human_bytes)
+                    .unwrap_or_else(|| "-".into()),
+                c.digest.as_deref().unwrap_or("-"),
+                c.image.as_deref().unwrap_or("")
+            );
+        }
+        return Ok(());
+    }
+    let mut list = pms.list(&ListParams::default()).await?.items;
+    list.sort_by_key(|m| m.metadata.creation_timestamp.clone());
+    println!(
+        "{:<16} {:<32} {:<24} {:<13} {:<10} {:<10} MESSAGE",
+        "NAMESPACE", "NAME", "POD", "PHASE", "SOURCE", "TARGET"
+    );
+    for m in list {
+        let s = m.status.clone().unwrap_or_default();
+        println!(
+            "{:<16} {:<32} {:<24} {:<13} {:<10} {:<10} {}",
+            m.namespace().unwrap_or_default(),
+            m.name_any(),
+            m.spec.pod_name,
+            s.phase.as_str(),
+            m.spec.source_node,
+            m.target_node().unwrap_or("-"),
+            s.message.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Cordon, evict everything but DaemonSet and mirror pods (retrying while the webhook answers
+/// 429), and show each pod's progress until the node is empty.
+async fn drain(client: &Client, node: &str, timeout: u64) -> Result<(), PluginError> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "unschedulable": true } })),
+        )
+        .await?;
+    println!("node/{node} cordoned");
+    let started = Instant::now();
+    let all: Api<Pod> = Api::all(client.clone());
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let pods = all
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await?
+            .items;
+        let evictable: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| !p.owner_references().iter().any(|o| o.kind == "DaemonSet"))
+            .filter(|p| !p.annotations().contains_key("kubernetes.io/config.mirror"))
+            .filter(|p| {
+                !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+            })
+            .collect();
+        if evictable.is_empty() {
+            println!("node/{node} drained in {:.1} s", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        for pod in evictable {
+            let ns = pod.namespace().unwrap_or_default();
+            let key = format!("{ns}/{}", pod.name_any());
+            let state = if pod.metadata.deletion_timestamp.is_some() {
+                "terminating".to_string()
+            } else {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                match api.evict(&pod.name_any(), &Default::default()).await {
+                    Ok(_) => "evicted".to_string(),
+                    Err(kube::Error::Api(e)) if e.code == 429 => e
+                        .message
+                        .rsplit("denied the request: ")
+                        .next()
+                        .unwrap_or(&e.message)
+                        .to_string(),
+                    Err(kube::Error::Api(e)) if e.code == 404 => "gone".to_string(),
+                    Err(e) => format!("error: {e}"),
+                }
+            };
+            if shown.get(&key) != Some(&state) {
+                println!("[{:6.1}s] {key}: {state}", started.elapsed().as_secs_f64());
+                shown.insert(key, state);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(timeout) {
+            return Err(PluginError::Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,179 @@
+//! `kubectl migrate`: one-command migrations on the same PodMigration resource as drains.
+//! Pure checks and formatting here; the commands' I/O in [`crate::app::kubectl`].
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use crate::{
+    api::{self, Phase, PodMigration},
+    controller::{
+        placement::{self, Placement, PlacementInput},
+        reconcile::human_bytes,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("pod {namespace}/{name} not found")]
+    PodNotFound { namespace: String, name: String },
+    #[error(
+        "pod {namespace}/{name} is not annotated {annotation}=\"true\". kube-migrate only migrates pods that \
+         opted in, because restoring a process on another node (new IP, closed TCP connections) must be safe \
+         for the workload. Annotate the pod template, e.g.\n  kubectl patch deploy/<name> -p \
+         '{{\"spec\":{{\"template\":{{\"metadata\":{{\"annotations\":{{\"{annotation}\":\"true\"}}}}}}}}}}'",
+        annotation = api::STATEFUL
+    )]
+    NotAnnotated { namespace: String, name: String },
+    #[error("pod {namespace}/{name} is not running on a node (phase {phase}): there is no state to migrate")]
+    NotRunning {
+        namespace: String,
+        name: String,
+        phase: String,
+    },
+    #[error("node {node} cannot take the pod: {reason}")]
+    TargetUnfit { node: String, reason: String },
+    #[error("no node can take the pod: {0}")]
+    NoTarget(String),
+    #[error("migration {name} failed ({reason}): {message}")]
+    Failed {
+        name: String,
+        reason: String,
+        message: String,
+    },
+    #[error("gave up waiting after {0} s")]
+    Timeout(u64),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl PluginError {
+    /// Exit codes: 1 migration failed, 2 refused before starting, 3 API or timeout.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PluginError::Failed { .. } => 1,
+            PluginError::Kube(_) | PluginError::Timeout(_) => 3,
+            _ => 2,
+        }
+    }
+}
+
+/// Can this pod be migrated at all?
+pub fn check_pod(pod: Option<&Pod>, namespace: &str, name: &str) -> Result<(), PluginError> {
+    let (namespace, name) = (namespace.to_string(), name.to_string());
+    let Some(pod) = pod else {
+        return Err(PluginError::PodNotFound { namespace, name });
+    };
+    if !api::is_stateful(pod) {
+        return Err(PluginError::NotAnnotated { namespace, name });
+    }
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+    if phase != "Running" || !bound {
+        return Err(PluginError::NotRunning { namespace, name, phase });
+    }
+    Ok(())
+}
+
+/// Check the requested node (or that some node fits) before creating anything.
+pub fn check_target(
+    pod: &Pod,
+    requested: Option<&str>,
+    nodes: &[&Node],
+    pods: &[&Pod],
+    has_agent: &dyn Fn(&str) -> bool,
+) -> Result<String, PluginError> {
+    let source = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or_default();
+    match placement::choose(&PlacementInput {
+        pod,
+        source_node: source,
+        requested,
+        nodes,
+        pods,
+        has_agent,
+    }) {
+        Placement::Node(n) => Ok(n),
+        Placement::None(reasons) => match (requested, reasons.as_slice()) {
+            (Some(node), [(_, reason)]) => Err(PluginError::TargetUnfit {
+                node: node.to_string(),
+                reason: reason.to_string(),
+            }),
+            _ => Err(PluginError::NoTarget(Placement::explain(&reasons))),
+        },
+    }
+}
+
+/// One progress line: phase, bytes moved, elapsed, latest message.
+pub fn progress_line(pm: &PodMigration, elapsed_secs: f64) -> String {
+    let status = pm.status.clone().unwrap_or_default();
+    let total: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    let moved = status.transferred_bytes.unwrap_or(0);
+    let bytes = match (status.phase, total) {
+        (_, 0) => String::new(),
+        (Phase::Pending | Phase::Checkpointing, t) => format!(" checkpoint {}", human_bytes(t)),
+        (_, t) => format!(" moved {}/{}", human_bytes(moved), human_bytes(t)),
+    };
+    let target = pm.target_node().map(|t| format!(" -> {t}")).unwrap_or_default();
+    let message = status.message.map(|m| format!(" | {m}")).unwrap_or_default();
+    format!(
+        "[{elapsed_secs:6.1}s] {:<13}{target}{bytes}{message}",
+        status.phase.as_str()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ContainerCheckpoint, PodMigrationSpec, PodMigrationStatus, Trigger};
+
+    #[test]
+    fn refusals_explain_themselves() {
+        let err = check_pod(None, "ns", "p").unwrap_err();
+        assert_eq!(err.to_string(), "pod ns/p not found");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"}, "spec": {"nodeName": "a", "containers": []}, "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let err = check_pod(Some(&pod), "ns", "p").unwrap_err();
+        assert!(err.to_string().contains("migrate.io/stateful"), "{err}");
+        assert!(err.to_string().contains("kubectl patch deploy/<name>"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn progress_shows_phase_bytes_and_target() {
+        let mut pm = PodMigration::new(
+            "m",
+            PodMigrationSpec {
+                pod_name: "p".into(),
+                pod_uid: "u".into(),
+                source_node: "a".into(),
+                target_node: None,
+                trigger: Trigger::Manual,
+                policy: Default::default(),
+            },
+        );
+        pm.status = Some(PodMigrationStatus {
+            phase: Phase::Transferring,
+            target_node: Some("b".into()),
+            containers: vec![ContainerCheckpoint {
+                name: "c".into(),
+                size_bytes: Some(64 << 20),
+                ..Default::default()
+            }],
+            transferred_bytes: Some(32 << 20),
+            message: Some("sending".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            progress_line(&pm, 3.25),
+            "[   3.2s] Transferring  -> b moved 32.0 MiB/64.0 MiB | sending"
+        );
+    }
+}
