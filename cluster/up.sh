@@ -52,7 +52,7 @@ log() { echo "[up +$(elapsed)s] $*" >&2; }
 die() { echo "[up] ERROR: $*" >&2; exit 1; }
 
 for tool in openssl kubectl curl base64 setsid; do
-  command -v "$tool" > /dev/null || die "$tool is required (Debian: apt-get install ${tool/kubectl/kubernetes-client})"
+  command -v "$tool" > /dev/null || die "$tool is required on PATH"
 done
 
 # --- binaries --------------------------------------------------------------
@@ -132,25 +132,25 @@ sign() {
   rm -f "$ext" "$PKI/$name.csr"
 }
 
-pki_complete() {
+# The cluster-wide part: CA, component certificates, service-account keys.
+core_pki_complete() {
   local f
   for f in ca apiserver apiserver-kubelet-client apiserver-etcd-client etcd admin \
            controller-manager scheduler; do
     [[ -s $PKI/$f.crt && -s $PKI/$f.key ]] || return 1
-  done
-  for f in "${NODES[@]}"; do
-    [[ -s $NODEDIR/$f.crt && -s $NODEDIR/$f-serving.crt ]] || return 1
   done
   [[ -s $PKI/sa.key && -s $PKI/sa.pub ]] || return 1
   # Regenerate well before the leaf certificates expire.
   openssl x509 -checkend 86400 -noout -in "$PKI/apiserver.crt" > /dev/null
 }
 
-if pki_complete; then
+if core_pki_complete; then
   log "reusing certificates in $PKI"
 else
+  # A running cluster would keep using the old ones.
+  (( ${#running[@]} == 0 )) || die "certificates in $PKI are incomplete or expiring; run $here/down.sh first"
   log "generating certificates in $PKI"
-  rm -f "$PKI"/*.crt "$PKI"/*.key "$PKI"/*.pub
+  rm -f "$PKI"/*.crt "$PKI"/*.key "$PKI"/*.pub "$NODEDIR"/*.crt "$NODEDIR"/*.key
   openssl req -x509 -new "${NEWKEY[@]}" -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" \
     -days "$CA_DAYS" -sha256 -subj "/CN=kube-migrate-ca" \
     -addext "basicConstraints=critical,CA:TRUE" \
@@ -169,20 +169,24 @@ else
   sign admin "/CN=kubernetes-admin/O=system:masters" clientAuth
   sign controller-manager "/CN=system:kube-controller-manager" clientAuth
   sign scheduler "/CN=system:kube-scheduler" clientAuth
-  # Per node: the client identity the Node authorizer and NodeRestriction
-  # expect of a kubelet, plus (for the test kubelet's own HTTPS endpoint) a
-  # serving cert for the node name and 127.0.0.1.
-  for n in "${NODES[@]}"; do
-    sign "node-$n" "/CN=system:node:$n/O=system:nodes" clientAuth
-    sign "node-$n-serving" "/CN=system:node:$n/O=system:nodes" serverAuth "DNS:$n,DNS:localhost,IP:127.0.0.1"
-    mv "$PKI/node-$n.crt" "$NODEDIR/$n.crt"; mv "$PKI/node-$n.key" "$NODEDIR/$n.key"
-    mv "$PKI/node-$n-serving.crt" "$NODEDIR/$n-serving.crt"; mv "$PKI/node-$n-serving.key" "$NODEDIR/$n-serving.key"
-  done
   # Service-account token signing key pair. RSA, so tokens are RS256, which
   # every JWT library accepts.
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2> /dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2> /dev/null
 fi
+
+# Per node (made for any node in KUBE_MIGRATE_NODES that has none yet): the
+# client identity the Node authorizer and NodeRestriction expect of a kubelet,
+# plus, for the test kubelet's own HTTPS endpoint, a serving cert for the node
+# name and 127.0.0.1.
+for n in "${NODES[@]}"; do
+  [[ ! -s $NODEDIR/$n.crt || ! -s $NODEDIR/$n-serving.crt ]] || continue
+  log "generating certificates for node $n"
+  sign "node-$n" "/CN=system:node:$n/O=system:nodes" clientAuth
+  sign "node-$n-serving" "/CN=system:node:$n/O=system:nodes" serverAuth "DNS:$n,DNS:localhost,IP:127.0.0.1"
+  mv "$PKI/node-$n.crt" "$NODEDIR/$n.crt"; mv "$PKI/node-$n.key" "$NODEDIR/$n.key"
+  mv "$PKI/node-$n-serving.crt" "$NODEDIR/$n-serving.crt"; mv "$PKI/node-$n-serving.key" "$NODEDIR/$n-serving.key"
+done
 cp "$PKI/ca.crt" "$NODEDIR/ca.crt"
 
 # --- kubeconfigs ----------------------------------------------------------------

@@ -157,6 +157,8 @@ mod tests {
                 target_node: None,
                 trigger: Trigger::Manual,
                 policy: Default::default(),
+                mode: Default::default(),
+                restore_from: None,
             },
         );
         pm.status = Some(PodMigrationStatus {

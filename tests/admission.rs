@@ -46,6 +46,8 @@ fn migration(pod: &Pod, phase: Phase, f: impl FnOnce(&mut PodMigrationStatus)) -
             target_node: None,
             trigger: Trigger::Drain,
             policy: Default::default(),
+            mode: Default::default(),
+            restore_from: None,
         },
     );
     pm.metadata.namespace = Some("shop".into());
@@ -531,4 +533,21 @@ fn pinning_narrows_existing_affinity_and_is_idempotent() {
     assert!(podmut::is_gated(&once));
     podmut::remove_gate(&mut once);
     assert!(!podmut::is_gated(&once));
+}
+
+#[test]
+fn a_stored_checkpoint_never_lets_a_drain_through_or_gates_new_pods() {
+    let p = pod("pod-replicaset");
+    let mut backup = (*migration(&p, Phase::Succeeded, |s| s.owner = Some(rs_owner()))).clone();
+    backup.spec.mode = api::Mode::Checkpoint;
+    let backup = Arc::new(backup);
+    assert_eq!(
+        decide(&p, std::slice::from_ref(&backup), req("cache-6d5f7-x2x9q")).result(),
+        "started"
+    );
+    let mut running = (*migration(&p, Phase::Checkpointing, |s| s.owner = Some(rs_owner()))).clone();
+    running.spec.mode = api::Mode::Checkpoint;
+    let review: Value = serde_json::from_slice(&data("admission/pod-create-replicaset.json")).unwrap();
+    let new: Pod = serde_json::from_value(review["request"]["object"].clone()).unwrap();
+    assert_eq!(podmut::decide(&new, &[Arc::new(running)]), PodDecision::Untouched);
 }

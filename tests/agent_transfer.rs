@@ -207,6 +207,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
             &source.url,
             ID,
             &PushRequest {
+                target_id: None,
                 target: target.url.clone(),
                 archives: refs.clone(),
             },
@@ -325,6 +326,7 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
             &source.url,
             ID,
             &PushRequest {
+                target_id: None,
                 target: target.url.clone(),
                 archives: vec![wrong],
             },

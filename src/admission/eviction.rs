@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 
 use crate::api::{
-    self, FailurePolicyAnnotation, MigrationPolicy, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger,
+    self, FailurePolicyAnnotation, MigrationPolicy, Mode, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger,
 };
 
 /// Annotation the controller puts on its own Eviction of a source pod, naming the migration.
@@ -91,10 +91,12 @@ pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
     if !api::is_stateful(pod) {
         return allow("allowed_unmanaged");
     }
+    // Only migrations count: a stored checkpoint (backup) of the same pod says nothing about
+    // whether its state is safe elsewhere.
     let own = snap
         .migrations
         .iter()
-        .find(|m| m.spec.pod_uid == uid && !uid.is_empty());
+        .find(|m| m.spec.pod_uid == uid && !uid.is_empty() && m.spec.mode == Mode::Migrate);
 
     if req.dry_run {
         let warning = match own {
@@ -182,6 +184,8 @@ fn start(req: &EvictionRequest<'_>, pod: &Pod, uid: &str) -> Decision {
             target_node: api::requested_target(pod).map(str::to_string),
             trigger: Trigger::Drain,
             policy: MigrationPolicy { on_failure },
+            mode: Mode::Migrate,
+            restore_from: None,
         },
     }
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
 };
 
-use crate::api::{self, PodMigration};
+use crate::api::{self, Mode, PodMigration};
 
 /// What to do with a pod being created.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,8 @@ pub fn controller_uid(pod: &Pod) -> Option<&str> {
 /// and have none bound yet).
 fn awaits_replacement(m: &PodMigration) -> bool {
     let phase = m.phase();
-    phase.is_active() && m.status.as_ref().is_none_or(|s| s.replacement.is_none())
+    // A checkpoint-only backup never stops its pod, so nothing replaces it.
+    m.spec.mode != Mode::Checkpoint && phase.is_active() && m.status.as_ref().is_none_or(|s| s.replacement.is_none())
 }
 
 /// Decide whether a new pod replaces a migrating one. `migrations` are those of the pod's

@@ -55,6 +55,10 @@ pub struct PushRequest {
     /// Base URL of the target agent, e.g. `https://10.0.0.2:9443`.
     pub target: String,
     pub archives: Vec<ArchiveRef>,
+    /// Migration id under which the target stores the archives (default: the same id). A
+    /// restore moves a stored checkpoint's archives under the restore's own id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -293,7 +293,8 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
             )));
         }
         let file = tokio::fs::File::open(&held.path).await?;
-        let received = state.peers.upload(&req.target, id, archive, file).await?;
+        let target_id = req.target_id.as_deref().unwrap_or(id);
+        let received = state.peers.upload(&req.target, target_id, archive, file).await?;
         bytes += received.size_bytes;
         state
             .metrics
@@ -428,10 +429,12 @@ async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Res
     let created = k8s_openapi::jiff::Timestamp::now().to_string();
     let mut images = Vec::new();
     for archive in &req.archives {
+        // Archives received from another node, or (checkpoint-only backups) taken here.
         let held = record
             .received
             .get(&archive.container)
-            .ok_or_else(|| AgentError::NotFound(format!("no archive received for container {}", archive.container)))?;
+            .or_else(|| record.checkpointed.get(&archive.container))
+            .ok_or_else(|| AgentError::NotFound(format!("no archive for container {}", archive.container)))?;
         if held.digest != archive.digest {
             return Err(AgentError::BadRequest(format!(
                 "received archive of {} is {}, not {}",

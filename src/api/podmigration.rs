@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.sourceNode"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetNode"}"#,
     printcolumn = r#"{"name":"Trigger","type":"string","jsonPath":".spec.trigger"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode","priority":1}"#,
     printcolumn = r#"{"name":"Downtime","type":"string","jsonPath":".status.downtimeSeconds","priority":1}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -45,6 +46,29 @@ pub struct PodMigrationSpec {
     /// What to do when things go wrong.
     #[serde(default)]
     pub policy: MigrationPolicy,
+    /// `Migrate` (default) moves the pod; `Checkpoint` keeps a checkpoint of it as a backup
+    /// while it keeps running; `Restore` starts a new pod from a `Checkpoint`.
+    #[serde(default, skip_serializing_if = "Mode::is_migrate")]
+    pub mode: Mode,
+    /// For `Restore`: the name of the `Checkpoint` PodMigration (same namespace) to restore.
+    /// `podName` is then the name of the pod to create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
+}
+
+/// What a PodMigration does.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Migrate,
+    Checkpoint,
+    Restore,
+}
+
+impl Mode {
+    pub fn is_migrate(&self) -> bool {
+        *self == Mode::Migrate
+    }
 }
 
 /// What started a migration.
@@ -175,6 +199,10 @@ pub struct PodMigrationStatus {
     /// Start and end of each phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,
+    /// Agent id under which the archives to transfer are held, when it is not this
+    /// PodMigration's UID (a restore moves the archives of the checkpoint it restores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<String>,
     /// The agents were told to drop this migration's archives that are no longer needed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub archives_released: bool,

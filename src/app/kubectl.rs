@@ -15,7 +15,7 @@ use kube::{
 };
 
 use crate::{
-    api::{self, MigrationPolicy, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger},
+    api::{self, MigrationPolicy, Mode, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger},
     controller::agents,
     plugin::{self, PluginError},
 };
@@ -59,9 +59,38 @@ pub enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// Checkpoint a pod as a backup; it keeps running.
+    Checkpoint {
+        #[command(subcommand)]
+        what: CheckpointTarget,
+    },
+    /// List stored checkpoints.
+    List,
+    /// Start a new pod from a stored checkpoint.
+    Restore {
+        /// The checkpoint (as `kubectl migrate list` shows it).
+        checkpoint: String,
+        #[arg(long)]
+        to: Option<String>,
+        /// Name of the new pod (default: the checkpointed pod's name, which must be free).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Cordon a node and evict its pods, migrating the stateful ones, with a progress view.
     Drain {
         node: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CheckpointTarget {
+    /// `kubectl migrate checkpoint pod NAME`
+    Pod {
+        name: String,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
@@ -93,6 +122,26 @@ pub async fn run(opts: Options) -> Result<(), PluginError> {
         }
         Command::Status { name, all_namespaces } => status(&client, &namespace, name.as_deref(), all_namespaces).await,
         Command::Drain { node, timeout } => drain(&client, &node, timeout).await,
+        Command::Checkpoint {
+            what: CheckpointTarget::Pod { name, timeout },
+        } => checkpoint(&client, &namespace, &name, timeout).await,
+        Command::List => list(&client, &namespace).await,
+        Command::Restore {
+            checkpoint,
+            to,
+            name,
+            timeout,
+        } => {
+            restore(
+                &client,
+                &namespace,
+                &checkpoint,
+                to.as_deref(),
+                name.as_deref(),
+                timeout,
+            )
+            .await
+        }
     }
 }
 
@@ -161,6 +210,8 @@ async fn migrate_pod(
             target_node: to.map(str::to_string),
             trigger: Trigger::Manual,
             policy: MigrationPolicy { on_failure: policy },
+            mode: Mode::Migrate,
+            restore_from: None,
         },
         status: None,
     };
@@ -201,6 +252,13 @@ async fn follow(pms: &Api<PodMigration>, name: &str, timeout: u64) -> Result<(),
             }
             let status = pm.status.clone().unwrap_or_default();
             match status.phase {
+                Phase::Succeeded if pm.spec.mode == Mode::Checkpoint => {
+                    println!(
+                        "stored: checkpoint {name} on {}; restore it with: kubectl migrate restore {name} [--to NODE] [--name NEW]",
+                        pm.target_node().unwrap_or("?")
+                    );
+                    return Ok(());
+                }
                 Phase::Succeeded => {
                     let replacement = status.replacement.map(|r| r.name).unwrap_or_default();
                     println!(
@@ -366,4 +424,144 @@ async fn drain(client: &Client, node: &str, timeout: u64) -> Result<(), PluginEr
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+fn create_params() -> PostParams {
+    PostParams {
+        field_manager: Some("kubectl-migrate".into()),
+        ..Default::default()
+    }
+}
+
+fn stamp() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y%m%d-%H%M%S")
+        .to_string()
+}
+
+async fn checkpoint(client: &Client, ns: &str, name: &str, timeout: u64) -> Result<(), PluginError> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods.get_opt(name).await?;
+    plugin::check_pod(pod.as_ref(), ns, name)?;
+    let pod = pod.expect("checked");
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let pm_name = format!("{}-ckpt-{}", name.chars().take(200).collect::<String>(), stamp());
+    let pm = PodMigration {
+        metadata: ObjectMeta {
+            name: Some(pm_name.clone()),
+            namespace: Some(ns.to_string()),
+            ..Default::default()
+        },
+        spec: PodMigrationSpec {
+            pod_name: name.to_string(),
+            pod_uid: pod.uid().unwrap_or_default(),
+            source_node: node.clone(),
+            target_node: None,
+            trigger: Trigger::Manual,
+            policy: MigrationPolicy::default(),
+            mode: Mode::Checkpoint,
+            restore_from: None,
+        },
+        status: None,
+    };
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+    pms.create(&create_params(), &pm).await?;
+    println!("podmigration.migrate.io/{pm_name} created: checkpoint of {ns}/{name} on {node} (the pod keeps running)");
+    follow(&pms, &pm_name, timeout).await
+}
+
+async fn list(client: &Client, ns: &str) -> Result<(), PluginError> {
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+    let mut stored: Vec<PodMigration> = pms
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|m| m.spec.mode == Mode::Checkpoint && m.phase() == Phase::Succeeded)
+        .collect();
+    stored.sort_by_key(|m| m.metadata.creation_timestamp.clone());
+    println!(
+        "{:<40} {:<24} {:<10} {:>10}  CREATED",
+        "CHECKPOINT", "POD", "NODE", "SIZE"
+    );
+    for m in stored {
+        let s = m.status.clone().unwrap_or_default();
+        let size: u64 = s.containers.iter().filter_map(|c| c.size_bytes).sum();
+        println!(
+            "{:<40} {:<24} {:<10} {:>10}  {}",
+            m.name_any(),
+            m.spec.pod_name,
+            m.target_node().unwrap_or("-"),
+            crate::controller::reconcile::human_bytes(size),
+            m.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn restore(
+    client: &Client,
+    ns: &str,
+    checkpoint: &str,
+    to: Option<&str>,
+    name: Option<&str>,
+    timeout: u64,
+) -> Result<(), PluginError> {
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+    let stored = pms
+        .get_opt(checkpoint)
+        .await?
+        .filter(|m| m.spec.mode == Mode::Checkpoint);
+    let Some(stored) = stored else {
+        return Err(PluginError::NoTarget(format!(
+            "no checkpoint named {checkpoint} in {ns} (see kubectl migrate list)"
+        )));
+    };
+    if stored.phase() != Phase::Succeeded {
+        return Err(PluginError::NoTarget(format!(
+            "checkpoint {checkpoint} is {}, not stored",
+            stored.phase()
+        )));
+    }
+    let pod_name = name.unwrap_or(&stored.spec.pod_name).to_string();
+    if Api::<Pod>::namespaced(client.clone(), ns)
+        .get_opt(&pod_name)
+        .await?
+        .is_some()
+    {
+        return Err(PluginError::TargetUnfit {
+            node: to.unwrap_or("-").to_string(),
+            reason: format!("pod {ns}/{pod_name} already exists; choose another name with --name"),
+        });
+    }
+    let pm_name = format!(
+        "{}-restore-{}",
+        checkpoint.chars().take(200).collect::<String>(),
+        stamp()
+    );
+    let pm = PodMigration {
+        metadata: ObjectMeta {
+            name: Some(pm_name.clone()),
+            namespace: Some(ns.to_string()),
+            ..Default::default()
+        },
+        spec: PodMigrationSpec {
+            pod_name,
+            pod_uid: String::new(),
+            source_node: stored.target_node().unwrap_or(&stored.spec.source_node).to_string(),
+            target_node: to.map(str::to_string),
+            trigger: Trigger::Manual,
+            policy: MigrationPolicy::default(),
+            mode: Mode::Restore,
+            restore_from: Some(checkpoint.to_string()),
+        },
+        status: None,
+    };
+    pms.create(&create_params(), &pm).await?;
+    println!("podmigration.migrate.io/{pm_name} created: restore of {checkpoint}");
+    follow(&pms, &pm_name, timeout).await
 }

@@ -39,7 +39,7 @@ use crate::{
         api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest},
         client::{AgentClient, ClientError},
     },
-    api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationStatus, PodRef, Trigger},
+    api::{self, ContainerCheckpoint, Mode, OwnerInfo, Phase, PodMigration, PodMigrationStatus, PodRef, Trigger},
     metrics::{Metrics, NodeLabels, OutcomeLabels, PhaseLabels},
 };
 
@@ -296,7 +296,11 @@ async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
         Ok(Action::requeue(Duration::ZERO))
     } else {
         match status.phase {
-            Phase::Pending => pending(pm, &mut status, ctx).await,
+            Phase::Pending => match pm.spec.mode {
+                Mode::Migrate => pending(pm, &mut status, ctx).await,
+                Mode::Checkpoint => pending_checkpoint(pm, &mut status, ctx).await,
+                Mode::Restore => pending_restore(pm, &mut status, ctx).await,
+            },
             Phase::Checkpointing => checkpointing(pm, &mut status, ctx).await,
             Phase::Transferring => transferring(pm, &mut status, ctx).await,
             Phase::BuildingImage => building(pm, &mut status, ctx).await,
@@ -600,6 +604,19 @@ async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
             )
             .await;
         }
+        if pm.spec.mode == Mode::Checkpoint {
+            // A backup: the pod keeps running; the image is built where the archives are.
+            let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+            transition(
+                pm,
+                status,
+                ctx,
+                Phase::BuildingImage,
+                format!("checkpoint taken ({}); building the image", human_bytes(bytes)),
+            )
+            .await;
+            return Ok(Action::requeue(Duration::ZERO));
+        }
         // Persist before evicting: the webhook lets our eviction through only once it sees this.
         status.source_stop_requested_at = Some(Time(Timestamp::now()));
         status.message = Some("checkpoint taken; stopping the source pod".into());
@@ -657,6 +674,177 @@ async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     )
     .await;
     Ok(Action::requeue(Duration::ZERO))
+}
+
+/// A backup of a running pod: checkpoint it where it runs and keep the image there.
+async fn pending_checkpoint(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let Some(pod) = ctx
+        .pod(&ns, &pm.spec.pod_name)
+        .filter(|p| p.metadata.uid.as_deref() == Some(&pm.spec.pod_uid))
+    else {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "PodGone",
+            format!("pod {ns}/{} not found", pm.spec.pod_name),
+        )
+        .await);
+    };
+    if ctx.agent(&pm.spec.source_node).is_none() {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "NoAgent",
+            format!("no kube-migrate agent runs on node {}", pm.spec.source_node),
+        )
+        .await);
+    }
+    status.target_node = Some(pm.spec.source_node.clone());
+    status.owner = controller_owner(&pod);
+    status.pod_template = Some(pod_template(&pod)?);
+    status.containers = containers_of(&pod);
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Checkpointing,
+        format!("checkpointing {} (it keeps running)", pm.spec.pod_name),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// Start a new pod from a stored checkpoint.
+async fn pending_restore(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let from = pm.spec.restore_from.clone().unwrap_or_default();
+    let checkpoint = api
+        .get_opt(&from)
+        .await?
+        .filter(|c| c.spec.mode == Mode::Checkpoint && c.phase() == Phase::Succeeded);
+    let Some(checkpoint) = checkpoint else {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "CheckpointNotFound",
+            format!("no stored checkpoint named {from} in {ns}"),
+        )
+        .await);
+    };
+    let stored = checkpoint.status.clone().unwrap_or_default();
+    if ctx.pod(&ns, &pm.spec.pod_name).is_some() {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "PodExists",
+            format!(
+                "pod {ns}/{} already exists; restore under another name",
+                pm.spec.pod_name
+            ),
+        )
+        .await);
+    }
+    let Some(mut template) = stored
+        .pod_template
+        .clone()
+        .and_then(|t| serde_json::from_value::<Pod>(t).ok())
+    else {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "CheckpointNotFound",
+            format!("checkpoint {from} has no pod template"),
+        )
+        .await);
+    };
+    template.metadata.name = Some(pm.spec.pod_name.clone());
+    // A copy must not be adopted by the ReplicaSet or StatefulSet of the original.
+    if let Some(labels) = template.metadata.labels.as_mut() {
+        for key in [
+            "pod-template-hash",
+            "controller-revision-hash",
+            "statefulset.kubernetes.io/pod-name",
+        ] {
+            labels.remove(key);
+        }
+    }
+    let held_on = stored
+        .target_node
+        .clone()
+        .unwrap_or_else(|| checkpoint.spec.source_node.clone());
+    let target = match choose_target(ctx, &template, "", pm.spec.target_node.as_deref()) {
+        Placement::Node(n) => n,
+        Placement::None(reasons) => {
+            return Ok(fail(
+                pm,
+                status,
+                ctx,
+                "NoTarget",
+                format!("no eligible target node: {}", Placement::explain(&reasons)),
+            )
+            .await);
+        }
+    };
+    status.pod_template = Some(serde_json::to_value(&template)?);
+    status.source_id = checkpoint.uid();
+    status.target_node = Some(target.clone());
+    status.containers = stored
+        .containers
+        .iter()
+        .map(|c| ContainerCheckpoint {
+            image: None,
+            ..c.clone()
+        })
+        .collect();
+    if target == held_on {
+        // The image is already where it must run.
+        status.containers = stored.containers.clone();
+        transition(
+            pm,
+            status,
+            ctx,
+            Phase::Restoring,
+            format!("restoring {} on {target} from {from}", pm.spec.pod_name),
+        )
+        .await;
+    } else {
+        transition(
+            pm,
+            status,
+            ctx,
+            Phase::Transferring,
+            format!("sending checkpoint {from} from {held_on} to {target}"),
+        )
+        .await;
+    }
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+fn containers_of(pod: &Pod) -> Vec<ContainerCheckpoint> {
+    pod.spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| ContainerCheckpoint {
+                    name: c.name.clone(),
+                    base_image: c.image.clone(),
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Evict the source pod through the Eviction API (so PodDisruptionBudgets hold), marked as
@@ -730,8 +918,10 @@ async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
     let request = PushRequest {
         target: target_agent,
         archives: archive_refs(status),
+        target_id: Some(id.clone()),
     };
-    match ctx.agent_client.push(&source, &id, &request).await {
+    let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
+    match ctx.agent_client.push(&source, &source_id, &request).await {
         Ok(answer) => {
             status.transferred_bytes = Some(answer.bytes);
             let rate = if answer.seconds > 0.0 {
@@ -811,6 +1001,10 @@ async fn retry_after_stop(
     message: String,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
+    if pm.spec.mode != Mode::Migrate && status.attempts + 1 >= ctx.config.max_attempts {
+        // Backups and restores stop nothing: give up cleanly, the checkpoint stays.
+        return Ok(fail(pm, status, ctx, "Unavailable", message).await);
+    }
     let stopped = status.source_stopped_at.as_ref().map_or(now, |t| t.0);
     if seconds_between(&stopped, &now) > ctx.config.restore_deadline.as_secs_f64() {
         start_fresh(pm, status, ctx).await?;
@@ -847,6 +1041,16 @@ async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Cont
                 if let Some(c) = status.containers.iter_mut().find(|c| c.name == image.container) {
                     c.image = Some(image.image);
                 }
+            }
+            if pm.spec.mode == Mode::Checkpoint {
+                let message = format!(
+                    "checkpoint stored on {target}; restore it with: kubectl migrate restore {}",
+                    pm.name_any()
+                );
+                let closed = state::succeed(status, message.clone(), Timestamp::now());
+                ctx.observe(pm, closed, status);
+                ctx.event(pm, EventType::Normal, "CheckpointStored", message).await;
+                return Ok(Action::requeue(Duration::ZERO));
             }
             transition(
                 pm,
@@ -1109,7 +1313,9 @@ async fn start_fresh(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
 }
 
 async fn finished(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
-    if !status.archives_released {
+    // A stored checkpoint is kept until its PodMigration is deleted (finalizer cleanup).
+    let keep = pm.spec.mode == Mode::Checkpoint && status.phase == Phase::Succeeded;
+    if !status.archives_released && !keep {
         release_archives(ctx, pm, status).await;
     }
     Ok(Action::await_change())
