@@ -17,6 +17,8 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => registry
             .with(fmt::layer().json().flatten_event(true).with_current_span(true))
             .init(),
-        LogFormat::Plain => registry.with(fmt::layer()).init(),
+        LogFormat::Plain => registry
+            .with(fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .init(),
     }
 }

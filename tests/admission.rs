@@ -275,7 +275,11 @@ async fn post(state: Arc<WebhookState>, path: &str, body: Vec<u8>) -> Value {
         "the API server needs a 200 with an AdmissionReview"
     );
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).expect("answer is JSON")
+    let answer: Value = serde_json::from_slice(&bytes).expect("answer is JSON");
+    // The API server rejects an answer that is not an admission.k8s.io/v1 AdmissionReview.
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{answer}");
+    assert_eq!(answer["kind"], "AdmissionReview", "{answer}");
+    answer
 }
 
 #[tokio::test]

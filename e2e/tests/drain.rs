@@ -144,6 +144,7 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
         "node-a",
         "--ignore-daemonsets",
         "--delete-emptydir-data",
+        "--force",
         "--timeout=300s",
     ]);
     let out = drain.all();
@@ -301,7 +302,7 @@ spec: {{ nodeName: node-c, containers: [{{ name: app, image: registry.local/coun
         "--dry-run=server",
         "--ignore-daemonsets",
         "--delete-emptydir-data",
-        "--pod-selector=!nothing",
+        "--force",
     ]);
     println!("{}", run.all());
     assert!(run.ok, "{}", run.all());
@@ -341,7 +342,7 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
 "#
     ));
     running_pods(ns, 1).await?;
-    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--timeout=25s"]);
+    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--force", "--timeout=25s"]);
     println!("{}", run.all());
     assert!(!run.ok, "the drain must not complete while blocked");
     assert!(run.all().contains("migrate.io/on-failure=block"), "{}", run.all());
@@ -371,7 +372,7 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
         "migrate.io/on-failure=evict",
         "--overwrite",
     ]);
-    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--timeout=60s"]);
+    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--force", "--timeout=60s"]);
     assert!(run.ok, "evict policy lets the drain through: {}", run.all());
     must(&["uncordon", "node-b"]);
     must(&["delete", "namespace", ns, "--wait=false"]);

@@ -53,7 +53,10 @@ pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, (ReviewErro
     }
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(value).map_err(|e| (ReviewError::NotAReview(e.to_string()), uid.clone()))?;
-    let request = review.request.ok_or((ReviewError::NoRequest, uid.clone()))?;
+    let mut request = review.request.ok_or((ReviewError::NoRequest, uid.clone()))?;
+    // The answer's apiVersion/kind are copied from here: the API server rejects an answer
+    // without them.
+    request.types = review.types;
     if request.uid.is_empty() {
         return Err((ReviewError::Unexpected("request.uid is empty".into()), uid));
     }
