@@ -219,7 +219,7 @@ fn main() {
         let tls = client_config(&dir.path().join("ca.crt"), None).unwrap();
 
         // Warm up, then measure.
-        run_case("warm-up", addr, tls.clone(), |i| i % PODS | 1, true, 1, 4).await;
+        run_case("warm-up", addr, tls.clone(), |i| (i % PODS) | 1, true, 1, 4).await;
         run_case(
             "allowed (unannotated)",
             addr,
