@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# make-root.sh — build (once) a Debian trixie root holding criu 4.x and crun, and print its path.
+#
+#   criu/make-root.sh            # prints e.g. /root/.cache/kube-migrate/criu-root-trixie-3f2a9c1d7e55
+#
+# Why: Debian bookworm's criu 3.17 fails its vDSO check on the 6.x kernels of these machines;
+# trixie's criu 4.1 and crun 1.21 work. The root is used through criu/enter.sh.
+#
+# Cached by a key over the recipe (suite, packages, recipe version) in
+#   ${KUBE_MIGRATE_CACHE:-$HOME/.cache/kube-migrate}/criu-root-trixie-<key>
+# A second call is a fast no-op. The root is built in a temporary directory next to it and renamed
+# into place only when complete, under a lock, so concurrent callers never see a half-built root.
+#
+# Environment:
+#   KUBE_MIGRATE_CACHE          cache directory (default $HOME/.cache/kube-migrate)
+#   KUBE_MIGRATE_DEBIAN_MIRROR  Debian mirror (default: the one in this machine's apt sources,
+#                               else http://deb.debian.org/debian)
+set -euo pipefail
+
+SUITE=trixie
+# criu, crun: the point. iptables + iproute2: CRIU's network lock (iptables-restore) and its
+# address/route dump (ip) inside the container's network namespace. busybox-static: the
+# container images (criu/images.sh copies it). libcriu2: crun loads libcriu.so.2 to checkpoint.
+PACKAGES=criu,crun,libcriu2,iptables,iproute2,busybox-static,procps
+RECIPE_VERSION=1
+KEY=$(printf '%s\n' "$SUITE" "$PACKAGES" "$RECIPE_VERSION" "$(uname -m)" | sha256sum | cut -c1-12)
+
+CACHE=${KUBE_MIGRATE_CACHE:-$HOME/.cache/kube-migrate}
+ROOT=$CACHE/criu-root-$SUITE-$KEY
+
+log() { printf 'make-root: %s\n' "$*" >&2; }
+
+# Fast path: already built.
+if [[ -f $ROOT/.kube-migrate-root-ok ]]; then
+    printf '%s\n' "$ROOT"
+    exit 0
+fi
+
+if [[ $(id -u) != 0 ]]; then
+    log "must run as root (debootstrap, mounts)"
+    exit 1
+fi
+
+mirror() {
+    if [[ -n ${KUBE_MIGRATE_DEBIAN_MIRROR:-} ]]; then
+        printf '%s\n' "$KUBE_MIGRATE_DEBIAN_MIRROR"
+        return
+    fi
+    local m
+    # deb822 sources first (URIs: ...), then one-line sources (deb URI suite ...).
+    m=$( { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{for (i=2;i<=NF;i++) print $i}'
+           grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
+               sed -E 's/\[[^]]*\]//' | awk '{print $2}'
+         } | grep -E '/debian/?$' | head -n1 || true)
+    printf '%s\n' "${m:-http://deb.debian.org/debian}"
+}
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.criu-root-$SUITE.lock"
+flock 9
+# Someone else may have built it while we waited.
+if [[ -f $ROOT/.kube-migrate-root-ok ]]; then
+    printf '%s\n' "$ROOT"
+    exit 0
+fi
+
+if ! command -v debootstrap >/dev/null || [[ ! -e /usr/share/debootstrap/scripts/$SUITE ]]; then
+    log "installing debootstrap from Debian's archive"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2 ||
+        { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2; }
+fi
+
+MIRROR=$(mirror)
+TMP=$(mktemp -d "$CACHE/.criu-root-$SUITE-$KEY.tmp.XXXXXX")
+cleanup() { [[ -n ${TMP:-} && -d $TMP ]] && rm -rf --one-file-system "$TMP"; }
+trap cleanup EXIT
+log "building $ROOT from $MIRROR (suite $SUITE, packages $PACKAGES); this takes a few minutes"
+start=$(date +%s)
+
+# A private mount namespace: whatever debootstrap mounts (proc, sys in the target) disappears
+# with it and never shows up on the host.
+unshare -m --propagation private \
+    debootstrap --variant=minbase --include="$PACKAGES" \
+    --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+    "$SUITE" "$TMP" "$MIRROR" >"$TMP.log" 2>&1 || {
+    log "debootstrap failed; last lines of $TMP.log:"
+    tail -n 30 "$TMP.log" >&2
+    exit 1
+}
+
+# Trim: downloaded .debs are not needed.
+rm -f "$TMP"/var/cache/apt/archives/*.deb
+# Mount points enter.sh relies on.
+mkdir -p "$TMP"/proc "$TMP"/sys "$TMP"/dev/pts "$TMP"/run "$TMP"/tmp "$TMP"/mnt "$TMP"/.oldroot
+
+# Record what is inside.
+chroot "$TMP" /bin/sh -c 'dpkg-query -W -f "\${Package} \${Version}\n" criu crun libcriu2 iptables iproute2 busybox-static' \
+    >"$TMP"/.kube-migrate-versions
+printf 'suite=%s\nkey=%s\nmirror=%s\nbuilt=%s\n' "$SUITE" "$KEY" "$MIRROR" "$(date -u +%FT%TZ)" \
+    >>"$TMP"/.kube-migrate-versions
+touch "$TMP"/.kube-migrate-root-ok
+rm -f "$TMP.log"
+
+mv -T "$TMP" "$ROOT"
+TMP=
+log "built in $(( $(date +%s) - start ))s: $(tr '\n' ' ' <"$ROOT"/.kube-migrate-versions)"
+printf '%s\n' "$ROOT"
