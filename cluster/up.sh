@@ -319,6 +319,7 @@ if (( ${#running[@]} == 0 )); then
     --etcd-keyfile="$PKI/apiserver-etcd-client.key" \
     --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
     --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP,Hostname \
     --authorization-mode=Node,RBAC \
     --enable-admission-plugins=NodeRestriction \
     --allow-privileged=true \

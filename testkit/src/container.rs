@@ -1,0 +1,440 @@
+//! A simulated container: a counter ticking every 100 ms, optional "memory" (deterministic
+//! pseudo-random bytes), and a log.
+//!
+//! The memory never changes once the container runs, so it is shared (`Arc`) with whoever
+//! checkpoints the container: an archive of a 1 GiB container streams from the very same
+//! buffer, nothing is copied.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::jiff::Timestamp;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Env var giving the size of a container's memory, in bytes.
+pub const STATE_BYTES_ENV: &str = "STATE_BYTES";
+/// Env var overriding the seed of a container's memory (default: derived from the pod).
+pub const STATE_SEED_ENV: &str = "STATE_SEED";
+/// The counter ticks this often.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Lines kept per container; older ones are dropped.
+const MAX_LOG_LINES: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("invalid {STATE_BYTES_ENV} {value:?}: expected a number of bytes")]
+    StateBytes { value: String },
+    #[error("invalid {STATE_SEED_ENV} {value:?}: expected an unsigned number")]
+    StateSeed { value: String },
+    #[error("cannot allocate {bytes} bytes of container memory")]
+    Allocation { bytes: u64 },
+}
+
+/// A container's memory and its SHA-256 (hex).
+#[derive(Clone)]
+pub struct Memory {
+    bytes: Arc<Vec<u8>>,
+    sha256: String,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("len", &self.bytes.len())
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+impl Memory {
+    /// Takes ownership of `bytes` (no copy) and hashes them.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        Self {
+            bytes: Arc::new(bytes),
+            sha256,
+        }
+    }
+
+    /// Already hashed (the restore path hashes while it reads).
+    pub fn from_hashed(bytes: Vec<u8>, sha256: String) -> Self {
+        Self {
+            bytes: Arc::new(bytes),
+            sha256,
+        }
+    }
+
+    /// `len` deterministic pseudo-random bytes from `seed` (xorshift64*). CPU-bound: call it
+    /// from a blocking thread for large sizes.
+    pub fn generate(len: u64, seed: u64) -> Result<Self, ContainerError> {
+        let size = usize::try_from(len).map_err(|_| ContainerError::Allocation { bytes: len })?;
+        let mut bytes = Vec::new();
+        bytes
+            .try_reserve_exact(size)
+            .map_err(|_| ContainerError::Allocation { bytes: len })?;
+        bytes.resize(size, 0);
+        fill_pseudo_random(&mut bytes, seed);
+        Ok(Self::from_vec(bytes))
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
+/// Fill `out` with the xorshift64* stream of `seed` (8 bytes per step, little endian).
+pub fn fill_pseudo_random(out: &mut [u8], seed: u64) {
+    // A zero state would stay zero forever; mix the seed first (splitmix64 finaliser).
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    if x == 0 {
+        x = 1;
+    }
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut chunks = out.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        chunk.copy_from_slice(&next().to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    let last = next().to_le_bytes();
+    rest.copy_from_slice(&last[..rest.len()]);
+}
+
+/// The default seed of a container's memory: FNV-1a of `<pod uid>/<container>`. Every pod
+/// (even a StatefulSet's replacement with the same name) starts with memory of its own, so
+/// equal memory after a restore proves the state travelled.
+pub fn default_seed(pod_uid: &str, container: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{pod_uid}/{container}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// `STATE_BYTES` of a container's env (absent: 0).
+pub fn parse_state_bytes(value: Option<&str>) -> Result<u64, ContainerError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ContainerError::StateBytes { value: v.to_string() }),
+    }
+}
+
+/// `STATE_SEED` of a container's env, if set.
+pub fn parse_state_seed(value: Option<&str>) -> Result<Option<u64>, ContainerError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ContainerError::StateSeed { value: v.to_string() }),
+    }
+}
+
+/// One log line.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub time: Timestamp,
+    pub text: String,
+}
+
+#[derive(Default)]
+struct LogInner {
+    lines: VecDeque<LogLine>,
+    /// Index (since the start) of `lines[0]`.
+    first: u64,
+}
+
+/// A container's log: bounded, with a notification for followers.
+pub struct Log {
+    inner: Mutex<LogInner>,
+    /// (lines written since the start, container stopped)
+    progress: watch::Sender<(u64, bool)>,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            progress: watch::Sender::new((0, false)),
+        }
+    }
+}
+
+impl Log {
+    pub fn push(&self, text: String) {
+        let total = {
+            let mut inner = self.inner.lock().expect("log lock");
+            inner.lines.push_back(LogLine {
+                time: Timestamp::now(),
+                text,
+            });
+            if inner.lines.len() > MAX_LOG_LINES {
+                inner.lines.pop_front();
+                inner.first += 1;
+            }
+            inner.first + inner.lines.len() as u64
+        };
+        self.progress.send_modify(|p| p.0 = total);
+    }
+
+    fn close(&self) {
+        self.progress.send_modify(|p| p.1 = true);
+    }
+
+    /// Lines from index `from` on (the oldest kept when `from` was dropped), and the index
+    /// after the last one returned.
+    pub fn since(&self, from: u64) -> (Vec<LogLine>, u64) {
+        let inner = self.inner.lock().expect("log lock");
+        let skip = from.saturating_sub(inner.first) as usize;
+        let lines: Vec<LogLine> = inner.lines.iter().skip(skip).cloned().collect();
+        (lines, inner.first + inner.lines.len() as u64)
+    }
+
+    /// The last `n` lines (all when None), and the index after them.
+    pub fn tail(&self, n: Option<u64>) -> (Vec<LogLine>, u64) {
+        let inner = self.inner.lock().expect("log lock");
+        let len = inner.lines.len();
+        let keep = n.map_or(len, |n| (n as usize).min(len));
+        let lines = inner.lines.iter().skip(len - keep).cloned().collect();
+        (lines, inner.first + len as u64)
+    }
+
+    /// Notified on every new line and when the container stops.
+    pub fn subscribe(&self) -> watch::Receiver<(u64, bool)> {
+        self.progress.subscribe()
+    }
+}
+
+/// Where a container's state came from.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    Fresh,
+    Restored {
+        /// `<image>@<manifest digest>`
+        image_ref: String,
+        counter: u64,
+    },
+}
+
+/// A volume mount of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub volume: String,
+    pub destination: String,
+    pub read_only: bool,
+}
+
+/// What a container is, as the pod spec says.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub name: String,
+    pub image: String,
+    pub mounts: Vec<Mount>,
+}
+
+/// A running (or stopped) simulated container.
+pub struct Container {
+    pub spec: ContainerSpec,
+    /// 64 hex characters, like a runtime's container id.
+    pub id: String,
+    pub image_id: String,
+    pub started_at: Timestamp,
+    counter: AtomicU64,
+    memory: Memory,
+    pub log: Log,
+    stop: CancellationToken,
+    finished_at: Mutex<Option<Timestamp>>,
+}
+
+impl Container {
+    /// Start the container's ticking task. Its first log line says how it started.
+    pub fn start(spec: ContainerSpec, image_id: String, memory: Memory, origin: Origin) -> Arc<Self> {
+        let started_at = Timestamp::now();
+        let id = hex::encode(Sha256::digest(format!(
+            "{}/{}/{}/{}",
+            spec.pod_uid,
+            spec.name,
+            started_at.as_nanosecond(),
+            memory.sha256()
+        )));
+        let (counter, first_line) = match &origin {
+            Origin::Fresh => (
+                0,
+                format!(
+                    "started fresh: counter=0 memory_bytes={} memory_sha256={}",
+                    memory.len(),
+                    memory.sha256()
+                ),
+            ),
+            Origin::Restored { image_ref, counter } => (
+                *counter,
+                format!(
+                    "restored from checkpoint image {image_ref}: counter={counter} memory_bytes={} memory_sha256={}",
+                    memory.len(),
+                    memory.sha256()
+                ),
+            ),
+        };
+        let container = Arc::new(Self {
+            spec,
+            id,
+            image_id,
+            started_at,
+            counter: AtomicU64::new(counter),
+            memory,
+            log: Log::default(),
+            stop: CancellationToken::new(),
+            finished_at: Mutex::new(None),
+        });
+        container.log.push(first_line);
+        let this = Arc::clone(&container);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let value = this.counter.fetch_add(1, Ordering::SeqCst) + 1;
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    this.log.push(format!("counter={value}"));
+                }
+            }
+            *this.finished_at.lock().expect("finished lock") = Some(Timestamp::now());
+            this.log.close();
+        });
+        container
+    }
+
+    pub fn counter(&self) -> u64 {
+        self.counter.load(Ordering::SeqCst)
+    }
+
+    pub fn memory(&self) -> &Memory {
+        &self.memory
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.stop.is_cancelled()
+    }
+
+    /// When the ticking task ended (None while running or just stopping).
+    pub fn finished_at(&self) -> Option<Timestamp> {
+        *self.finished_at.lock().expect("finished lock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_deterministic_and_seed_dependent() {
+        let a = Memory::generate(1_000_003, 7).unwrap();
+        let b = Memory::generate(1_000_003, 7).unwrap();
+        let c = Memory::generate(1_000_003, 8).unwrap();
+        assert_eq!(a.sha256(), b.sha256());
+        assert_ne!(a.sha256(), c.sha256());
+        assert_eq!(a.len(), 1_000_003);
+        assert_eq!(Memory::generate(0, 1).unwrap().len(), 0);
+        // Not trivially constant.
+        assert!(a.as_slice().iter().filter(|&&x| x == 0).count() < 10_000);
+    }
+
+    #[test]
+    fn state_env_parsing() {
+        assert_eq!(parse_state_bytes(None).unwrap(), 0);
+        assert_eq!(parse_state_bytes(Some(" 4096 ")).unwrap(), 4096);
+        assert!(parse_state_bytes(Some("1Gi")).is_err());
+        assert_eq!(parse_state_seed(Some("42")).unwrap(), Some(42));
+        assert_ne!(default_seed("uid-1", "c"), default_seed("uid-2", "c"));
+    }
+
+    #[test]
+    fn log_tail_and_since() {
+        let log = Log::default();
+        for i in 0..5 {
+            log.push(format!("l{i}"));
+        }
+        let (tail, next) = log.tail(Some(2));
+        assert_eq!(tail.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["l3", "l4"]);
+        assert_eq!(next, 5);
+        assert_eq!(log.tail(None).0.len(), 5);
+        assert_eq!(log.tail(Some(100)).0.len(), 5);
+        log.push("l5".into());
+        let (new, next) = log.since(5);
+        assert_eq!(new.len(), 1);
+        assert_eq!(next, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counter_ticks_and_logs_once_a_second() {
+        let spec = ContainerSpec {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            pod_uid: "u".into(),
+            name: "app".into(),
+            image: "img".into(),
+            mounts: vec![],
+        };
+        let c = Container::start(
+            spec,
+            "img@sha256:00".into(),
+            Memory::generate(16, 1).unwrap(),
+            Origin::Restored {
+                image_ref: "r/kube-migrate/x@sha256:ab".into(),
+                counter: 40,
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(2050)).await;
+        assert_eq!(c.counter(), 60);
+        let (lines, _) = c.log.tail(None);
+        assert!(lines[0].text.starts_with(
+            "restored from checkpoint image r/kube-migrate/x@sha256:ab: counter=40 memory_bytes=16 memory_sha256="
+        ));
+        assert_eq!(lines[1].text, "counter=50");
+        assert_eq!(lines[2].text, "counter=60");
+        c.stop();
+        assert!(!c.is_running());
+    }
+}
