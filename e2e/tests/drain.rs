@@ -342,7 +342,13 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
 "#
     ));
     running_pods(ns, 1).await?;
-    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--force", "--timeout=25s"]);
+    let run = kubectl(&[
+        "drain",
+        "node-b",
+        "--pod-selector=app=stuck",
+        "--force",
+        "--timeout=25s",
+    ]);
     println!("{}", run.all());
     assert!(!run.ok, "the drain must not complete while blocked");
     assert!(run.all().contains("migrate.io/on-failure=block"), "{}", run.all());
@@ -372,7 +378,13 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
         "migrate.io/on-failure=evict",
         "--overwrite",
     ]);
-    let run = kubectl(&["drain", "node-b", "--pod-selector=app=stuck", "--force", "--timeout=60s"]);
+    let run = kubectl(&[
+        "drain",
+        "node-b",
+        "--pod-selector=app=stuck",
+        "--force",
+        "--timeout=60s",
+    ]);
     assert!(run.ok, "evict policy lets the drain through: {}", run.all());
     must(&["uncordon", "node-b"]);
     must(&["delete", "namespace", ns, "--wait=false"]);
