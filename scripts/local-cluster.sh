@@ -107,10 +107,12 @@ metadata:
   labels:
     kubernetes.io/service-name: kube-migrate-agent
     endpointslice.kubernetes.io/managed-by: local-cluster.kube-migrate.io
+# Endpoints may not hold loopback addresses: a documentation address (TEST-NET-1, never
+# dialled) stands here and the webhook runs with --agent-address-override 127.0.0.1.
 addressType: IPv4
 ports: [{ name: api, port: $(agent_port "$i"), protocol: TCP }]
 endpoints:
-  - addresses: ["127.0.0.1"]
+  - addresses: ["192.0.2.$((i + 1))"]
     nodeName: ${NODES[$i]}
     conditions: { ready: true }
 YAML
@@ -152,7 +154,7 @@ YAML
   start webhook env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME=webhook-0 "$BIN/kube-migrate-webhook" \
     --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
     --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
-    --namespace kube-migrate --log-format plain
+    --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain
   wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
 
   log "webhook configurations from manifests/webhooks.yaml (local URL and caBundle)"

@@ -261,7 +261,9 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert!(
-        value("kube_migrate_webhook_decisions_total{webhook=\"eviction\",result=\"waiting\"}") >= 1.0,
+        // Each annotated pod's first eviction started its migration with a 429 (later
+        // retries may already find the state safe, so "waiting" is not guaranteed).
+        value("kube_migrate_webhook_decisions_total{webhook=\"eviction\",result=\"started\"}") >= 4.0,
         "{metrics}"
     );
     assert!(

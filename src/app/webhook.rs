@@ -61,6 +61,10 @@ pub struct Options {
     /// Service whose EndpointSlices list the agents (port named `api`).
     #[arg(long, env = "KM_AGENT_SERVICE", default_value = "kube-migrate-agent")]
     pub agent_service: String,
+    /// Dial agents at this host instead of their EndpointSlice address (local test clusters,
+    /// where agents listen on loopback, which EndpointSlices may not hold).
+    #[arg(long, env = "KM_AGENT_ADDRESS_OVERRIDE")]
+    pub agent_address_override: Option<String>,
     /// Identity in the leader Lease (the pod name).
     #[arg(long, env = "POD_NAME", default_value = "kube-migrate-webhook")]
     pub identity: String,
@@ -194,6 +198,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             source_grace_period_seconds: opts.source_grace_period_seconds,
             max_attempts: 3,
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
+            agent_address_override: opts.agent_address_override.clone(),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
         let recorder = Recorder::new(

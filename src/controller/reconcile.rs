@@ -85,6 +85,9 @@ pub struct Config {
     /// How long after the source stopped the controller keeps retrying before it gives up
     /// and lets the replacement start fresh.
     pub restore_deadline: Duration,
+    /// Dial agents at this host instead of their EndpointSlice address (see
+    /// [`agents::endpoint_for`]).
+    pub agent_address_override: Option<String>,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             source_grace_period_seconds: 1,
             max_attempts: 3,
             restore_deadline: Duration::from_secs(600),
+            agent_address_override: None,
         }
     }
 }
@@ -171,7 +175,7 @@ impl Context {
     }
 
     fn agent(&self, node: &str) -> Option<String> {
-        agents::endpoint_for(&self.agents, node)
+        agents::endpoint_for(&self.agents, node, self.config.agent_address_override.as_deref())
     }
 
     fn pod(&self, ns: &str, name: &str) -> Option<Arc<Pod>> {
