@@ -7,6 +7,8 @@ trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
 scripts/local-cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}/km/env"
+# `kubectl migrate` finds the plugin on PATH, as it would for a user who copied it there.
+export PATH="$PWD/target/${KUBE_MIGRATE_PROFILE:-debug}:$PATH"
 status=0
 cargo test --locked -p kube-migrate-e2e --test drain -- --ignored --test-threads=1 --nocapture || status=$?
 if ((status != 0)); then

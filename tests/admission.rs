@@ -555,3 +555,30 @@ fn a_stored_checkpoint_never_lets_a_drain_through_or_gates_new_pods() {
     let new: Pod = serde_json::from_value(review["request"]["object"].clone()).unwrap();
     assert_eq!(podmut::decide(&new, &[Arc::new(running)]), PodDecision::Untouched);
 }
+
+#[test]
+fn a_restored_pod_remembers_what_it_really_runs() {
+    let mut p = pod("pod-statefulset");
+    let m = migration(&p, Phase::Restoring, |s| {
+        s.containers = vec![ContainerCheckpoint {
+            name: "app".into(),
+            image: Some("127.0.0.1:5443/kube-migrate/x:app".into()),
+            ..Default::default()
+        }];
+    });
+    let original = p.clone();
+    podmut::apply_restore(&mut p, &m);
+    podmut::remove_gate(&mut p);
+    assert_eq!(
+        p.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("127.0.0.1:5443/kube-migrate/x:app")
+    );
+    assert_eq!(api::original_images(&p)["app"], "registry.local/counter:1");
+    // Swapping again (a retry) keeps the first original, not the checkpoint image.
+    podmut::apply_restore(&mut p, &m);
+    assert_eq!(api::original_images(&p)["app"], "registry.local/counter:1");
+    // What a later migration or backup recreates is the pod as its owner meant it.
+    let clean = podmut::without_restore(&p);
+    assert_eq!(clean.spec, original.spec);
+    assert_eq!(clean.metadata.annotations, original.metadata.annotations);
+}

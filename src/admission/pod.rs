@@ -180,6 +180,15 @@ pub fn set_images(pod: &mut Pod, m: &PodMigration) {
     let Some(status) = m.status.as_ref() else {
         return;
     };
+    if status.containers.iter().all(|c| c.image.is_none()) {
+        return;
+    }
+    let originals = api::original_images(pod);
+    set_annotation(
+        pod,
+        api::ORIGINAL_IMAGES,
+        &serde_json::to_string(&originals).unwrap_or_default(),
+    );
     let Some(spec) = pod.spec.as_mut() else {
         return;
     };
@@ -191,8 +200,6 @@ pub fn set_images(pod: &mut Pod, m: &PodMigration) {
             .and_then(|c| c.image.as_ref())
         {
             container.image = Some(image.clone());
-            // The image lives on the target node's agent; never pull it from elsewhere.
-            container.image_pull_policy = Some("IfNotPresent".into());
         }
     }
 }
@@ -203,4 +210,60 @@ pub fn patch(before: &Pod, after: &Pod) -> Result<json_patch::Patch, serde_json:
         &serde_json::to_value(before)?,
         &serde_json::to_value(after)?,
     ))
+}
+
+/// The pod as its owner meant it: without kube-migrate's annotations, gate and node pin, and
+/// with its containers' original images. What a later migration or backup must recreate.
+pub fn without_restore(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    let originals = api::original_images(&pod);
+    let was_restored = api::restore_of(&pod).is_some();
+    if let Some(a) = pod.metadata.annotations.as_mut() {
+        for key in [api::RESTORE_OF, api::RESTORE_OWNER, api::ORIGINAL_IMAGES] {
+            a.remove(key);
+        }
+    }
+    remove_gate(&mut pod);
+    if let Some(spec) = pod.spec.as_mut() {
+        if spec.scheduling_gates.as_ref().is_some_and(Vec::is_empty) {
+            spec.scheduling_gates = None;
+        }
+        for c in &mut spec.containers {
+            if let Some(image) = originals.get(&c.name) {
+                c.image = Some(image.clone());
+            }
+        }
+        // Our pin is the only `metadata.name` field requirement we add, and only to pods we
+        // restored.
+        if was_restored
+            && let Some(na) = spec.affinity.as_mut().and_then(|a| a.node_affinity.as_mut())
+            && let Some(req) = na.required_during_scheduling_ignored_during_execution.as_mut()
+        {
+            for term in &mut req.node_selector_terms {
+                if let Some(fields) = term.match_fields.as_mut() {
+                    fields.retain(|f| f.key != "metadata.name");
+                    if fields.is_empty() {
+                        term.match_fields = None;
+                    }
+                }
+            }
+            req.node_selector_terms
+                .retain(|t| t.match_expressions.is_some() || t.match_fields.is_some());
+            if req.node_selector_terms.is_empty() {
+                na.required_during_scheduling_ignored_during_execution = None;
+            }
+        }
+        if let Some(a) = spec.affinity.as_mut() {
+            if a.node_affinity.as_ref().is_some_and(|n| {
+                n.required_during_scheduling_ignored_during_execution.is_none()
+                    && n.preferred_during_scheduling_ignored_during_execution.is_none()
+            }) {
+                a.node_affinity = None;
+            }
+            if a.node_affinity.is_none() && a.pod_affinity.is_none() && a.pod_anti_affinity.is_none() {
+                spec.affinity = None;
+            }
+        }
+    }
+    pod
 }

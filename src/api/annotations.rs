@@ -19,6 +19,10 @@ pub const RESTORE_OF: &str = "migrate.io/restore-of";
 /// Set on a replacement pod that was gated but whose PodMigration the controller still has to
 /// choose (several migrations of one ReplicaSet in flight at once).
 pub const RESTORE_OWNER: &str = "migrate.io/restore-owner";
+/// Set when a replacement pod's images are swapped for checkpoint images: the original
+/// image of each container (JSON object), so a later migration or backup of the restored
+/// pod knows what its containers really run.
+pub const ORIGINAL_IMAGES: &str = "migrate.io/original-images";
 /// Scheduling gate that keeps a replacement pod unscheduled until its checkpoint image is ready.
 pub const RESTORE_GATE: &str = "migrate.io/restore";
 /// Label on every PodMigration: the UID of the pod it migrates (idempotency key).
@@ -80,6 +84,25 @@ pub fn requested_target(pod: &Pod) -> Option<&str> {
 /// The PodMigration a replacement pod was bound to, if any.
 pub fn restore_of(pod: &Pod) -> Option<&str> {
     annotation(pod, RESTORE_OF)
+}
+
+/// The original image of every container of a (possibly restored) pod.
+pub fn original_images(pod: &Pod) -> std::collections::BTreeMap<String, String> {
+    let recorded: std::collections::BTreeMap<String, String> = annotation(pod, ORIGINAL_IMAGES)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| {
+            let image = recorded
+                .get(&c.name)
+                .cloned()
+                .or_else(|| c.image.clone())
+                .unwrap_or_default();
+            (c.name.clone(), image)
+        })
+        .collect()
 }
 
 /// Deterministic PodMigration name for a pod: `<pod name>-<first 8 hex of uid>`, cut to fit

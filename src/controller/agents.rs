@@ -12,7 +12,10 @@ pub const API_PORT_NAME: &str = "api";
 /// the node mapping still come from the slice): for setups where agents are reached through
 /// a local address that EndpointSlices may not hold, such as loopback in the local cluster.
 pub fn endpoint_for(slices: &Store<EndpointSlice>, node: &str, address_override: Option<&str>) -> Option<String> {
-    slices.state().iter().find_map(|slice| base_url_with(slice, node, address_override))
+    slices
+        .state()
+        .iter()
+        .find_map(|slice| base_url_with(slice, node, address_override))
 }
 
 pub fn base_url(slice: &EndpointSlice, node: &str) -> Option<String> {
@@ -60,6 +63,9 @@ mod tests {
         assert_eq!(base_url(&slice, "node-a").as_deref(), Some("https://10.0.0.1:9443"));
         assert_eq!(base_url(&slice, "node-b"), None, "not ready");
         assert_eq!(base_url(&slice, "node-c"), None);
-        assert_eq!(base_url_with(&slice, "node-a", Some("127.0.0.1")).as_deref(), Some("https://127.0.0.1:9443"));
+        assert_eq!(
+            base_url_with(&slice, "node-a", Some("127.0.0.1")).as_deref(),
+            Some("https://127.0.0.1:9443")
+        );
     }
 }

@@ -429,20 +429,7 @@ async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Conte
     if status.owner.is_none() {
         status.pod_template = Some(pod_template(&pod)?);
     }
-    status.containers = pod
-        .spec
-        .as_ref()
-        .map(|s| {
-            s.containers
-                .iter()
-                .map(|c| ContainerCheckpoint {
-                    name: c.name.clone(),
-                    base_image: c.image.clone(),
-                    ..Default::default()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    status.containers = containers_of(&pod);
     state::set_condition(status, CONDITION_QUEUED, false, "Started", "", now);
     transition(
         pm,
@@ -533,6 +520,7 @@ fn controller_owner(pod: &Pod) -> Option<OwnerInfo> {
 /// What it takes to recreate a bare pod: its metadata (name, labels, annotations) and spec
 /// without the fields the API server or the scheduler own.
 fn pod_template(pod: &Pod) -> Result<serde_json::Value, Error> {
+    let pod = &podmut::without_restore(pod);
     let mut spec = pod.spec.clone().unwrap_or_default();
     spec.node_name = None;
     let template = Pod {
