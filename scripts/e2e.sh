@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
+# Build the scenarios before the cluster starts, so its clock runs only while they do.
+cargo test --locked -p kube-migrate-e2e --test drain --no-run
 scripts/local-cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}/km/env"

@@ -127,6 +127,15 @@ pub fn progress_line(pm: &PodMigration, elapsed_secs: f64) -> String {
     )
 }
 
+/// One line per phase entered: `[elapsed] Phase (took N s)` once it has finished.
+pub fn phase_line(t: &crate::api::PhaseTiming, elapsed_secs: f64) -> String {
+    match (t.phase.is_terminal(), t.seconds) {
+        (true, _) => format!("[{elapsed_secs:6.1}s] {}", t.phase.as_str()),
+        (false, Some(s)) => format!("[{elapsed_secs:6.1}s] {:<13} done in {s:.2} s", t.phase.as_str()),
+        (false, None) => format!("[{elapsed_secs:6.1}s] {:<13} started", t.phase.as_str()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,19 +238,25 @@ async fn migrate_pod(
     follow(&pms, &pm_name, timeout).await
 }
 
-/// Print a progress line whenever the migration changes, until it ends.
+/// Print every phase the migration goes through (from its recorded timings, so fast phases
+/// are not missed between two polls) and the latest progress, until it ends.
 async fn follow(pms: &Api<PodMigration>, name: &str, timeout: u64) -> Result<(), PluginError> {
     let started = Instant::now();
     let mut last = String::new();
+    let mut phases_shown = 0;
     loop {
         if let Some(pm) = pms.get_opt(name).await? {
+            let status = pm.status.clone().unwrap_or_default();
+            for timing in status.phases.iter().skip(phases_shown) {
+                println!("{}", plugin::phase_line(timing, started.elapsed().as_secs_f64()));
+            }
+            phases_shown = status.phases.len();
             let line = plugin::progress_line(&pm, started.elapsed().as_secs_f64());
             let key = line.split_once(']').map_or(line.as_str(), |(_, rest)| rest).to_string();
-            if key != last {
+            if key != last && !status.phase.is_terminal() {
                 println!("{line}");
-                last = key;
             }
-            let status = pm.status.clone().unwrap_or_default();
+            last = key;
             match status.phase {
                 Phase::Succeeded if pm.spec.mode == Mode::Checkpoint => {
                     println!(

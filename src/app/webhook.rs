@@ -243,6 +243,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 recorder,
                                 metrics,
                                 config,
+                                drains_recorded: Default::default(),
                             })
                         };
                         controller::run(client, shared, token).await;

@@ -114,6 +114,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Drains already observed in the drain-duration metric: (node, first creation second).
+    pub drains_recorded: std::sync::Mutex<std::collections::HashSet<(String, i64)>>,
 }
 
 /// Run the controller until `shutdown`.
@@ -248,40 +250,23 @@ impl Context {
         if let Some(downtime) = status.downtime_seconds {
             self.metrics.downtime.observe(downtime);
         }
-        if pm.spec.trigger == Trigger::Drain {
-            self.observe_drain(pm, now);
-        }
     }
 
-    /// When the last drain migration of a node finishes, the drain (as far as kube-migrate
-    /// is concerned) took from its first intercepted eviction until now.
-    fn observe_drain(&self, pm: &PodMigration, now: Timestamp) {
-        let node = &pm.spec.source_node;
-        let name = pm.name_any();
-        let same_node: Vec<_> = self
-            .migrations
-            .state()
-            .into_iter()
-            .filter(|m| m.spec.source_node == *node && m.spec.trigger == Trigger::Drain)
-            .collect();
-        let still_running = same_node
-            .iter()
-            .any(|m| m.name_any() != name && !m.phase().is_terminal());
-        if still_running {
+    /// Once every drain migration of a node has finished, observe how long the drain took
+    /// (first intercepted eviction to last migration finished), once per drain. Called from
+    /// terminal reconciles, which run after the cache holds the terminal status.
+    fn observe_drain(&self, node: &str) {
+        let all = self.migrations.state();
+        let Some((started, seconds)) = state::drain_episode(all.iter().map(AsRef::as_ref), node, Timestamp::now())
+        else {
             return;
-        }
-        // The episode: migrations of this node created within an hour of each other.
-        let first = same_node
-            .iter()
-            .filter_map(|m| m.metadata.creation_timestamp.as_ref())
-            .filter(|t| now.as_second() - t.0.as_second() < 3600)
-            .map(|t| t.0)
-            .min();
-        if let Some(first) = first {
+        };
+        let mut recorded = self.drains_recorded.lock().expect("drain set poisoned");
+        if recorded.insert((node.to_string(), started)) {
             self.metrics
                 .drain_duration
-                .get_or_create(&NodeLabels { node: node.clone() })
-                .observe(seconds_between(&first, &now));
+                .get_or_create(&NodeLabels { node: node.to_string() })
+                .observe(seconds);
         }
     }
 }
@@ -1305,6 +1290,9 @@ async fn start_fresh(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
 }
 
 async fn finished(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    if pm.spec.trigger == Trigger::Drain {
+        ctx.observe_drain(&pm.spec.source_node);
+    }
     // A stored checkpoint is kept until its PodMigration is deleted (finalizer cleanup).
     let keep = pm.spec.mode == Mode::Checkpoint && status.phase == Phase::Succeeded;
     if !status.archives_released && !keep {

@@ -6,7 +6,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 
-use crate::api::{Phase, PhaseTiming, PodMigrationStatus};
+use crate::api::{Phase, PhaseTiming, PodMigration, PodMigrationStatus, Trigger};
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_SOURCE_STOPPED: &str = "SourceStopped";
@@ -105,6 +105,37 @@ pub fn phase_seconds(status: &PodMigrationStatus, phase: Phase) -> Option<f64> {
         .and_then(|t| t.seconds)
 }
 
+/// The drain of `node` as far as kube-migrate saw it: its drain migrations created within an
+/// hour of `now`. When all of them are terminal: (first creation second, seconds from the
+/// first creation to the last finish). None while any still runs.
+pub fn drain_episode<'a>(
+    migrations: impl Iterator<Item = &'a PodMigration>,
+    node: &str,
+    now: Timestamp,
+) -> Option<(i64, f64)> {
+    let mut first: Option<Timestamp> = None;
+    let mut last: Option<Timestamp> = None;
+    for m in migrations {
+        if m.spec.source_node != node || m.spec.trigger != Trigger::Drain {
+            continue;
+        }
+        let Some(created) = m.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
+            continue;
+        };
+        if now.as_second() - created.as_second() > 3600 {
+            continue;
+        }
+        let finished = m.finished_at()?.0; // still running: no episode yet
+        first = Some(first.map_or(created, |f| f.min(created)));
+        last = Some(last.map_or(finished, |l| l.max(finished)));
+    }
+    let (first, last) = (first?, last?);
+    Some((
+        first.as_second(),
+        (last.as_millisecond() - first.as_millisecond()) as f64 / 1000.0,
+    ))
+}
+
 /// Backoff for retries: 2, 4, 8, ... capped at 60 seconds.
 pub fn backoff(attempts: u32) -> std::time::Duration {
     std::time::Duration::from_secs(2u64.saturating_pow(attempts.clamp(1, 6)).min(60))
@@ -170,6 +201,54 @@ mod tests {
         set_condition(&mut s, CONDITION_QUEUED, false, "Started", "", t(7));
         assert_eq!(s.conditions[0].last_transition_time, Time(t(7)));
         assert_eq!(s.conditions.len(), 1);
+    }
+
+    fn drain_pm(node: &str, created: i64, finished: Option<i64>) -> PodMigration {
+        let mut pm = PodMigration::new(
+            &format!("m{created}"),
+            crate::api::PodMigrationSpec {
+                pod_name: "p".into(),
+                pod_uid: "u".into(),
+                source_node: node.into(),
+                target_node: None,
+                trigger: Trigger::Drain,
+                policy: Default::default(),
+                mode: Default::default(),
+                restore_from: None,
+            },
+        );
+        pm.metadata.creation_timestamp = Some(Time(t(created)));
+        let mut status = PodMigrationStatus::default();
+        enter(&mut status, Phase::Pending, t(created));
+        if let Some(f) = finished {
+            succeed(&mut status, "ok".into(), t(f));
+        }
+        pm.status = Some(status);
+        pm
+    }
+
+    #[test]
+    fn a_drain_ends_when_its_last_migration_does() {
+        let running = [
+            drain_pm("a", 0, Some(5)),
+            drain_pm("a", 1, None),
+            drain_pm("b", 0, Some(2)),
+        ];
+        assert_eq!(drain_episode(running.iter(), "a", t(10)), None);
+        let done = [
+            drain_pm("a", 0, Some(5)),
+            drain_pm("a", 1, Some(9)),
+            drain_pm("b", 0, Some(2)),
+        ];
+        assert_eq!(drain_episode(done.iter(), "a", t(10)), Some((t(0).as_second(), 9.0)));
+        assert_eq!(drain_episode(done.iter(), "b", t(10)), Some((t(0).as_second(), 2.0)));
+        assert_eq!(drain_episode(done.iter(), "c", t(10)), None);
+        // Migrations of an older drain of the same node do not count.
+        let later = [drain_pm("a", 0, Some(5)), drain_pm("a", 5000, Some(5004))];
+        assert_eq!(
+            drain_episode(later.iter(), "a", t(5010)),
+            Some((t(5000).as_second(), 4.0))
+        );
     }
 
     #[test]
