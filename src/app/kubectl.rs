@@ -265,6 +265,11 @@ async fn follow(pms: &Api<PodMigration>, name: &str, timeout: u64) -> Result<(),
                     );
                     return Ok(());
                 }
+                Phase::Succeeded if pm.spec.mode == Mode::Restore => {
+                    let pod = status.replacement.map(|r| r.name).unwrap_or_default();
+                    println!("restored: {pod} runs on {}", pm.target_node().unwrap_or("?"));
+                    return Ok(());
+                }
                 Phase::Succeeded => {
                     let replacement = status.replacement.map(|r| r.name).unwrap_or_default();
                     println!(
