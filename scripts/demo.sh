@@ -64,6 +64,10 @@ new=$(kubectl -n demo get pod -l app=counter -o jsonpath='{.items[0].metadata.na
 echo "first log line of $new:"
 kubectl -n demo logs "$new" | head -n 1
 echo
-kubectl -n demo get events --field-selector involvedObject.kind=PodMigration -o custom-columns=REASON:.reason,MESSAGE:.note 2>/dev/null \
-  || kubectl -n demo get events.events.k8s.io -o custom-columns=REASON:.reason,MESSAGE:.note
-$keep && echo && echo "cluster left running: export KUBECONFIG=$KUBECONFIG; stop it with scripts/local-cluster.sh down"
+echo "events of the PodMigration:"
+kubectl -n demo get events --field-selector involvedObject.kind=PodMigration --sort-by=.lastTimestamp \
+  -o custom-columns=REASON:.reason,MESSAGE:.message
+if $keep; then
+  echo
+  echo "cluster left running: export KUBECONFIG=$KUBECONFIG; stop it with scripts/local-cluster.sh down"
+fi
