@@ -6,6 +6,7 @@
 #
 #   scripts/local-cluster.sh up     start everything; prints `export KUBECONFIG=...`
 #   scripts/local-cluster.sh down   stop everything and delete the state
+#   scripts/local-cluster.sh kill-webhook | start-webhook   (tests: controller restarts)
 #
 # The product runs with its own ServiceAccounts' tokens (RBAC from manifests/rbac.yaml),
 # the webhook configurations come from manifests/webhooks.yaml with the local URL and
@@ -50,6 +51,25 @@ wait_for() { # description, seconds, command...
     fi
     sleep 0.5
   done
+}
+
+start_webhook() {
+  # Appends to its log, so a restart keeps the previous run's lines.
+  mkdir -p "$KM/logs" "$KM/run"
+  setsid env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME=webhook-0 "$BIN/kube-migrate-webhook" \
+    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
+    --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
+    --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain \
+    >>"$KM/logs/webhook.log" 2>&1 < /dev/null &
+  echo $! > "$KM/run/webhook.pid"
+  wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
+}
+
+# SIGKILL: no graceful shutdown, no lease release, as when a node dies under the controller.
+kill_webhook() {
+  local pid; pid=$(cat "$KM/run/webhook.pid")
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
+  rm -f "$KM/run/webhook.pid"
 }
 
 stop_all() {
@@ -151,11 +171,7 @@ YAML
   done
 
   log "webhook + controller"
-  start webhook env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME=webhook-0 "$BIN/kube-migrate-webhook" \
-    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
-    --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
-    --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain
-  wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
+  start_webhook
 
   log "webhook configurations from manifests/webhooks.yaml (local URL and caBundle)"
   local bundle; bundle=$(base64 -w0 < "$KM/certs/ca.crt")
@@ -182,5 +198,7 @@ down() {
 case ${1:-} in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  kill-webhook) kill_webhook ;;
+  start-webhook) start_webhook ;;
+  *) echo "usage: $0 up|down|kill-webhook|start-webhook" >&2; exit 2 ;;
 esac

@@ -579,3 +579,137 @@ spec: {{ nodeName: node-b, containers: [{{ name: app, image: registry.local/web:
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
+
+fn local_cluster(command: &str) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = std::process::Command::new(format!("{root}/scripts/local-cluster.sh"))
+        .arg(command)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "local-cluster.sh {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A controller killed (SIGKILL) in the middle of a migration resumes from the PodMigration's
+/// status when it comes back: state lives in the API server, not in memory.
+#[tokio::test]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s6_a_killed_controller_resumes_from_the_api_server() -> anyhow::Result<()> {
+    let ns = "e2e-restart";
+    namespace(ns);
+    apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{ name: phoenix, namespace: {ns}, annotations: {{ migrate.io/stateful: "true" }} }}
+spec:
+  nodeName: node-c
+  terminationGracePeriodSeconds: 2
+  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "33554432" }}] }}]
+"#
+    ));
+    running_pods(ns, 1).await?;
+    let original = eventually("first log line", Duration::from_secs(60), || async {
+        Ok(first_log_line(ns, "phoenix", "app").and_then(|l| field(&l, "memory_sha256").map(str::to_string)))
+    })
+    .await?;
+    let run = plugin(&["pod", "phoenix", "-n", ns, "--to", "node-b", "--no-wait"]);
+    assert!(run.ok, "{}", run.all());
+    // Kill the controller as soon as the migration is under way.
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let phase = eventually("the migration under way", Duration::from_secs(30), || {
+        let pms = pms.clone();
+        async move {
+            let list = pms.list(&ListParams::default()).await?.items;
+            Ok(list
+                .first()
+                .map(|m| m.phase())
+                .filter(|p| *p != Phase::Pending || list[0].status.is_some()))
+        }
+    })
+    .await?;
+    local_cluster("kill-webhook");
+    let killed_at = pms.list(&ListParams::default()).await?.items[0].phase();
+    println!("controller killed with the migration in {killed_at} (first seen {phase})");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = pms.list(&ListParams::default()).await?.items[0].phase();
+    assert!(
+        !still.is_terminal() || killed_at.is_terminal(),
+        "nothing moves while the controller is down: {still}"
+    );
+    local_cluster("start-webhook");
+    let done = eventually(
+        "the migration to finish after the restart",
+        Duration::from_secs(120),
+        || {
+            let pms = pms.clone();
+            async move {
+                let m = pms.list(&ListParams::default()).await?.items.pop().unwrap();
+                Ok(m.phase().is_terminal().then_some(m))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        done.phase(),
+        Phase::Succeeded,
+        "{:?}",
+        done.status.as_ref().and_then(|s| s.message.clone())
+    );
+    let pods = running_pods(ns, 1).await?;
+    assert_eq!(node_of(&pods[0]), "node-b");
+    let line = first_log_line(ns, "phoenix", "app").unwrap_or_default();
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    assert_eq!(field(&line, "memory_sha256"), Some(original.as_str()));
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// `kubectl migrate drain NODE`: cordons and drives the drain with a line per pod.
+#[tokio::test]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s7_kubectl_migrate_drain() -> anyhow::Result<()> {
+    let ns = "e2e-plugin-drain";
+    namespace(ns);
+    apply(&format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{ name: keeper, namespace: {ns} }}
+spec:
+  replicas: 1
+  selector: {{ matchLabels: {{ app: keeper }} }}
+  template:
+    metadata: {{ labels: {{ app: keeper }}, annotations: {{ migrate.io/stateful: "true" }} }}
+    spec:
+      terminationGracePeriodSeconds: 2
+      affinity: {{ nodeAffinity: {{ preferredDuringSchedulingIgnoredDuringExecution: [{{ weight: 100, preference: {{ matchFields: [{{ key: metadata.name, operator: In, values: [node-c] }}] }} }}] }} }}
+      containers: [{{ name: app, image: registry.local/counter:1 }}]
+"#
+    ));
+    let before = running_pods(ns, 1).await?;
+    let node = node_of(&before[0]);
+    let run = plugin(&["drain", &node, "--timeout", "120"]);
+    println!("---- kubectl migrate drain {node} ----\n{}", run.all());
+    assert!(run.ok, "{}", run.all());
+    assert!(
+        run.stdout.contains(&format!("node/{node} cordoned")) && run.stdout.contains(&format!("node/{node} drained")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("kube-migrate"),
+        "the drain view shows kube-migrate's progress: {}",
+        run.stdout
+    );
+    let after = running_pods(ns, 1).await?;
+    assert_ne!(node_of(&after[0]), node);
+    let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    must(&["uncordon", &node]);
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
