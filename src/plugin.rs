@@ -43,6 +43,8 @@ pub enum PluginError {
     Timeout(u64),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("kubeconfig: {0}")]
+    Config(String),
 }
 
 impl PluginError {
@@ -50,7 +52,7 @@ impl PluginError {
     pub fn exit_code(&self) -> i32 {
         match self {
             PluginError::Failed { .. } => 1,
-            PluginError::Kube(_) | PluginError::Timeout(_) => 3,
+            PluginError::Kube(_) | PluginError::Timeout(_) | PluginError::Config(_) => 3,
             _ => 2,
         }
     }

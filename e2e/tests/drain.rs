@@ -608,7 +608,7 @@ metadata: {{ name: phoenix, namespace: {ns}, annotations: {{ migrate.io/stateful
 spec:
   nodeName: node-c
   terminationGracePeriodSeconds: 2
-  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "33554432" }}] }}]
+  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "268435456" }}] }}]
 "#
     ));
     running_pods(ns, 1).await?;

@@ -97,7 +97,12 @@ pub enum CheckpointTarget {
 }
 
 pub async fn run(opts: Options) -> Result<(), PluginError> {
-    let client = Client::try_default().await?;
+    // No transparent retries: a 429 from kube-migrate is progress to show, not to hide.
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| PluginError::Config(e.to_string()))?;
+    config.default_retry = false;
+    let client = Client::try_from(config)?;
     let namespace = opts
         .namespace
         .clone()
