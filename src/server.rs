@@ -58,6 +58,24 @@ pub async fn serve_tls(listener: TcpListener, config: ServerConfig, router: Rout
     }
 }
 
+/// A token cancelled on SIGTERM (what the kubelet sends) or Ctrl-C: every server and loop of
+/// a binary stops on it.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    shutdown
+}
+
 /// Readiness flags set by the binaries (caches synced, certificates loaded, ...).
 #[derive(Clone, Default)]
 pub struct Health {

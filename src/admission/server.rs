@@ -61,6 +61,20 @@ impl WebhookState {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Parse a body, or the well-formed denial to send back (recorded in the metrics).
+    fn parse(
+        &self,
+        webhook: &'static str,
+        body: &[u8],
+        started: Instant,
+    ) -> Result<AdmissionRequest<DynamicObject>, Box<Review>> {
+        review::parse(body).map_err(|(error, uid)| {
+            tracing::warn!(%error, webhook, "malformed AdmissionReview");
+            self.record(webhook, error.metric_label(), started);
+            Box::new(Json(review::invalid(uid, &error)))
+        })
+    }
+
     fn migrations_of(&self, namespace: &str, pod_name: Option<&str>) -> Vec<Arc<PodMigration>> {
         self.migrations.state_filter(|m| {
             m.metadata.namespace.as_deref() == Some(namespace) && pod_name.is_none_or(|n| m.spec.pod_name == n)
@@ -87,13 +101,9 @@ impl WebhookState {
 #[instrument(skip_all, fields(uid, namespace, pod, decision))]
 async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) -> Review {
     let started = Instant::now();
-    let request = match review::parse(&body) {
+    let request = match state.parse("eviction", &body, started) {
         Ok(r) => r,
-        Err((error, uid)) => {
-            tracing::warn!(%error, "malformed AdmissionReview");
-            state.record("eviction", error.metric_label(), started);
-            return Json(review::invalid(uid, &error));
-        }
+        Err(answer) => return *answer,
     };
     let span = Span::current();
     span.record("uid", request.uid.as_str());
@@ -287,13 +297,9 @@ async fn start(
 #[instrument(skip_all, fields(uid, namespace, pod, decision))]
 async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Review {
     let started = Instant::now();
-    let request = match review::parse(&body) {
+    let request = match state.parse("pod", &body, started) {
         Ok(r) => r,
-        Err((error, uid)) => {
-            tracing::warn!(%error, "malformed AdmissionReview");
-            state.record("pod", error.metric_label(), started);
-            return Json(review::invalid(uid, &error));
-        }
+        Err(answer) => return *answer,
     };
     let (result, response) = pod_response(&state, &request);
     let span = Span::current();

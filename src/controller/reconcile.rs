@@ -184,6 +184,12 @@ impl Context {
         self.pods.get(&ObjectRef::new(name).within(ns))
     }
 
+    /// The pod this PodMigration is about, if it still exists (same name *and* UID).
+    fn source_pod(&self, pm: &PodMigration) -> Option<Arc<Pod>> {
+        self.pod(&pm.namespace().unwrap_or_default(), &pm.spec.pod_name)
+            .filter(|p| p.metadata.uid.as_deref() == Some(pm.spec.pod_uid.as_str()))
+    }
+
     async fn write_status(&self, pm: &PodMigration, status: &PodMigrationStatus) -> Result<(), Error> {
         let api: Api<PodMigration> = Api::namespaced(self.client.clone(), &pm.namespace().unwrap_or_default());
         let patch = json!({ "apiVersion": "migrate.io/v1alpha1", "kind": "PodMigration", "status": status });
@@ -328,10 +334,7 @@ async fn fail(
 async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let now = Timestamp::now();
-    let Some(pod) = ctx
-        .pod(&ns, &pm.spec.pod_name)
-        .filter(|p| p.metadata.uid.as_deref() == Some(&pm.spec.pod_uid))
-    else {
+    let Some(pod) = ctx.source_pod(pm) else {
         return Ok(fail(
             pm,
             status,
@@ -536,9 +539,7 @@ async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
             )
             .await;
         };
-        let pod_alive = ctx
-            .pod(&ns, &pm.spec.pod_name)
-            .is_some_and(|p| p.metadata.uid.as_deref() == Some(&pm.spec.pod_uid));
+        let pod_alive = ctx.source_pod(pm).is_some();
         if !pod_alive {
             return rollback(
                 pm,
@@ -660,10 +661,7 @@ async fn pending_checkpoint(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
-    let Some(pod) = ctx
-        .pod(&ns, &pm.spec.pod_name)
-        .filter(|p| p.metadata.uid.as_deref() == Some(&pm.spec.pod_uid))
-    else {
+    let Some(pod) = ctx.source_pod(pm) else {
         return Ok(fail(
             pm,
             status,
