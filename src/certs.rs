@@ -28,6 +28,19 @@ pub struct Request {
     pub days: i64,
 }
 
+impl Default for Request {
+    /// The names the manifests use; a year of validity.
+    fn default() -> Self {
+        Self {
+            namespace: "kube-migrate".into(),
+            webhook_service: "kube-migrate-webhook".into(),
+            agent_name: "kube-migrate-agent".into(),
+            extra_sans: Vec::new(),
+            days: 365,
+        }
+    }
+}
+
 impl Request {
     pub fn webhook_sans(&self) -> Vec<String> {
         let svc = &self.webhook_service;

@@ -126,11 +126,9 @@ async fn setup() -> (Env, Agent, Agent, AgentClient) {
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
     let request = certs::Request {
-        namespace: "kube-migrate".into(),
-        webhook_service: "kube-migrate-webhook".into(),
-        agent_name: "kube-migrate-agent".into(),
         extra_sans: vec!["127.0.0.1".into()],
         days: 1,
+        ..Default::default()
     };
     certs::issue(&certs_dir, &request).unwrap();
     let kubelet_dir = dir.path().join("kubelet-checkpoints");

@@ -6,11 +6,8 @@ use kube_migrate::{certs, tls::CertReloader};
 
 fn issue(dir: &std::path::Path) {
     let request = certs::Request {
-        namespace: "kube-migrate".into(),
-        webhook_service: "kube-migrate-webhook".into(),
-        agent_name: "kube-migrate-agent".into(),
-        extra_sans: vec![],
         days: 1,
+        ..Default::default()
     };
     certs::issue(dir, &request).unwrap();
 }

@@ -120,6 +120,24 @@ async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) 
     Json(response.into_review())
 }
 
+/// A decision label and the answer that goes with it.
+type Answer = (&'static str, AdmissionResponse);
+
+/// A 400 denial for a request that is well-formed JSON but not what the webhook handles.
+fn malformed(request: &AdmissionRequest<DynamicObject>, message: String) -> Answer {
+    (
+        "malformed_review",
+        review::deny(request, 400, "BadRequest", format!("kube-migrate: {message}")),
+    )
+}
+
+/// The request's object as a typed resource, or why it is not one.
+fn typed<T: serde::de::DeserializeOwned>(object: &DynamicObject, what: &str) -> Result<T, String> {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("object is not {what}: {e}"))
+}
+
 fn is_eviction(request: &AdmissionRequest<DynamicObject>) -> bool {
     request.resource.resource == "pods"
         && request.sub_resource.as_deref() == Some("eviction")
@@ -138,31 +156,11 @@ async fn eviction_response(
         return ("unexpected_request", review::allow(request, Some(msg)));
     }
     let Some(namespace) = request.namespace.as_deref() else {
-        return (
-            "malformed_review",
-            review::deny(
-                request,
-                400,
-                "BadRequest",
-                "kube-migrate: eviction request without namespace".into(),
-            ),
-        );
+        return malformed(request, "eviction request without namespace".into());
     };
-    let eviction: Option<Eviction> = match &request.object {
-        Some(obj) => match serde_json::to_value(obj).and_then(serde_json::from_value) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                return (
-                    "malformed_review",
-                    review::deny(
-                        request,
-                        400,
-                        "BadRequest",
-                        format!("kube-migrate: object is not an Eviction: {e}"),
-                    ),
-                );
-            }
-        },
+    let eviction: Option<Eviction> = match request.object.as_ref().map(|o| typed(o, "an Eviction")) {
+        Some(Ok(e)) => Some(e),
+        Some(Err(why)) => return malformed(request, why),
         None => None,
     };
     let object_dry_run = eviction
@@ -315,29 +313,11 @@ fn pod_response(state: &WebhookState, request: &AdmissionRequest<DynamicObject>)
         return ("unexpected_request", review::allow(request, None));
     }
     let Some(object) = &request.object else {
-        return (
-            "malformed_review",
-            review::deny(
-                request,
-                400,
-                "BadRequest",
-                "kube-migrate: pod CREATE without object".into(),
-            ),
-        );
+        return malformed(request, "pod CREATE without object".into());
     };
-    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+    let pod: Pod = match typed(object, "a Pod") {
         Ok(p) => p,
-        Err(e) => {
-            return (
-                "malformed_review",
-                review::deny(
-                    request,
-                    400,
-                    "BadRequest",
-                    format!("kube-migrate: object is not a Pod: {e}"),
-                ),
-            );
-        }
+        Err(why) => return malformed(request, why),
     };
     let namespace = request
         .namespace

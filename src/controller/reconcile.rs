@@ -398,18 +398,9 @@ async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Conte
         .target_node
         .clone()
         .or_else(|| api::requested_target(&pod).map(str::to_string));
-    let target = match choose_target(ctx, &pod, &pm.spec.source_node, requested.as_deref()) {
-        Placement::Node(n) => n,
-        Placement::None(reasons) => {
-            return Ok(fail(
-                pm,
-                status,
-                ctx,
-                "NoTarget",
-                format!("no eligible target node: {}", Placement::explain(&reasons)),
-            )
-            .await);
-        }
+    let target = match target_or_reason(ctx, &pod, &pm.spec.source_node, requested.as_deref()) {
+        Ok(n) => n,
+        Err(reason) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
     };
 
     status.target_node = Some(target.clone());
@@ -466,6 +457,14 @@ async fn pdb_blocks(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<String>
         }
     }
     Ok(None)
+}
+
+/// The chosen node, or the message of a `NoTarget` failure naming every node's reason.
+fn target_or_reason(ctx: &Context, pod: &Pod, source: &str, requested: Option<&str>) -> Result<String, String> {
+    match choose_target(ctx, pod, source, requested) {
+        Placement::Node(n) => Ok(n),
+        Placement::None(reasons) => Err(format!("no eligible target node: {}", Placement::explain(&reasons))),
+    }
 }
 
 fn choose_target(ctx: &Context, pod: &Pod, source: &str, requested: Option<&str>) -> Placement {
@@ -758,18 +757,9 @@ async fn pending_restore(pm: &PodMigration, status: &mut PodMigrationStatus, ctx
         .target_node
         .clone()
         .unwrap_or_else(|| checkpoint.spec.source_node.clone());
-    let target = match choose_target(ctx, &template, "", pm.spec.target_node.as_deref()) {
-        Placement::Node(n) => n,
-        Placement::None(reasons) => {
-            return Ok(fail(
-                pm,
-                status,
-                ctx,
-                "NoTarget",
-                format!("no eligible target node: {}", Placement::explain(&reasons)),
-            )
-            .await);
-        }
+    let target = match target_or_reason(ctx, &template, "", pm.spec.target_node.as_deref()) {
+        Ok(n) => n,
+        Err(reason) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
     };
     status.pod_template = Some(serde_json::to_value(&template)?);
     status.source_id = checkpoint.uid();

@@ -65,11 +65,9 @@ async fn registry() -> Registry {
     issue(
         &certs,
         &Request {
-            namespace: "kube-migrate".into(),
-            webhook_service: "kube-migrate-webhook".into(),
-            agent_name: "kube-migrate-agent".into(),
             extra_sans: vec!["127.0.0.1".into()],
             days: 1,
+            ..Default::default()
         },
     )
     .unwrap();
