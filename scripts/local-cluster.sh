@@ -72,6 +72,62 @@ kill_webhook() {
   rm -f "$KM/run/webhook.pid"
 }
 
+# Real containers (issue #4): kube-migrate.test/* images run with crun + CRIU inside the Debian
+# trixie root of criu/. Writes $KM/crun-status: "enabled", or "disabled: <why>" when this
+# machine cannot (no Debian archive for the root, CRIU's kernel checks fail, no gcc): the
+# simulated containers still run, and the CRIU scenarios say they are skipped and why.
+crun_setup() {
+  mkdir -p "$KM/bin" "$KM/images"
+  local status="$KM/crun-status"
+  if [[ ${KUBE_MIGRATE_CRUN:-1} != 1 ]]; then
+    echo "disabled: KUBE_MIGRATE_CRUN=${KUBE_MIGRATE_CRUN}" > "$status"; return 0
+  fi
+  local root out
+  if ! root=$(criu/make-root.sh 2> "$KM/make-root.log"); then
+    echo "disabled: criu/make-root.sh failed: $(tail -n 3 "$KM/make-root.log" | tr '\n' ' ')" > "$status"; return 0
+  fi
+  export KUBE_MIGRATE_CRIU_ROOT=$root
+  if ! out=$(timeout 60 criu/enter.sh criu check 2>&1 < /dev/null) || [[ $out != *"Looks good"* ]]; then
+    echo "disabled: 'criu check' in $root: $(printf '%s' "$out" | tail -n 3 | tr '\n' ' ')" > "$status"; return 0
+  fi
+  if ! gcc -O2 -Wall -o "$KM/bin/km-shim" criu/km-shim.c 2> "$KM/km-shim.log"; then
+    echo "disabled: building criu/km-shim.c failed: $(tail -n 3 "$KM/km-shim.log" | tr '\n' ' ')" > "$status"; return 0
+  fi
+  rm -rf "$KM/images/counter" "$KM/images/memory"
+  criu/images.sh counter "$KM/images/counter/rootfs" >/dev/null
+  echo '{"entrypoint": ["/bin/sh", "/counter.sh"]}' > "$KM/images/counter/image.json"
+  criu/images.sh memory "$KM/images/memory/rootfs" >/dev/null
+  echo '{"entrypoint": ["/bin/memhog"]}' > "$KM/images/memory/image.json"
+  echo enabled > "$status"
+  log "real containers: kube-migrate.test/{counter,memory} run with $(grep -E '^(crun|criu) ' "$root/.kube-migrate-versions" | tr '\n' ' ')"
+}
+
+# The kubelet flags for crun, when enabled.
+crun_flags() { # node
+  [[ $(cat "$KM/crun-status" 2>/dev/null) == enabled ]] || return 0
+  printf '%s\n' --crun-images "$KM/images" --crun-enter "$ROOT/criu/enter.sh" \
+    --crun-shim "$KM/bin/km-shim" --crun-state "$KM/$1/crun"
+}
+
+# Real containers outlive their kubelet (each runs under its own shim): kill and delete them,
+# then remove their cgroups.
+crun_cleanup() {
+  local d id
+  for d in "$KM"/node-*/crun; do
+    [[ -d $d/crun ]] || continue
+    for id in "$d"/crun/*/; do
+      [[ -d $id ]] || continue
+      id=$(basename "$id")
+      timeout 30 criu/enter.sh -b "$d" -- crun --root "$d/crun" kill "$id" KILL < /dev/null > /dev/null 2>&1 || true
+      timeout 30 criu/enter.sh -b "$d" -- crun --root "$d/crun" delete -f "$id" < /dev/null > /dev/null 2>&1 || true
+    done
+  done
+  local c
+  for c in /sys/fs/cgroup/*/kube-migrate-node-*; do
+    [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+}
+
 stop_all() {
   if [[ -d $KM/run ]]; then
     for pidfile in "$KM"/run/*.pid; do
@@ -87,7 +143,8 @@ stop_all() {
       rm -f "$pidfile"
     done
   fi
-  # Leftovers of an interrupted run (anything started from this state dir).
+  crun_cleanup
+  # Leftovers of an interrupted run (anything started from this state dir, shims included).
   pkill -f "$KM/" 2>/dev/null || true
 }
 
@@ -147,16 +204,22 @@ YAML
   KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-context --current --user=kube-migrate-webhook >/dev/null
   : "$server"
 
+  log "real containers (crun + CRIU)"
+  crun_setup
+  log "crun: $(cat "$KM/crun-status")"
+
   log "test kubelets and agents"
   for i in "${!NODES[@]}"; do
     local n=${NODES[$i]}
-    mkdir -p "$KM/$n/checkpoints" "$KM/$n/agent"
+    mkdir -p "$KM/$n/checkpoints" "$KM/$n/agent" "$KM/$n/crun"
+    local -a crun=()
+    mapfile -t crun < <(crun_flags "$n")
     start "kubelet-$n" "$BIN/test-kubelet" --node-name "$n" \
       --kubeconfig "$STATE/nodes/$n.kubeconfig" \
       --listen "127.0.0.1:$(kubelet_port "$i")" \
       --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
       --registry-ca "$KM/certs/ca.crt" \
-      --checkpoint-dir "$KM/$n/checkpoints"
+      --checkpoint-dir "$KM/$n/checkpoints" "${crun[@]}"
     start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
       --listen "127.0.0.1:$(agent_port "$i")" \
       --registry-listen "127.0.0.1:$(registry_port "$i")" \
@@ -185,6 +248,7 @@ YAML
 export KUBECONFIG=$KUBECONFIG
 export KUBE_MIGRATE_CLUSTER_DIR=$STATE
 export KUBE_MIGRATE_METRICS_URL=http://127.0.0.1:$WEBHOOK_ADMIN_PORT/metrics
+export KUBE_MIGRATE_CRUN_STATUS_FILE=$KM/crun-status
 ENV
   log "ready: nodes ${NODES[*]}; logs in $KM/logs"
   echo "export KUBECONFIG=$KUBECONFIG"

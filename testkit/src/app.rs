@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Authorizer,
+    crun::{Crun, CrunConfig},
     node::{NodeConfig, NodeKeeper, parse_label},
     pods::{PodManager, Runtime},
     restore::{Puller, RestoreError},
@@ -78,6 +79,20 @@ pub struct Options {
     pub status_interval_seconds: u64,
     #[arg(long, env = "TEST_KUBELET_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// Run `kube-migrate.test/<name>` images as real containers with crun and CRIU: the
+    /// directory holding `<name>/rootfs` and `<name>/image.json`. Needs the `--crun-*` options.
+    /// Without it every container is simulated.
+    #[arg(long, env = "TEST_KUBELET_CRUN_IMAGES", requires_all = ["crun_enter", "crun_shim", "crun_state"])]
+    pub crun_images: Option<PathBuf>,
+    /// `criu/enter.sh`: runs crun inside the CRIU root.
+    #[arg(long, env = "TEST_KUBELET_CRUN_ENTER")]
+    pub crun_enter: Option<PathBuf>,
+    /// The `km-shim` binary (`criu/km-shim.c`), one per container.
+    #[arg(long, env = "TEST_KUBELET_CRUN_SHIM")]
+    pub crun_shim: Option<PathBuf>,
+    /// This node's crun state directory (crun root, bundles, logs); one per node.
+    #[arg(long, env = "TEST_KUBELET_CRUN_STATE")]
+    pub crun_state: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +181,22 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     }
     tokio::spawn(Arc::clone(&keeper).keep_alive(shutdown.clone()));
 
-    let pods = Arc::new(PodManager::new(client, opts.node_name.clone(), runtime, puller));
+    let crun = match (&opts.crun_images, &opts.crun_enter, &opts.crun_shim, &opts.crun_state) {
+        (Some(images), Some(enter), Some(shim), Some(state)) => {
+            let crun = Crun::new(CrunConfig {
+                enter: enter.clone(),
+                shim: shim.clone(),
+                state_dir: state.clone(),
+                images_dir: images.clone(),
+                cgroup_parent: format!("kube-migrate-{}", opts.node_name),
+            });
+            crun.clean_up().await;
+            tracing::info!(images = %images.display(), state = %state.display(), "kube-migrate.test/* images run with crun");
+            Some(crun)
+        }
+        _ => None,
+    };
+    let pods = Arc::new(PodManager::new(client, opts.node_name.clone(), runtime, puller, crun));
     pods.run(shutdown.clone()).await;
     let _ = server.await;
     Ok(())

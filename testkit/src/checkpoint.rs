@@ -94,9 +94,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The container's state now (the container keeps running).
-    pub fn of(container: &Container) -> Self {
-        Self {
+    /// The state of a simulated container now (it keeps running); None for a real one.
+    pub fn of(container: &Container) -> Option<Self> {
+        Some(Self {
             container_id: container.id.clone(),
             namespace: container.spec.namespace.clone(),
             pod: container.spec.pod.clone(),
@@ -107,9 +107,9 @@ impl Snapshot {
             mounts: container.spec.mounts.clone(),
             created: container.started_at,
             checkpointed: Timestamp::now(),
-            counter: container.counter(),
-            memory: container.memory().clone(),
-        }
+            counter: container.counter()?,
+            memory: container.memory()?.clone(),
+        })
     }
 }
 

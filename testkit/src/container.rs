@@ -1,8 +1,9 @@
-//! A simulated container: a counter ticking every 100 ms, optional "memory" (deterministic
-//! pseudo-random bytes), and a log.
+//! A container of the test kubelet: either simulated (a counter ticking every 100 ms, optional
+//! "memory" of deterministic pseudo-random bytes) or real (a process crun runs, see [`crate::crun`]),
+//! with its log.
 //!
-//! The memory never changes once the container runs, so it is shared (`Arc`) with whoever
-//! checkpoints the container: an archive of a 1 GiB container streams from the very same
+//! A simulated container's memory never changes once it runs, so it is shared (`Arc`) with
+//! whoever checkpoints the container: an archive of a 1 GiB container streams from the very same
 //! buffer, nothing is copied.
 
 use std::{
@@ -15,6 +16,8 @@ use std::{
 };
 
 use k8s_openapi::jiff::Timestamp;
+
+use crate::crun::{Crun, Handle};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,72 @@ pub const STATE_SEED_ENV: &str = "STATE_SEED";
 pub const TICK: Duration = Duration::from_millis(100);
 /// Lines kept per container; older ones are dropped.
 const MAX_LOG_LINES: usize = 100_000;
+/// How often a real container's log file is read.
+const LOG_POLL: Duration = Duration::from_millis(100);
+/// Longest line kept whole; longer ones are split.
+const MAX_LINE_BYTES: usize = 16 << 10;
+
+/// Follows a log file that the shim appends to, line by line. The shim's own lines
+/// (`<time> km-shim[<pid>]: ...`) go to the kubelet's log, not the container's.
+struct LogFollower {
+    path: std::path::PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl LogFollower {
+    fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self, log: &Log) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        let Ok(n) = file.read_to_end(&mut bytes) else { return };
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&bytes);
+        let mut start = 0;
+        while let Some(end) = self.partial[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| start + i)
+        {
+            self.push(log, start, end);
+            start = end + 1;
+        }
+        self.partial.drain(..start);
+        if self.partial.len() > MAX_LINE_BYTES {
+            let len = self.partial.len();
+            self.push(log, 0, len);
+            self.partial.clear();
+        }
+    }
+
+    fn push(&self, log: &Log, start: usize, end: usize) {
+        let text = String::from_utf8_lossy(&self.partial[start..end]).into_owned();
+        if is_shim_line(&text) {
+            tracing::debug!(log = %self.path.display(), line = %text, "shim");
+        } else {
+            log.push(text);
+        }
+    }
+}
+
+/// `2026-11-23T10:00:00.000Z km-shim[123]: ...`
+fn is_shim_line(line: &str) -> bool {
+    line.split_once(' ')
+        .is_some_and(|(time, rest)| time.ends_with('Z') && rest.starts_with("km-shim["))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -265,15 +334,20 @@ pub struct ContainerSpec {
     pub mounts: Vec<Mount>,
 }
 
-/// A running (or stopped) simulated container.
+/// What runs a container.
+pub enum Backend {
+    Simulated { counter: AtomicU64, memory: Memory },
+    Crun { crun: Crun, handle: Box<Handle> },
+}
+
+/// A running (or stopped) container.
 pub struct Container {
     pub spec: ContainerSpec,
     /// 64 hex characters, like a runtime's container id.
     pub id: String,
     pub image_id: String,
     pub started_at: Timestamp,
-    counter: AtomicU64,
-    memory: Memory,
+    pub backend: Backend,
     pub log: Log,
     stop: CancellationToken,
     finished_at: Mutex<Option<Timestamp>>,
@@ -313,8 +387,10 @@ impl Container {
             id,
             image_id,
             started_at,
-            counter: AtomicU64::new(counter),
-            memory,
+            backend: Backend::Simulated {
+                counter: AtomicU64::new(counter),
+                memory,
+            },
             log: Log::default(),
             stop: CancellationToken::new(),
             finished_at: Mutex::new(None),
@@ -330,7 +406,10 @@ impl Container {
                     _ = this.stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let value = this.counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let Backend::Simulated { counter, .. } = &this.backend else {
+                    break;
+                };
+                let value = counter.fetch_add(1, Ordering::SeqCst) + 1;
                 ticks += 1;
                 if ticks.is_multiple_of(10) {
                     this.log.push(format!("counter={value}"));
@@ -342,16 +421,76 @@ impl Container {
         container
     }
 
-    pub fn counter(&self) -> u64 {
-        self.counter.load(Ordering::SeqCst)
+    /// A container crun runs: `handle` is already running (or restored). The log file is
+    /// followed into `log`; stopping kills and deletes the container.
+    pub fn start_crun(spec: ContainerSpec, id: String, image_id: String, crun: Crun, handle: Handle) -> Arc<Self> {
+        let container = Arc::new(Self {
+            spec,
+            id,
+            image_id,
+            started_at: Timestamp::now(),
+            backend: Backend::Crun {
+                crun,
+                handle: Box::new(handle),
+            },
+            log: Log::default(),
+            stop: CancellationToken::new(),
+            finished_at: Mutex::new(None),
+        });
+        let this = Arc::clone(&container);
+        tokio::spawn(async move {
+            let Backend::Crun { crun, handle } = &this.backend else {
+                return;
+            };
+            let mut follower = LogFollower::new(handle.log.clone());
+            let mut exited = false;
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => break,
+                    _ = tokio::time::sleep(LOG_POLL) => {}
+                }
+                follower.poll(&this.log);
+                if !exited && handle.exited() {
+                    exited = true;
+                    tracing::warn!(
+                        pod = %format!("{}/{}", this.spec.namespace, this.spec.pod), container = %this.spec.name,
+                        exit = %std::fs::read_to_string(&handle.exit_file).unwrap_or_default().trim(),
+                        "container exited on its own"
+                    );
+                }
+            }
+            crun.stop(handle).await;
+            follower.poll(&this.log);
+            *this.finished_at.lock().expect("finished lock") = Some(Timestamp::now());
+            this.log.close();
+        });
+        container
     }
 
-    pub fn memory(&self) -> &Memory {
-        &self.memory
+    /// The counter of a simulated container (None for a real one: its state is its own).
+    pub fn counter(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Simulated { counter, .. } => Some(counter.load(Ordering::SeqCst)),
+            Backend::Crun { .. } => None,
+        }
+    }
+
+    /// The memory of a simulated container.
+    pub fn memory(&self) -> Option<&Memory> {
+        match &self.backend {
+            Backend::Simulated { memory, .. } => Some(memory),
+            Backend::Crun { .. } => None,
+        }
     }
 
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Wait until the container has stopped (after [`Container::stop`]), at most `limit`.
+    pub async fn stopped(&self, limit: Duration) {
+        let mut progress = self.log.subscribe();
+        let _ = tokio::time::timeout(limit, progress.wait_for(|(_, closed)| *closed)).await;
     }
 
     pub fn is_running(&self) -> bool {
@@ -427,7 +566,7 @@ mod tests {
             },
         );
         tokio::time::sleep(Duration::from_millis(2050)).await;
-        assert_eq!(c.counter(), 60);
+        assert_eq!(c.counter(), Some(60));
         let (lines, _) = c.log.tail(None);
         assert!(lines[0].text.starts_with(
             "restored from checkpoint image r/kube-migrate/x@sha256:ab: counter=40 memory_bytes=16 memory_sha256="
@@ -436,5 +575,37 @@ mod tests {
         assert_eq!(lines[2].text, "counter=60");
         c.stop();
         assert!(!c.is_running());
+        c.stopped(Duration::from_secs(1)).await;
+        assert!(c.finished_at().is_some());
+    }
+
+    #[test]
+    fn shim_lines_are_told_apart() {
+        assert!(is_shim_line(
+            "2026-11-23T10:00:00.123Z km-shim[42]: container init pid 7"
+        ));
+        assert!(!is_shim_line("count 12"));
+        assert!(!is_shim_line("memhog report count=5 checksum=ab verify=ok"));
+    }
+
+    #[test]
+    fn log_follower_splits_lines_and_keeps_partial_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        std::fs::write(&path, "count 1\n2026-11-23T10:00:00.123Z km-shim[42]: done\ncou").unwrap();
+        let log = Log::default();
+        let mut f = LogFollower::new(path.clone());
+        f.poll(&log);
+        let texts = |log: &Log| log.tail(None).0.into_iter().map(|l| l.text).collect::<Vec<_>>();
+        assert_eq!(texts(&log), ["count 1"]);
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"nt 2\n")
+            .unwrap();
+        f.poll(&log);
+        assert_eq!(texts(&log), ["count 1", "count 2"]);
     }
 }

@@ -7,7 +7,8 @@
 //! archives in the CRI-O layout, serves container logs to the API server, and restores
 //! containers from kube-migrate checkpoint images.
 //!
-//! * [`container`]: the simulated container.
+//! * [`container`]: a container, simulated or real.
+//! * [`crun`]: real containers with crun and CRIU (`kube-migrate.test/*` images).
 //! * [`checkpoint`]: checkpoint archives (writer).
 //! * [`restore`]: pulling checkpoint images and reading the state back.
 //! * [`auth`]: TokenReview + SubjectAccessReview.
@@ -20,6 +21,7 @@ pub mod app;
 pub mod auth;
 pub mod checkpoint;
 pub mod container;
+pub mod crun;
 pub mod node;
 pub mod pods;
 pub mod restore;

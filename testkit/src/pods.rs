@@ -26,6 +26,7 @@ use crate::{
         Container, ContainerError, ContainerSpec, Memory, Mount, Origin, STATE_BYTES_ENV, STATE_SEED_ENV, default_seed,
         parse_state_bytes, parse_state_seed,
     },
+    crun::{Crun, CrunError, RunSpec},
     restore::{ImageRef, Puller, REASON_CREATE, RestoreError},
 };
 
@@ -33,6 +34,8 @@ use crate::{
 pub const POD_IP: &str = "127.0.0.1";
 /// Upper bound of the wait before stopping the containers of a deleted pod.
 pub const MAX_STOP_DELAY: Duration = Duration::from_secs(1);
+/// Upper bound of the wait for stopped containers to be gone.
+const MAX_STOP_WAIT: Duration = Duration::from_secs(15);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -44,6 +47,8 @@ pub enum PodError {
     Container(#[from] ContainerError),
     #[error("container task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Crun(#[from] CrunError),
 }
 
 impl PodError {
@@ -55,6 +60,7 @@ impl PodError {
                 "CreateContainerConfigError"
             }
             PodError::Container(ContainerError::Allocation { .. }) | PodError::Join(_) => REASON_CREATE,
+            PodError::Crun(e) => e.reason(),
         }
     }
 }
@@ -264,6 +270,16 @@ impl StatusTracker {
 }
 
 /// The imageID of an image that was not really pulled: `<name>@sha256:<hash of the name>`.
+/// A new container id: 64 hex characters, like a runtime's.
+fn container_id(spec: &ContainerSpec) -> String {
+    hex::encode(Sha256::digest(format!(
+        "{}/{}/{}",
+        spec.pod_uid,
+        spec.name,
+        Timestamp::now().as_nanosecond()
+    )))
+}
+
 fn fake_image_id(image: &str) -> String {
     let name = image.split('@').next().unwrap_or(image);
     let name = match name.rsplit_once(':') {
@@ -328,15 +344,18 @@ pub struct PodManager {
     node: String,
     runtime: Runtime,
     puller: Puller,
+    /// Runs `kube-migrate.test/*` images as real containers, when configured.
+    crun: Option<Crun>,
 }
 
 impl PodManager {
-    pub fn new(client: Client, node: impl Into<String>, runtime: Runtime, puller: Puller) -> Self {
+    pub fn new(client: Client, node: impl Into<String>, runtime: Runtime, puller: Puller, crun: Option<Crun>) -> Self {
         Self {
             client,
             node: node.into(),
             runtime,
             puller,
+            crun,
         }
     }
 
@@ -430,10 +449,44 @@ impl PodManager {
                 })
                 .collect(),
         };
+        let run_spec = |id: &str| RunSpec {
+            id: id.to_string(),
+            pod_uid: spec.pod_uid.clone(),
+            namespace: spec.namespace.clone(),
+            pod: spec.pod.clone(),
+            container: spec.name.clone(),
+            image: image.clone(),
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            env: c
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| e.value.as_ref().map(|v| format!("{}={v}", e.name)))
+                .collect(),
+        };
+        let target = format!("{}/{}", spec.namespace, spec.pod);
         if let Some(reference) = ImageRef::parse(&image) {
-            let restored = self.puller.pull(&reference).await?;
+            let manifest = self.puller.manifest(&reference).await?;
+            if let (Some(crun), Some(base)) = (&self.crun, manifest.base_image.as_deref())
+                && crun.handles(base)
+            {
+                let id = container_id(&spec);
+                let started = Instant::now();
+                let dir = crun.restore_dir(&id);
+                let bytes = self.puller.unpack(&reference, &manifest, dir.clone()).await?;
+                let pulled = started.elapsed();
+                let handle = crun.restore(&run_spec(&id), &dir).await?;
+                tracing::info!(
+                    pod = %target, container = %spec.name, %image, digest = %manifest.manifest_digest, bytes,
+                    pull_seconds = pulled.as_secs_f64(), restore_seconds = (started.elapsed() - pulled).as_secs_f64(),
+                    "restored container with CRIU from checkpoint image"
+                );
+                return Ok(Container::start_crun(spec, id, manifest.image_id, crun.clone(), handle));
+            }
+            let restored = self.puller.read_state(&reference, manifest).await?;
             tracing::info!(
-                pod = %format!("{}/{}", spec.namespace, spec.pod), container = %spec.name, %image,
+                pod = %target, container = %spec.name, %image,
                 digest = %restored.manifest_digest, counter = restored.counter,
                 memory_bytes = restored.memory.len(), "restored container from checkpoint image"
             );
@@ -442,6 +495,18 @@ impl PodManager {
                 counter: restored.counter,
             };
             return Ok(Container::start(spec, restored.image_id, restored.memory, origin));
+        }
+        if let Some(crun) = self.crun.as_ref().filter(|crun| crun.handles(&image)) {
+            let id = container_id(&spec);
+            let handle = crun.run(&run_spec(&id)).await?;
+            tracing::info!(pod = %target, container = %spec.name, %image, id = %id, "started container with crun");
+            return Ok(Container::start_crun(
+                spec,
+                id,
+                fake_image_id(&image),
+                crun.clone(),
+                handle,
+            ));
         }
         let bytes = parse_state_bytes(env(STATE_BYTES_ENV).as_deref())?;
         let seed = parse_state_seed(env(STATE_SEED_ENV).as_deref())?
@@ -589,6 +654,9 @@ impl PodManager {
                 for c in running.values() {
                     c.stop();
                 }
+                for c in running.values() {
+                    c.stopped(MAX_STOP_WAIT).await;
+                }
             }
             End::Deleted(pod) => {
                 let grace = pod
@@ -605,9 +673,11 @@ impl PodManager {
                 for c in running.values() {
                     c.stop();
                 }
+                // Real containers take a moment (TERM, KILL, crun delete).
+                for c in running.values() {
+                    c.stopped(MAX_STOP_WAIT).await;
+                }
                 if !vanished && !terminal {
-                    // Let the container tasks record their end.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                     let status = tracker.status(&pod, &Self::views(&pod, &running, &failures, true), true);
                     self.publish(&api, &name, status, &mut tracker).await;
                 }

@@ -7,7 +7,7 @@
 
 use std::{
     io::{self, Read},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -16,12 +16,11 @@ use http_body_util::{BodyDataStream, BodyExt};
 use hyper::{Method, Request, StatusCode};
 use kube_migrate::{
     agent::{
-        archive::HashingReader,
         client::{HttpsClient, empty_body, https_client},
         image::{INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE},
         registry::REPOSITORY_PREFIX,
     },
-    api::CRIO_CHECKPOINT_NAME,
+    api::{CRIO_CHECKPOINT_NAME, CRIO_CHECKPOINT_ROOTFS_IMAGE},
     tls::{TlsError, client_config},
 };
 use sha2::{Digest, Sha256};
@@ -141,6 +140,17 @@ impl ImageRef {
     }
 }
 
+/// A checked checkpoint image manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub manifest_digest: String,
+    pub layer_digest: String,
+    /// The image the checkpointed container ran (`io.kubernetes.cri-o.annotations.checkpoint.rootfsImageName`).
+    pub base_image: Option<String>,
+    /// `<registry>/<repository>@<manifest digest>`
+    pub image_id: String,
+}
+
 /// What a pull restored.
 #[derive(Debug, Clone)]
 pub struct Restored {
@@ -210,8 +220,9 @@ fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// The manifest's layer digest, after checking it describes a checkpoint image.
-fn checkpoint_layer(url: &str, body: &[u8]) -> Result<String, RestoreError> {
+/// The manifest's layer digest and base image annotation, after checking it describes a
+/// checkpoint image.
+fn checkpoint_layer(url: &str, body: &[u8]) -> Result<(String, Option<String>), RestoreError> {
     let invalid = |message: String| RestoreError::Manifest {
         url: url.to_string(),
         message,
@@ -231,11 +242,15 @@ fn checkpoint_layer(url: &str, body: &[u8]) -> Result<String, RestoreError> {
     if layers.len() != 1 {
         return Err(RestoreError::Layers(layers.len()));
     }
-    layers[0]["digest"]
+    let digest = layers[0]["digest"]
         .as_str()
         .filter(|d| d.starts_with("sha256:"))
         .map(str::to_string)
-        .ok_or_else(|| invalid("layer without a sha256 digest".into()))
+        .ok_or_else(|| invalid("layer without a sha256 digest".into()))?;
+    let base = manifest["annotations"][CRIO_CHECKPOINT_ROOTFS_IMAGE]
+        .as_str()
+        .map(str::to_string);
+    Ok((digest, base))
 }
 
 impl Puller {
@@ -246,8 +261,8 @@ impl Puller {
         })
     }
 
-    /// Pull `image` (parsed as `reference`) and read the container state from it.
-    pub async fn pull(&self, reference: &ImageRef) -> Result<Restored, RestoreError> {
+    /// Fetch and check the manifest of checkpoint image `reference`.
+    pub async fn manifest(&self, reference: &ImageRef) -> Result<Manifest, RestoreError> {
         let url = reference.url("manifests", &reference.reference);
         let response = get(&self.http, &url, MANIFEST_MEDIA_TYPE).await?;
         let header_digest = response
@@ -275,22 +290,121 @@ impl Puller {
                 });
             }
         }
-        let layer_digest = checkpoint_layer(&url, &body)?;
+        let (layer_digest, base_image) = checkpoint_layer(&url, &body)?;
+        Ok(Manifest {
+            image_id: reference.image_id(&manifest_digest),
+            manifest_digest,
+            layer_digest,
+            base_image,
+        })
+    }
 
-        let blob_url = reference.url("blobs", &layer_digest);
+    /// The layer of `manifest` as a blocking reader that hashes what it reads.
+    async fn layer(
+        &self,
+        reference: &ImageRef,
+        manifest: &Manifest,
+    ) -> Result<Sha256Reader<impl Read + Send + 'static>, RestoreError> {
+        let blob_url = reference.url("blobs", &manifest.layer_digest);
+        let response = get(&self.http, &blob_url, "application/octet-stream").await?;
+        let stream = BodyDataStream::new(response.into_body()).map_err(io::Error::other);
+        Ok(Sha256Reader::new(tokio_util::io::SyncIoBridge::new(
+            tokio_util::io::StreamReader::new(stream),
+        )))
+    }
+
+    /// Pull `image` (parsed as `reference`) and read a simulated container's state from it.
+    pub async fn pull(&self, reference: &ImageRef) -> Result<Restored, RestoreError> {
+        let manifest = self.manifest(reference).await?;
+        self.read_state(reference, manifest).await
+    }
+
+    /// Read a simulated container's state from the layer of `manifest`.
+    pub async fn read_state(&self, reference: &ImageRef, manifest: Manifest) -> Result<Restored, RestoreError> {
+        let blob_url = reference.url("blobs", &manifest.layer_digest);
         let response = get(&self.http, &blob_url, "application/octet-stream").await?;
         let stream = BodyDataStream::new(response.into_body()).map_err(io::Error::other);
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+        let layer_digest = manifest.layer_digest.clone();
         let (header, memory) = tokio::task::spawn_blocking(move || read_layer(reader, Some(&layer_digest)))
             .await
             .map_err(|e| RestoreError::Layer(io::Error::other(e)))??;
         Ok(Restored {
-            image_id: reference.image_id(&manifest_digest),
-            manifest_digest,
+            image_id: manifest.image_id,
+            manifest_digest: manifest.manifest_digest,
             counter: header.counter,
             memory,
         })
     }
+
+    /// Unpack the layer of `manifest` (a checkpoint archive) into `dest`, checking its digest
+    /// on the way; `dest` is removed again if anything is wrong. Returns the layer's size.
+    pub async fn unpack(&self, reference: &ImageRef, manifest: &Manifest, dest: PathBuf) -> Result<u64, RestoreError> {
+        let reader = self.layer(reference, manifest).await?;
+        let expected = manifest.layer_digest.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = unpack_layer(reader, &dest, &expected);
+            if result.is_err() {
+                let _ = std::fs::remove_dir_all(&dest);
+            }
+            result
+        })
+        .await
+        .map_err(|e| RestoreError::Layer(io::Error::other(e)))?
+    }
+}
+
+/// A reader that hashes (sha256) and counts what passes through it.
+pub struct Sha256Reader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Sha256Reader<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// `sha256:<hex>` and the byte count.
+    pub fn finish(self) -> (String, u64) {
+        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.bytes)
+    }
+}
+
+impl<R: Read> Read for Sha256Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Untar `reader` into `dest` and read it to its end; its sha256 must be `expected`.
+pub fn unpack_layer<R: Read>(mut reader: Sha256Reader<R>, dest: &Path, expected: &str) -> Result<u64, RestoreError> {
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::create_dir_all(dest).map_err(RestoreError::Layer)?;
+    {
+        let mut archive = tar::Archive::new(&mut reader);
+        archive.set_preserve_permissions(true);
+        // `unpack` refuses entries that would land outside `dest` (`..`, absolute paths).
+        archive.unpack(dest).map_err(RestoreError::Layer)?;
+    }
+    // Whatever follows the end-of-archive blocks is part of the blob too.
+    io::copy(&mut reader, &mut io::sink()).map_err(RestoreError::Layer)?;
+    let (digest, size) = reader.finish();
+    if digest != expected {
+        return Err(RestoreError::LayerDigest {
+            expected: expected.to_string(),
+            actual: digest,
+        });
+    }
+    Ok(size)
 }
 
 fn read_header_line<R: Read>(reader: &mut R) -> Result<Vec<u8>, RestoreError> {
@@ -351,7 +465,7 @@ pub fn read_state<R: Read>(mut reader: R, size: u64) -> Result<(StateHeader, Mem
 /// Read a checkpoint layer (a tar whose files are the archive's files at the root), verify
 /// its digest when `expected` is given, and return the verified state.
 pub fn read_layer<R: Read>(reader: R, expected: Option<&str>) -> Result<(StateHeader, Memory), RestoreError> {
-    let mut hashing = HashingReader::new(reader);
+    let mut hashing = Sha256Reader::new(reader);
     let mut state = None;
     {
         let mut archive = tar::Archive::new(&mut hashing);
@@ -366,7 +480,8 @@ pub fn read_layer<R: Read>(reader: R, expected: Option<&str>) -> Result<(StateHe
         }
     }
     // Drain the end-of-archive padding: the digest covers the whole blob.
-    let (actual, _) = hashing.finish().map_err(RestoreError::Layer)?;
+    io::copy(&mut hashing, &mut io::sink()).map_err(RestoreError::Layer)?;
+    let (actual, _) = hashing.finish();
     if let Some(expected) = expected
         && actual != expected
     {
@@ -415,7 +530,21 @@ mod tests {
             "layers": [{"digest": "sha256:aa"}],
             "annotations": {CRIO_CHECKPOINT_NAME: "app"},
         });
-        assert_eq!(checkpoint_layer("u", ok.to_string().as_bytes()).unwrap(), "sha256:aa");
+        assert_eq!(
+            checkpoint_layer("u", ok.to_string().as_bytes()).unwrap(),
+            ("sha256:aa".to_string(), None)
+        );
+        let based = serde_json::json!({
+            "layers": [{"digest": "sha256:aa"}],
+            "annotations": {CRIO_CHECKPOINT_NAME: "app", CRIO_CHECKPOINT_ROOTFS_IMAGE: "kube-migrate.test/counter:1"},
+        });
+        assert_eq!(
+            checkpoint_layer("u", based.to_string().as_bytes())
+                .unwrap()
+                .1
+                .as_deref(),
+            Some("kube-migrate.test/counter:1")
+        );
         let plain = serde_json::json!({"layers": [{"digest": "sha256:aa"}]});
         let err = checkpoint_layer("u", plain.to_string().as_bytes()).unwrap_err();
         assert!(matches!(err, RestoreError::NotCheckpoint));

@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::{
     auth::Authorizer,
     checkpoint::{Snapshot, write_archive},
-    container::{Container, LogLine},
+    container::{Backend, Container, LogLine},
     pods::Runtime,
 };
 
@@ -108,34 +108,47 @@ async fn checkpoint(
             pod: pod.clone(),
             container: container.clone(),
         })?;
-    let snapshot = Snapshot::of(&running);
-    let (counter, memory_bytes) = (snapshot.counter, snapshot.memory.len());
-    let dir = state.checkpoint_dir.clone();
     let timeout = query
         .timeout
         .filter(|&t| t > 0)
         .map_or(DEFAULT_CHECKPOINT_TIMEOUT, Duration::from_secs);
     let started = std::time::Instant::now();
+    let failed = |message: String| ServerError::Checkpoint {
+        target: target.clone(),
+        message,
+    };
+    let timed_out = || ServerError::CheckpointTimeout {
+        target: target.clone(),
+        seconds: timeout.as_secs(),
+    };
+    if let Backend::Crun { crun, handle } = &running.backend {
+        let job = crun.checkpoint(
+            handle,
+            &pod,
+            &namespace,
+            &container,
+            running.started_at,
+            &state.checkpoint_dir,
+        );
+        let path = tokio::time::timeout(timeout, job)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| failed(e.to_string()))?;
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        tracing::info!(
+            %target, user = user.username.as_deref().unwrap_or_default(), path = %path.display(), bytes,
+            seconds = started.elapsed().as_secs_f64(), "checkpointed container with CRIU (it keeps running)"
+        );
+        return Ok(Json(json!({"items": [path.display().to_string()]})).into_response());
+    }
+    let snapshot = Snapshot::of(&running).ok_or_else(|| failed("container has no simulated state".into()))?;
+    let (counter, memory_bytes) = (snapshot.counter, snapshot.memory.len());
+    let dir = state.checkpoint_dir.clone();
     let job = tokio::task::spawn_blocking(move || write_archive(&dir, &snapshot));
     let path = match tokio::time::timeout(timeout, job).await {
-        Err(_) => {
-            return Err(ServerError::CheckpointTimeout {
-                target,
-                seconds: timeout.as_secs(),
-            });
-        }
-        Ok(Err(join)) => {
-            return Err(ServerError::Checkpoint {
-                target,
-                message: join.to_string(),
-            });
-        }
-        Ok(Ok(Err(e))) => {
-            return Err(ServerError::Checkpoint {
-                target,
-                message: e.to_string(),
-            });
-        }
+        Err(_) => return Err(timed_out()),
+        Ok(Err(join)) => return Err(failed(join.to_string())),
+        Ok(Ok(Err(e))) => return Err(failed(e.to_string())),
         Ok(Ok(Ok(path))) => path,
     };
     tracing::info!(
