@@ -3,8 +3,10 @@
 #   1. formatting and lints (clippy -D warnings)
 #   2. the committed CRD matches the Rust types (crdgen)
 #   3. unit and integration tests (cargo test)
-#   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh);
+#   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
+#      real crun + CRIU containers included where the machine allows;
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
+#   5. short versions of the benchmarks (scripts/bench-drain.sh --quick), so they cannot rot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +37,8 @@ if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
 else
   step "end-to-end scenarios (scripts/e2e.sh)"
   scripts/e2e.sh 2>&1 | tee -a "$results"
+  step "benchmarks, short versions (figures: docs/benchmarks.md)"
+  scripts/bench-drain.sh --quick
 fi
 # One closing line for everything that ran. A scenario that could not run on this machine
 # prints "SKIPPED: <why>" and counts as skipped, not passed.
