@@ -12,6 +12,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Tools the scripts use that a fresh machine may lack, from Debian's archive.
+for tool in jq; do
+  if ! command -v "$tool" >/dev/null; then
+    step "installing $tool (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$tool" ||
+      { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$tool"; }
+  fi
+done
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
