@@ -7,6 +7,7 @@ pub mod archive;
 pub mod client;
 pub mod image;
 pub mod kubelet;
+pub mod receive;
 pub mod registry;
 pub mod server;
 pub mod store;

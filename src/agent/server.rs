@@ -15,9 +15,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, post, put},
 };
-use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tracing::instrument;
 
 use super::{
@@ -29,6 +26,7 @@ use super::{
     client::{AgentClient, ClientError},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
+    receive::{self, ReceiveError},
     registry::REPOSITORY_PREFIX,
     store::{Record, Store, StoreError},
 };
@@ -52,8 +50,8 @@ pub enum AgentError {
     Peer(#[from] ClientError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("upload interrupted: {0}")]
-    Upload(String),
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
 }
 
 impl AgentError {
@@ -67,7 +65,7 @@ impl AgentError {
             AgentError::Image(e) => e.metric_label(),
             AgentError::Peer(e) => e.reason().map_or(e.metric_label(), |_| "peer_refused"),
             AgentError::Io(_) => "io",
-            AgentError::Upload(_) => "upload_interrupted",
+            AgentError::Receive(e) => e.metric_label(),
         }
     }
 
@@ -76,14 +74,17 @@ impl AgentError {
             AgentError::BadRequest(_)
             | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
-            AgentError::Archive(ArchiveError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Archive(ArchiveError::Io(_))
+            | AgentError::Receive(ReceiveError::Archive(ArchiveError::Io(_)) | ReceiveError::Io { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             // A corrupt or unsafe archive will not get better by retrying.
-            AgentError::Archive(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Archive(_) | AgentError::Receive(ReceiveError::Archive(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Kubelet(KubeletError::NotFound(_) | KubeletError::Forbidden(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             AgentError::Peer(e) if !e.retryable() => StatusCode::UNPROCESSABLE_ENTITY,
-            AgentError::Upload(_) => StatusCode::BAD_REQUEST,
+            AgentError::Receive(ReceiveError::Interrupted(_)) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -340,25 +341,8 @@ async fn do_receive(
     let _guard = state.lock(id).await;
     state.store.create_dir(id)?;
     let part = final_path.with_extension("part");
-    let outcome = stream_to_file(body, &part).await;
-    let (actual, size) = match outcome {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(e);
-        }
-    };
-    if actual != expected {
-        let _ = tokio::fs::remove_file(&part).await;
-        return Err(ArchiveError::Digest { expected, actual }.into());
-    }
-    let info = match validate_blocking(part.clone()).await {
-        Ok(info) => info,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(e);
-        }
-    };
+    // Hashed, validated and written in one pass; the part file is gone on any error.
+    let info = receive::receive(body, &part, &expected).await?;
     tokio::fs::rename(&part, &final_path).await?;
     let mut record = state.store.load(id)?.unwrap_or_default();
     record.received.insert(
@@ -367,7 +351,7 @@ async fn do_receive(
             container: container.to_string(),
             path: final_path.display().to_string(),
             digest: info.digest.clone(),
-            size_bytes: size,
+            size_bytes: info.size,
             base_image: base_image(&info.config),
             seconds: 0.0,
         },
@@ -377,31 +361,12 @@ async fn do_receive(
         .metrics
         .agent_bytes
         .get_or_create(&PhaseLabels { phase: "receive" })
-        .inc_by(size);
-    tracing::info!(bytes = size, digest = %info.digest, "archive received and verified");
+        .inc_by(info.size);
+    tracing::info!(bytes = info.size, digest = %info.digest, "archive received and verified");
     Ok(ReceiveResponse {
         digest: info.digest,
-        size_bytes: size,
+        size_bytes: info.size,
     })
-}
-
-/// Write a request body to `path` while hashing it: constant memory whatever the size.
-async fn stream_to_file(body: Body, path: &std::path::Path) -> Result<(String, u64), AgentError> {
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut body = body;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| AgentError::Upload(e.to_string()))?;
-        if let Ok(data) = frame.into_data() {
-            hasher.update(&data);
-            size += data.len() as u64;
-            file.write_all(&data).await?;
-        }
-    }
-    file.flush().await?;
-    file.sync_all().await?;
-    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
 }
 
 #[instrument(skip_all, fields(id = %id, pod = %req.pod))]

@@ -1,0 +1,288 @@
+//! Receiving an archive upload in one pass. The body is teed: frames, gathered into batches
+//! of about 1 MiB, go both to a validator thread, which hashes them and parses the tar
+//! structure, and to a writer thread, which writes each batch with one vectored write; one
+//! fsync at the end. Decryption, hashing and writing run side by side, the frames are never
+//! copied, and nothing is read back from disk.
+
+use std::{
+    fs::File,
+    io::{self, IoSlice, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+
+use super::archive::{ArchiveError, ArchiveInfo, Validator};
+
+/// Frames shared by both threads (reference-counted, never copied).
+type Batch = Arc<Vec<Bytes>>;
+
+/// Bytes gathered before a batch goes to the threads: one wakeup and one write per MiB
+/// rather than per frame (hyper hands out frames of at most its read buffer, ~400 KiB).
+const BATCH_BYTES: usize = 1 << 20;
+/// Frames per batch at most, however small a client makes them (IoSlices, wakeups).
+const BATCH_FRAMES: usize = 256;
+/// Batches queued for each thread: bounds the memory of an upload to ~10 MiB.
+const QUEUE: usize = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("upload interrupted: {0}")]
+    Interrupted(String),
+    #[error("writing {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+}
+
+impl ReceiveError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReceiveError::Interrupted(_) => "upload_interrupted",
+            ReceiveError::Io { .. } => "io",
+            ReceiveError::Archive(e) => e.metric_label(),
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
+    move |source| ReceiveError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Stream `body` into `part`, keeping it (fsynced) only when its digest is `expected` and it
+/// is a complete, safe checkpoint archive. On any error `part` is removed.
+pub async fn receive(body: Body, part: &Path, expected: &str) -> Result<ArchiveInfo, ReceiveError> {
+    let result = receive_checked(body, part, expected).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(part).await;
+    }
+    result
+}
+
+async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<ArchiveInfo, ReceiveError> {
+    let (to_validator, validator_rx) = mpsc::channel::<Batch>(QUEUE);
+    let (to_writer, writer_rx) = mpsc::channel::<Batch>(QUEUE);
+    let invalid = Arc::new(AtomicBool::new(false));
+    let validator = tokio::task::spawn_blocking({
+        let invalid = Arc::clone(&invalid);
+        move || validate_batches(validator_rx, &invalid)
+    });
+    let path = part.to_owned();
+    let writer = tokio::task::spawn_blocking(move || write_batches(&path, writer_rx, &invalid));
+    let mut interrupted = None;
+    let mut batch = Vec::new();
+    let mut batched = 0;
+    loop {
+        let data = match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Some(data),
+                Err(_) => continue, // trailers
+            },
+            Some(Err(e)) => {
+                interrupted = Some(e.to_string());
+                break;
+            }
+            None => None,
+        };
+        let last = data.is_none();
+        if let Some(data) = data {
+            batched += data.len();
+            batch.push(data);
+        }
+        if batched >= BATCH_BYTES || batch.len() == BATCH_FRAMES || (last && !batch.is_empty()) {
+            let full: Batch = Arc::new(std::mem::take(&mut batch));
+            batched = 0;
+            let _ = to_validator.send(Arc::clone(&full)).await; // the validator never stops early
+            if to_writer.send(full).await.is_err() {
+                break; // the writer stopped on an I/O error, which is the answer
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    drop((to_validator, to_writer));
+    let joined = |e: tokio::task::JoinError| io_err(part)(io::Error::other(e));
+    let written = writer.await.map_err(joined)?;
+    let validator = validator.await.map_err(joined)?;
+    if let Some(why) = interrupted {
+        return Err(ReceiveError::Interrupted(why));
+    }
+    let file = written?;
+    let (actual, verdict) = validator.finish();
+    // A digest mismatch (corruption on the way) takes precedence over what the corrupted
+    // bytes look like.
+    if actual != expected {
+        return Err(ArchiveError::Digest {
+            expected: expected.to_string(),
+            actual,
+        }
+        .into());
+    }
+    let info = verdict?;
+    // One fsync for the whole archive, once it is known to be worth keeping.
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(joined)?
+        .map_err(io_err(part))?;
+    Ok(info)
+}
+
+/// The validator thread: hash and parse every frame; flag the first problem for the writer.
+fn validate_batches(mut rx: mpsc::Receiver<Batch>, invalid: &AtomicBool) -> Validator {
+    let mut validator = Validator::new();
+    while let Some(batch) = rx.blocking_recv() {
+        for frame in batch.iter() {
+            validator.update(frame);
+        }
+        if !validator.is_ok() {
+            invalid.store(true, Ordering::Relaxed);
+        }
+    }
+    validator
+}
+
+/// The writer thread: one vectored write per batch. Once the archive is known to be invalid
+/// it only drains (the validator still needs every byte for the digest).
+fn write_batches(path: &Path, mut rx: mpsc::Receiver<Batch>, invalid: &AtomicBool) -> Result<File, ReceiveError> {
+    let mut file = File::create(path).map_err(io_err(path))?;
+    while let Some(batch) = rx.blocking_recv() {
+        if !invalid.load(Ordering::Relaxed) {
+            write_all(&mut file, &batch).map_err(io_err(path))?;
+        }
+    }
+    Ok(file)
+}
+
+/// Write every frame of `batch`, with as few writev calls as the kernel allows.
+fn write_all(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    /// A checkpoint archive with `pages` bytes of memory; `name` is the pages file's path,
+    /// written raw so that hostile names are possible.
+    fn archive(pages: usize, name: &str) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, body: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o600);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, body).unwrap();
+        };
+        add("config.dump", br#"{"name":"app","rootfsImageName":"img:1"}"#);
+        add("spec.dump", b"{}");
+        let memory: Vec<u8> = (0..pages).map(|i| (i % 251) as u8).collect();
+        add(name, &memory);
+        b.into_inner().unwrap()
+    }
+
+    fn digest(bytes: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    }
+
+    /// `bytes` as a request body of `frame`-sized frames, failing after `fail_after` frames.
+    fn body(bytes: &[u8], frame: usize, fail_after: Option<usize>) -> Body {
+        let mut frames: Vec<io::Result<Bytes>> = bytes.chunks(frame).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        if let Some(n) = fail_after {
+            frames.truncate(n);
+            frames.push(Err(io::Error::other("connection reset")));
+        }
+        Body::from_stream(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_good_upload_is_written_byte_for_byte_in_any_framing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = archive(3 << 20, "checkpoint/pages-1.img");
+        for frame in [1000, 64 << 10, 5 << 20] {
+            let part = dir.path().join(format!("app-{frame}.part"));
+            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes))
+                .await
+                .unwrap();
+            assert_eq!(info.digest, digest(&bytes));
+            assert_eq!(info.size, bytes.len() as u64);
+            assert_eq!(info.config.rootfs_image_name, "img:1");
+            assert!(std::fs::read(&part).unwrap() == bytes, "frames of {frame}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_uploads_leave_no_part_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("app.part");
+        let good = archive(100_000, "checkpoint/pages-1.img");
+
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let err = receive(body(&good, 4096, None), &part, &wrong).await.unwrap_err();
+        assert!(
+            matches!(err, ReceiveError::Archive(ArchiveError::Digest { .. })),
+            "{err}"
+        );
+        assert!(!part.exists());
+
+        // Digest right, content unsafe: refused for what it is.
+        let hostile = archive(100_000, "../../etc/cron.d/x");
+        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReceiveError::Archive(ArchiveError::Unsafe {
+                    why: "'..' component",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert_eq!(err.metric_label(), "archive_unsafe");
+        assert!(!part.exists());
+
+        // A corrupt archive whose corruption happened before hashing (digest matches).
+        let mut corrupt = good.clone();
+        corrupt[1024 + 10] ^= 0xff; // the name of the spec.dump header
+        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ReceiveError::Archive(ArchiveError::Corrupt { .. })),
+            "{err}"
+        );
+        assert!(!part.exists());
+
+        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReceiveError::Interrupted(_)), "{err}");
+        assert_eq!(err.metric_label(), "upload_interrupted");
+        assert!(!part.exists());
+    }
+}
