@@ -6,7 +6,8 @@
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows;
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
-#   5. short versions of the benchmarks (scripts/bench-drain.sh --quick), so they cannot rot
+#   5. short versions of the benchmarks (scripts/bench.sh --quick: admission, transfer, image
+#      build; scripts/bench-drain.sh --quick: drain on the local cluster), so they cannot rot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,7 @@ else
   step "end-to-end scenarios (scripts/e2e.sh)"
   scripts/e2e.sh 2>&1 | tee -a "$results"
   step "benchmarks, short versions (figures: docs/benchmarks.md)"
+  scripts/bench.sh --quick
   scripts/bench-drain.sh --quick
 fi
 # One closing line for everything that ran. A scenario that could not run on this machine
