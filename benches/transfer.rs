@@ -215,12 +215,14 @@ fn raw_receiver(dir: &Path) {
 }
 
 /// Best (smallest) figures of each receiver over `runs` runs: seconds, and CPU seconds of the
-/// receiving process.
+/// sending (this) and the receiving process.
 struct Measured {
     raw: f64,
     agent: f64,
     raw_cpu: f64,
     agent_cpu: f64,
+    raw_send_cpu: f64,
+    agent_send_cpu: f64,
     agent_peak_mib: f64,
     image: f64,
     image_peak_mib: f64,
@@ -344,13 +346,13 @@ fn main() {
             load_average()
         );
         println!(
-            "{:>9} {:>10} {:>12} {:>6} {:>13} {:>15} {:>11} {:>12} {:>11} {:>7}",
+            "{:>9} {:>10} {:>12} {:>6} {:>21} {:>21} {:>11} {:>12} {:>11} {:>7}",
             "archive",
             "raw MiB/s",
             "agent MiB/s",
             "ratio",
-            "raw CPU s/GiB",
-            "agent CPU s/GiB",
+            "raw CPU s/GiB snd+rcv",
+            "agent CPU s/GiB s+r",
             "agent peak",
             "image build",
             "image peak",
@@ -372,6 +374,8 @@ fn main() {
                 agent: f64::MAX,
                 raw_cpu: f64::MAX,
                 agent_cpu: f64::MAX,
+                raw_send_cpu: f64::MAX,
+                agent_send_cpu: f64::MAX,
                 agent_peak_mib: 0.0,
                 image: f64::MAX,
                 image_peak_mib: 0.0,
@@ -387,14 +391,16 @@ fn main() {
                         let a = agent_run(&client, &agent_url, agent_pid, &state_dir, &id, &archive, &reference).await;
                         m.agent = m.agent.min(a.seconds);
                         m.agent_cpu = m.agent_cpu.min(a.cpu);
+                        m.agent_send_cpu = m.agent_send_cpu.min(a.send_cpu);
                         m.agent_peak_mib = m.agent_peak_mib.max(a.peak_mib);
                         m.image = m.image.min(a.image_seconds);
                         m.image_peak_mib = m.image_peak_mib.max(a.image_peak_mib);
                         m.layer_is_archive &= a.layer_is_archive;
                     } else {
-                        let cpu = cpu_seconds(raw_pid);
+                        let (cpu, send_cpu) = (cpu_seconds(raw_pid), cpu_seconds(std::process::id()));
                         m.raw = m.raw.min(raw_upload(&connector, raw_port, &archive, size).await);
                         m.raw_cpu = m.raw_cpu.min(cpu_seconds(raw_pid) - cpu);
+                        m.raw_send_cpu = m.raw_send_cpu.min(cpu_seconds(std::process::id()) - send_cpu);
                         for entry in std::fs::read_dir(dir.path()).unwrap() {
                             let path = entry.unwrap().path();
                             if path.file_name().unwrap().to_string_lossy().starts_with("raw-") {
@@ -407,13 +413,13 @@ fn main() {
             let mb = size as f64 / MIB;
             let gib = mb / 1024.0;
             println!(
-                "{:>5} MiB {:>10.1} {:>12.1} {:>6.2} {:>13.2} {:>15.2} {:>7.1} MiB {:>9.1} ms {:>7.1} MiB {:>7}",
+                "{:>5} MiB {:>10.1} {:>12.1} {:>6.2} {:>21} {:>21} {:>7.1} MiB {:>9.1} ms {:>7.1} MiB {:>7}",
                 mib,
                 mb / m.raw,
                 mb / m.agent,
                 m.raw / m.agent,
-                m.raw_cpu / gib,
-                m.agent_cpu / gib,
+                format!("{:.2} + {:.2}", m.raw_send_cpu / gib, m.raw_cpu / gib),
+                format!("{:.2} + {:.2}", m.agent_send_cpu / gib, m.agent_cpu / gib),
                 m.agent_peak_mib,
                 m.image * 1e3,
                 m.image_peak_mib,
@@ -428,19 +434,22 @@ fn main() {
         }
 
         println!(
-            "\n| archive | raw TLS → file + fsync | agent upload | ratio | receiver CPU s/GiB raw / agent | agent peak RSS | image build | image peak RSS |"
+            "\n| archive | raw TLS → file + fsync | agent upload | ratio | CPU s/GiB raw: send + receive | CPU s/GiB agent: send + receive | agent peak RSS | image build | image peak RSS |"
         );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (mib, m) in &table {
             let mb = *mib as f64;
+            let gib = mb / 1024.0;
             println!(
-                "| {} | {:.0} MiB/s | {:.0} MiB/s | {:.2} | {:.2} / {:.2} | {:.1} MiB | {:.1} ms | {:.1} MiB |",
+                "| {} | {:.0} MiB/s | {:.0} MiB/s | {:.2} | {:.2} + {:.2} | {:.2} + {:.2} | {:.1} MiB | {:.1} ms | {:.1} MiB |",
                 if *mib >= 1024 && mib % 1024 == 0 { format!("{} GiB", mib / 1024) } else { format!("{mib} MiB") },
                 mb / m.raw,
                 mb / m.agent,
                 m.raw / m.agent,
-                m.raw_cpu / (mb / 1024.0),
-                m.agent_cpu / (mb / 1024.0),
+                m.raw_send_cpu / gib,
+                m.raw_cpu / gib,
+                m.agent_send_cpu / gib,
+                m.agent_cpu / gib,
                 m.agent_peak_mib,
                 m.image * 1e3,
                 m.image_peak_mib
@@ -464,6 +473,7 @@ fn main() {
 struct AgentRun {
     seconds: f64,
     cpu: f64,
+    send_cpu: f64,
     peak_mib: f64,
     image_seconds: f64,
     image_peak_mib: f64,
@@ -482,12 +492,12 @@ async fn agent_run(
     reference: &ArchiveRef,
 ) -> AgentRun {
     reset_peak_rss(pid);
-    let cpu = cpu_seconds(pid);
+    let (cpu, send_cpu) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let start = Instant::now();
     let file = tokio::fs::File::open(archive).await.unwrap();
     let received = client.upload(url, id, reference, file).await.unwrap();
     let seconds = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu;
+    let (cpu, send_cpu) = (cpu_seconds(pid) - cpu, cpu_seconds(std::process::id()) - send_cpu);
     let peak_mib = peak_rss_mib(pid);
     assert_eq!(
         (received.digest.as_str(), received.size_bytes),
@@ -514,6 +524,7 @@ async fn agent_run(
     AgentRun {
         seconds,
         cpu,
+        send_cpu,
         peak_mib,
         image_seconds,
         image_peak_mib,

@@ -1,36 +1,65 @@
-//! Receiving an archive upload in one pass. The body is teed: frames, gathered into batches
-//! of about 1 MiB, go both to a validator thread, which hashes them and parses the tar
-//! structure, and to a writer thread, which writes each batch with one vectored write; one
-//! fsync at the end. Decryption, hashing and writing run side by side, the frames are never
-//! copied, and nothing is read back from disk.
+//! Receiving an archive upload in one pass. The body is teed: it is gathered into 1 MiB
+//! chunks that go both to a validator thread, which hashes them and parses the tar structure,
+//! and to a writer thread, which writes them; one fsync at the end. Decryption, hashing and
+//! writing run side by side, and nothing is read back from disk.
 
 use std::{
     fs::File,
-    io::{self, IoSlice, Write},
+    io::{self, Write},
+    ops::Deref,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
 
 use axum::body::Body;
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
 use super::archive::{ArchiveError, ArchiveInfo, Validator};
 
-/// Frames shared by both threads (reference-counted, never copied).
-type Batch = Arc<Vec<Bytes>>;
-
-/// Bytes gathered before a batch goes to the threads: one wakeup and one write per MiB
-/// rather than per frame (hyper hands out frames of at most its read buffer, ~400 KiB).
-const BATCH_BYTES: usize = 1 << 20;
-/// Frames per batch at most, however small a client makes them (IoSlices, wakeups).
-const BATCH_FRAMES: usize = 256;
-/// Batches queued for each thread: bounds the memory of an upload to ~10 MiB.
+/// Size of a chunk: one wakeup of each thread and one write per MiB.
+const CHUNK: usize = 1 << 20;
+/// Chunks queued for each thread: an upload holds at most ~2 × QUEUE + 3 chunks (~15 MiB).
 const QUEUE: usize = 6;
+
+/// Recycled chunk buffers. Copying each body frame into one (and dropping the frame at once,
+/// so that hyper reuses its read buffer) costs less than the page faults of fresh memory for
+/// every frame, which is what keeping hyper's frames in the queues would mean.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self) -> Vec<u8> {
+        let recycled = self.0.lock().expect("chunk pool poisoned").pop();
+        recycled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
+    }
+}
+
+/// A full chunk, shared by both threads; its buffer goes back to the pool when both are done.
+struct Chunk {
+    buf: Vec<u8>,
+    pool: Arc<Pool>,
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        if let Ok(mut pool) = self.pool.0.lock() {
+            pool.push(buf);
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -70,46 +99,48 @@ pub async fn receive(body: Body, part: &Path, expected: &str) -> Result<ArchiveI
 }
 
 async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<ArchiveInfo, ReceiveError> {
-    let (to_validator, validator_rx) = mpsc::channel::<Batch>(QUEUE);
-    let (to_writer, writer_rx) = mpsc::channel::<Batch>(QUEUE);
+    let (to_validator, validator_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
+    let (to_writer, writer_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
     let invalid = Arc::new(AtomicBool::new(false));
     let validator = tokio::task::spawn_blocking({
         let invalid = Arc::clone(&invalid);
-        move || validate_batches(validator_rx, &invalid)
+        move || validate_chunks(validator_rx, &invalid)
     });
     let path = part.to_owned();
-    let writer = tokio::task::spawn_blocking(move || write_batches(&path, writer_rx, &invalid));
+    let writer = tokio::task::spawn_blocking(move || write_chunks(&path, writer_rx, &invalid));
+    let pool = Arc::new(Pool::default());
+    let mut current = pool.take();
     let mut interrupted = None;
-    let mut batch = Vec::new();
-    let mut batched = 0;
+    let mut writer_gone = false;
     loop {
-        let data = match body.frame().await {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => Some(data),
-                Err(_) => continue, // trailers
-            },
+        let frame = match body.frame().await {
+            Some(Ok(frame)) => frame,
             Some(Err(e)) => {
                 interrupted = Some(e.to_string());
                 break;
             }
-            None => None,
+            None => break,
         };
-        let last = data.is_none();
-        if let Some(data) = data {
-            batched += data.len();
-            batch.push(data);
-        }
-        if batched >= BATCH_BYTES || batch.len() == BATCH_FRAMES || (last && !batch.is_empty()) {
-            let full: Batch = Arc::new(std::mem::take(&mut batch));
-            batched = 0;
-            let _ = to_validator.send(Arc::clone(&full)).await; // the validator never stops early
-            if to_writer.send(full).await.is_err() {
-                break; // the writer stopped on an I/O error, which is the answer
+        let Ok(data) = frame.into_data() else { continue }; // trailers
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let n = (CHUNK - current.len()).min(rest.len());
+            current.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if current.len() == CHUNK {
+                let full = std::mem::replace(&mut current, pool.take());
+                writer_gone = !send(&to_validator, &to_writer, full, &pool).await;
+                if writer_gone {
+                    break;
+                }
             }
         }
-        if last {
-            break;
+        if writer_gone {
+            break; // the writer stopped on an I/O error, which is the answer
         }
+    }
+    if interrupted.is_none() && !writer_gone && !current.is_empty() {
+        send(&to_validator, &to_writer, current, &pool).await;
     }
     drop((to_validator, to_writer));
     let joined = |e: tokio::task::JoinError| io_err(part)(io::Error::other(e));
@@ -138,13 +169,26 @@ async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<
     Ok(info)
 }
 
-/// The validator thread: hash and parse every frame; flag the first problem for the writer.
-fn validate_batches(mut rx: mpsc::Receiver<Batch>, invalid: &AtomicBool) -> Validator {
+/// Hand a chunk to both threads; false when the writer has stopped.
+async fn send(
+    to_validator: &mpsc::Sender<Arc<Chunk>>,
+    to_writer: &mpsc::Sender<Arc<Chunk>>,
+    buf: Vec<u8>,
+    pool: &Arc<Pool>,
+) -> bool {
+    let chunk = Arc::new(Chunk {
+        buf,
+        pool: Arc::clone(pool),
+    });
+    let _ = to_validator.send(Arc::clone(&chunk)).await; // the validator never stops early
+    to_writer.send(chunk).await.is_ok()
+}
+
+/// The validator thread: hash and parse every chunk; flag the first problem for the writer.
+fn validate_chunks(mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Validator {
     let mut validator = Validator::new();
-    while let Some(batch) = rx.blocking_recv() {
-        for frame in batch.iter() {
-            validator.update(frame);
-        }
+    while let Some(chunk) = rx.blocking_recv() {
+        validator.update(&chunk);
         if !validator.is_ok() {
             invalid.store(true, Ordering::Relaxed);
         }
@@ -152,35 +196,21 @@ fn validate_batches(mut rx: mpsc::Receiver<Batch>, invalid: &AtomicBool) -> Vali
     validator
 }
 
-/// The writer thread: one vectored write per batch. Once the archive is known to be invalid
-/// it only drains (the validator still needs every byte for the digest).
-fn write_batches(path: &Path, mut rx: mpsc::Receiver<Batch>, invalid: &AtomicBool) -> Result<File, ReceiveError> {
+/// The writer thread. Once the archive is known to be invalid it only drains (the validator
+/// still needs every byte for the digest).
+fn write_chunks(path: &Path, mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Result<File, ReceiveError> {
     let mut file = File::create(path).map_err(io_err(path))?;
-    while let Some(batch) = rx.blocking_recv() {
+    while let Some(chunk) = rx.blocking_recv() {
         if !invalid.load(Ordering::Relaxed) {
-            write_all(&mut file, &batch).map_err(io_err(path))?;
+            file.write_all(&chunk).map_err(io_err(path))?;
         }
     }
     Ok(file)
 }
 
-/// Write every frame of `batch`, with as few writev calls as the kernel allows.
-fn write_all(file: &mut File, batch: &[Bytes]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match file.write_vectored(rest) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use sha2::{Digest, Sha256};
 
     use super::*;
