@@ -255,26 +255,39 @@ pub fn write_archive(dir: &Path, snapshot: &Snapshot) -> Result<PathBuf, Checkpo
         snapshot.checkpointed,
     );
     let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
+    write_atomically(&path, |out| write_tar(out, snapshot).map(drop)).map_err(|source| CheckpointError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Write `path` through `write` atomically (a temporary file next to it, fsynced, renamed into
+/// place; removed on failure), readable by its owner only: an archive holds a container's
+/// memory, and the kubelet's are 0600 too. Blocking.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<std::fs::File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let result = (|| {
-        // The archive holds the container's memory: readable by its owner only, like the
-        // kubelet's.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        let out = write_tar(BufWriter::with_capacity(1 << 20, file), snapshot)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        write(&mut out)?;
         let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, path)
     })();
-    if let Err(source) = result {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(CheckpointError::Io { path, source });
     }
-    Ok(path)
+    result
 }
 
 #[cfg(test)]

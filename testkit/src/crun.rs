@@ -19,8 +19,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufWriter, Write},
-    os::unix::fs::OpenOptionsExt,
+    io,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -31,7 +30,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::checkpoint::{archive_file_name, rfc3339};
+use crate::checkpoint::{archive_file_name, rfc3339, write_atomically};
 
 /// Images under this prefix are local root filesystems run with crun.
 pub const LOCAL_IMAGE_PREFIX: &str = "kube-migrate.test/";
@@ -691,15 +690,8 @@ fn apply_rootfs_diff(dir: &Path, rootfs: &Path) -> Result<(), CrunError> {
 fn tar_dir(work: &Path, dir: &Path, name: &str) -> Result<PathBuf, CrunError> {
     std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| -> io::Result<()> {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
+    write_atomically(&path, |out| {
+        let mut tar = tar::Builder::new(out);
         tar.follow_symlinks(false);
         let mut entries: BTreeMap<String, PathBuf> = BTreeMap::new();
         for entry in std::fs::read_dir(work)? {
@@ -713,19 +705,12 @@ fn tar_dir(work: &Path, dir: &Path, name: &str) -> Result<PathBuf, CrunError> {
                 tar.append_path_with_name(&path, &name)?;
             }
         }
-        let mut out = tar.into_inner()?;
-        out.flush()?;
-        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })();
-    if let Err(source) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(CrunError::Io {
-            what: format!("writing {}", path.display()),
-            source,
-        });
-    }
+        tar.finish()
+    })
+    .map_err(|source| CrunError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })?;
     Ok(path)
 }
 
