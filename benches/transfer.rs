@@ -34,9 +34,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use kube_migrate::{
     agent::{
         api::{ArchiveRef, ImageRequest},
+        chunks,
         client::AgentClient,
     },
     certs,
@@ -542,9 +544,14 @@ async fn raw_upload(connector: &tokio_rustls::TlsConnector, port: u16, archive: 
         .await
         .unwrap();
     tls.write_all(&size.to_be_bytes()).await.unwrap();
-    // Same read size as the agent client's upload body (256 KiB).
-    let mut file = tokio::io::BufReader::with_capacity(256 * 1024, tokio::fs::File::open(archive).await.unwrap());
-    let sent = tokio::io::copy_buf(&mut file, &mut tls).await.unwrap();
+    // Read as the agent client reads an upload body (1 MiB recycled chunks).
+    let mut chunks = std::pin::pin!(chunks::file_stream(std::fs::File::open(archive).unwrap()));
+    let mut sent = 0;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.unwrap();
+        tls.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
     tls.flush().await.unwrap();
     assert_eq!(sent, size);
     let mut answer = [0u8; 8];

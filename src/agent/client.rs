@@ -14,9 +14,12 @@ use hyper_util::{
 use rustls::ClientConfig;
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::api::{
-    self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, PushRequest,
-    PushResponse, ReceiveResponse,
+use super::{
+    api::{
+        self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, PushRequest,
+        PushResponse, ReceiveResponse,
+    },
+    chunks,
 };
 
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -95,9 +98,9 @@ pub fn json_body<T: Serialize>(value: &T) -> Body {
         .boxed()
 }
 
-/// Stream a file as a request body in 256 KiB chunks (constant memory).
-pub fn file_body(file: tokio::fs::File) -> Body {
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+/// Stream a file as a request body in 1 MiB chunks (constant memory).
+pub async fn file_body(file: tokio::fs::File) -> Body {
+    let stream = chunks::file_stream(file.into_std().await).map_ok(Frame::data);
     BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -233,7 +236,7 @@ impl AgentClient {
             .header("content-type", "application/x-tar")
             .header("content-length", archive.size_bytes)
             .header(api::DIGEST_HEADER, &archive.digest)
-            .body(file_body(file))
+            .body(file_body(file).await)
             .map_err(|_| ClientError::Url(url.clone()))?;
         send(&self.http, req, self.long_timeout).await
     }

@@ -2,14 +2,17 @@
 //! chunks that go both to a validator thread, which hashes them and parses the tar structure,
 //! and to a writer thread, which writes them; one fsync at the end. Decryption, hashing and
 //! writing run side by side, and nothing is read back from disk.
+//!
+//! Each body frame is copied into a recycled chunk and dropped at once, so that hyper reuses
+//! its read buffer: keeping hyper's frames in the queues instead would make it read every
+//! frame into fresh memory, whose page faults cost more than the copy.
 
 use std::{
     fs::File,
     io::{self, Write},
-    ops::Deref,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -18,48 +21,13 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
-use super::archive::{ArchiveError, ArchiveInfo, Validator};
+use super::{
+    archive::{ArchiveError, ArchiveInfo, Validator},
+    chunks::{CHUNK, Chunk, Pool},
+};
 
-/// Size of a chunk: one wakeup of each thread and one write per MiB.
-const CHUNK: usize = 1 << 20;
 /// Chunks queued for each thread: an upload holds at most ~2 × QUEUE + 3 chunks (~15 MiB).
 const QUEUE: usize = 6;
-
-/// Recycled chunk buffers. Copying each body frame into one (and dropping the frame at once,
-/// so that hyper reuses its read buffer) costs less than the page faults of fresh memory for
-/// every frame, which is what keeping hyper's frames in the queues would mean.
-#[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
-
-impl Pool {
-    fn take(&self) -> Vec<u8> {
-        let recycled = self.0.lock().expect("chunk pool poisoned").pop();
-        recycled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
-    }
-}
-
-/// A full chunk, shared by both threads; its buffer goes back to the pool when both are done.
-struct Chunk {
-    buf: Vec<u8>,
-    pool: Arc<Pool>,
-}
-
-impl Deref for Chunk {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Chunk {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        if let Ok(mut pool) = self.pool.0.lock() {
-            pool.push(buf);
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -110,6 +78,7 @@ async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<
     let writer = tokio::task::spawn_blocking(move || write_chunks(&path, writer_rx, &invalid));
     let pool = Arc::new(Pool::default());
     let mut current = pool.take();
+    current.clear();
     let mut interrupted = None;
     let mut writer_gone = false;
     loop {
@@ -128,7 +97,9 @@ async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<
             current.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
             if current.len() == CHUNK {
-                let full = std::mem::replace(&mut current, pool.take());
+                let mut next = pool.take();
+                next.clear();
+                let full = std::mem::replace(&mut current, next);
                 writer_gone = !send(&to_validator, &to_writer, full, &pool).await;
                 if writer_gone {
                     break;
@@ -176,10 +147,7 @@ async fn send(
     buf: Vec<u8>,
     pool: &Arc<Pool>,
 ) -> bool {
-    let chunk = Arc::new(Chunk {
-        buf,
-        pool: Arc::clone(pool),
-    });
+    let chunk = Arc::new(Chunk::new(buf, pool));
     let _ = to_validator.send(Arc::clone(&chunk)).await; // the validator never stops early
     to_writer.send(chunk).await.is_ok()
 }

@@ -16,7 +16,7 @@ use axum::{
 };
 use serde_json::json;
 
-use super::{image, store::Store};
+use super::{chunks, image, store::Store};
 
 /// Repository prefix of every checkpoint image.
 pub const REPOSITORY_PREFIX: &str = "kube-migrate";
@@ -101,7 +101,7 @@ async fn serve(State(store): State<Store>, method: Method, Path(path): Path<Stri
     if method == Method::HEAD {
         return (StatusCode::OK, headers).into_response();
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
+    let body = Body::from_stream(chunks::file_stream(file.into_std().await));
     (StatusCode::OK, headers, body).into_response()
 }
 
