@@ -16,6 +16,7 @@ use http_body_util::{BodyDataStream, BodyExt};
 use hyper::{Method, Request, StatusCode};
 use kube_migrate::{
     agent::{
+        archive::HashingReader,
         client::{HttpsClient, empty_body, https_client},
         image::{INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE},
         registry::REPOSITORY_PREFIX,
@@ -299,17 +300,17 @@ impl Puller {
         })
     }
 
-    /// The layer of `manifest` as a blocking reader that hashes what it reads.
+    /// The layer of `manifest` as a blocking reader (for a blocking thread).
     async fn layer(
         &self,
         reference: &ImageRef,
         manifest: &Manifest,
-    ) -> Result<Sha256Reader<impl Read + Send + 'static>, RestoreError> {
+    ) -> Result<impl Read + Send + 'static, RestoreError> {
         let blob_url = reference.url("blobs", &manifest.layer_digest);
         let response = get(&self.http, &blob_url, "application/octet-stream").await?;
         let stream = BodyDataStream::new(response.into_body()).map_err(io::Error::other);
-        Ok(Sha256Reader::new(tokio_util::io::SyncIoBridge::new(
-            tokio_util::io::StreamReader::new(stream),
+        Ok(tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
+            stream,
         )))
     }
 
@@ -321,10 +322,7 @@ impl Puller {
 
     /// Read a simulated container's state from the layer of `manifest`.
     pub async fn read_state(&self, reference: &ImageRef, manifest: Manifest) -> Result<Restored, RestoreError> {
-        let blob_url = reference.url("blobs", &manifest.layer_digest);
-        let response = get(&self.http, &blob_url, "application/octet-stream").await?;
-        let stream = BodyDataStream::new(response.into_body()).map_err(io::Error::other);
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+        let reader = self.layer(reference, &manifest).await?;
         let layer_digest = manifest.layer_digest.clone();
         let (header, memory) = tokio::task::spawn_blocking(move || read_layer(reader, Some(&layer_digest)))
             .await
@@ -354,39 +352,9 @@ impl Puller {
     }
 }
 
-/// A reader that hashes (sha256) and counts what passes through it.
-pub struct Sha256Reader<R> {
-    inner: R,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<R: Read> Sha256Reader<R> {
-    pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
-    }
-
-    /// `sha256:<hex>` and the byte count.
-    pub fn finish(self) -> (String, u64) {
-        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.bytes)
-    }
-}
-
-impl<R: Read> Read for Sha256Reader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
 /// Untar `reader` into `dest` and read it to its end; its sha256 must be `expected`.
-pub fn unpack_layer<R: Read>(mut reader: Sha256Reader<R>, dest: &Path, expected: &str) -> Result<u64, RestoreError> {
+pub fn unpack_layer<R: Read>(reader: R, dest: &Path, expected: &str) -> Result<u64, RestoreError> {
+    let mut reader = HashingReader::new(reader);
     let _ = std::fs::remove_dir_all(dest);
     std::fs::create_dir_all(dest).map_err(RestoreError::Layer)?;
     {
@@ -395,9 +363,8 @@ pub fn unpack_layer<R: Read>(mut reader: Sha256Reader<R>, dest: &Path, expected:
         // `unpack` refuses entries that would land outside `dest` (`..`, absolute paths).
         archive.unpack(dest).map_err(RestoreError::Layer)?;
     }
-    // Whatever follows the end-of-archive blocks is part of the blob too.
-    io::copy(&mut reader, &mut io::sink()).map_err(RestoreError::Layer)?;
-    let (digest, size) = reader.finish();
+    // `finish` reads whatever follows the end-of-archive blocks: part of the blob too.
+    let (digest, size) = reader.finish().map_err(RestoreError::Layer)?;
     if digest != expected {
         return Err(RestoreError::LayerDigest {
             expected: expected.to_string(),
@@ -465,7 +432,7 @@ pub fn read_state<R: Read>(mut reader: R, size: u64) -> Result<(StateHeader, Mem
 /// Read a checkpoint layer (a tar whose files are the archive's files at the root), verify
 /// its digest when `expected` is given, and return the verified state.
 pub fn read_layer<R: Read>(reader: R, expected: Option<&str>) -> Result<(StateHeader, Memory), RestoreError> {
-    let mut hashing = Sha256Reader::new(reader);
+    let mut hashing = HashingReader::new(reader);
     let mut state = None;
     {
         let mut archive = tar::Archive::new(&mut hashing);
@@ -480,8 +447,8 @@ pub fn read_layer<R: Read>(reader: R, expected: Option<&str>) -> Result<(StateHe
         }
     }
     // Drain the end-of-archive padding: the digest covers the whole blob.
-    io::copy(&mut hashing, &mut io::sink()).map_err(RestoreError::Layer)?;
-    let (actual, _) = hashing.finish();
+    // Drain the end-of-archive padding: the digest covers the whole blob.
+    let (actual, _) = hashing.finish().map_err(RestoreError::Layer)?;
     if let Some(expected) = expected
         && actual != expected
     {
@@ -552,5 +519,23 @@ mod tests {
         let index = serde_json::json!({"mediaType": INDEX_MEDIA_TYPE, "manifests": []});
         let err = checkpoint_layer("u", index.to_string().as_bytes()).unwrap_err();
         assert_eq!(err.reason(), REASON_PULL);
+    }
+
+    #[test]
+    fn layers_unpack_only_with_their_digest() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o600);
+        tar.append_data(&mut h, "checkpoint/inventory.img", &b"inv"[..])
+            .unwrap();
+        let blob = tar.into_inner().unwrap();
+        let digest = sha256_digest(&blob);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("layer");
+        assert_eq!(unpack_layer(&blob[..], &dest, &digest).unwrap(), blob.len() as u64);
+        assert_eq!(std::fs::read(dest.join("checkpoint/inventory.img")).unwrap(), b"inv");
+        let err = unpack_layer(&blob[..], &dest, "sha256:00").unwrap_err();
+        assert!(matches!(err, RestoreError::LayerDigest { .. }), "{err}");
     }
 }
