@@ -39,7 +39,9 @@ const MAX_LINE_BYTES: usize = 16 << 10;
 /// (`<time> km-shim[<pid>]: ...`) go to the kubelet's log, not the container's.
 struct LogFollower {
     path: std::path::PathBuf,
-    offset: u64,
+    /// Open once the shim has created the file; reads go on from where the last one ended.
+    file: Option<std::fs::File>,
+    /// Bytes read and not yet pushed as a line.
     partial: Vec<u8>,
 }
 
@@ -47,23 +49,19 @@ impl LogFollower {
     fn new(path: std::path::PathBuf) -> Self {
         Self {
             path,
-            offset: 0,
+            file: None,
             partial: Vec::new(),
         }
     }
 
     fn poll(&mut self, log: &Log) {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut file) = std::fs::File::open(&self.path) else {
-            return;
-        };
-        if file.seek(SeekFrom::Start(self.offset)).is_err() {
-            return;
+        use std::io::Read;
+        if self.file.is_none() {
+            self.file = std::fs::File::open(&self.path).ok();
         }
-        let mut bytes = Vec::new();
-        let Ok(n) = file.read_to_end(&mut bytes) else { return };
-        self.offset += n as u64;
-        self.partial.extend_from_slice(&bytes);
+        let Some(file) = self.file.as_mut() else { return };
+        // On an error, what was read so far stays in `partial`; the next poll goes on.
+        let _ = file.read_to_end(&mut self.partial);
         let mut start = 0;
         while let Some(end) = self.partial[start..]
             .iter()
