@@ -4,6 +4,8 @@
 use std::{future::Future, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
+use kube::{Api, ResourceExt, api::ListParams};
+use kube_migrate::api::{Phase, PodMigration};
 
 /// Output of one kubectl run.
 #[derive(Debug)]
@@ -77,6 +79,39 @@ where
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Wait until exactly `n` PodMigrations of `ns` accepted by `keep` are `Succeeded`; fail at
+/// once, with its message, if one of them is `Failed`.
+pub async fn migrations_succeeded(
+    ns: &str,
+    n: usize,
+    timeout: Duration,
+    keep: impl Fn(&PodMigration) -> bool,
+) -> anyhow::Result<Vec<PodMigration>> {
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let keep = &keep;
+    eventually(&format!("{n} PodMigrations Succeeded"), timeout, || {
+        let pms = pms.clone();
+        async move {
+            let list: Vec<PodMigration> = pms
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(keep)
+                .collect();
+            if let Some(failed) = list.iter().find(|m| m.phase() == Phase::Failed) {
+                bail!(
+                    "{} failed: {:?}",
+                    failed.name_any(),
+                    failed.status.as_ref().and_then(|s| s.message.clone())
+                );
+            }
+            Ok((list.len() == n && list.iter().all(|m| m.phase() == Phase::Succeeded)).then_some(list))
+        }
+    })
+    .await
 }
 
 pub async fn client() -> kube::Client {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
-use kube_migrate::api::{Phase, PodMigration};
-use kube_migrate_e2e::{apply, client, eventually, field, kubectl, must};
+use kube_migrate::api::Phase;
+use kube_migrate_e2e::{apply, client, eventually, field, kubectl, migrations_succeeded, must};
 
 const NS: &str = "e2e-criu";
 
@@ -176,29 +176,8 @@ spec:
     assert!(drain.ok, "drain must complete:\n{}", drain.all());
     assert!(drain.all().contains("will retry after 5s"), "{}", drain.all());
 
-    let pms: Api<PodMigration> = Api::namespaced(client().await, NS);
-    let done = eventually("both PodMigrations Succeeded", Duration::from_secs(300), || {
-        let pms = pms.clone();
-        let memory = memory.clone();
-        async move {
-            let list: Vec<PodMigration> = pms
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter(|m| {
-                    m.spec.pod_name.starts_with(&format!("counter-{mib}-")) || m.spec.pod_name == format!("{memory}-0")
-                })
-                .collect();
-            if let Some(failed) = list.iter().find(|m| m.phase() == Phase::Failed) {
-                anyhow::bail!(
-                    "{} failed: {:?}",
-                    failed.name_any(),
-                    failed.status.as_ref().and_then(|s| s.message.clone())
-                );
-            }
-            Ok((list.len() == 2 && list.iter().all(|m| m.phase() == Phase::Succeeded)).then_some(list))
-        }
+    let done = migrations_succeeded(NS, 2, Duration::from_secs(300), |m| {
+        m.spec.pod_name.starts_with(&format!("counter-{mib}-")) || m.spec.pod_name == format!("{memory}-0")
     })
     .await?;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
-use kube_migrate_e2e::{apply, client, eventually, field, first_log_line, kubectl, must};
+use kube_migrate_e2e::{apply, client, eventually, field, first_log_line, kubectl, migrations_succeeded, must};
 
 fn namespace(ns: &str) {
     let _ = kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=60s"]);
@@ -153,22 +153,7 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
     assert!(out.contains("will retry after 5s"), "kubectl retried on 429:\n{out}");
     assert!(out.contains("kube-migrate"), "kubectl printed our reason:\n{out}");
 
-    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
-    let done = eventually("4 PodMigrations Succeeded", Duration::from_secs(180), || {
-        let pms = pms.clone();
-        async move {
-            let list = pms.list(&ListParams::default()).await?.items;
-            if let Some(failed) = list.iter().find(|m| m.phase() == Phase::Failed) {
-                anyhow::bail!(
-                    "{} failed: {:?}",
-                    failed.name_any(),
-                    failed.status.as_ref().and_then(|s| s.message.clone())
-                );
-            }
-            Ok((list.len() == 4 && list.iter().all(|m| m.phase() == Phase::Succeeded)).then_some(list))
-        }
-    })
-    .await?;
+    let done = migrations_succeeded(ns, 4, Duration::from_secs(180), |_| true).await?;
     for m in &done {
         let s = m.status.as_ref().unwrap();
         let phases: Vec<Phase> = s.phases.iter().map(|t| t.phase).collect();
