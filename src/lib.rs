@@ -14,6 +14,8 @@ pub mod certs;
 pub mod controller;
 pub mod metrics;
 pub mod plugin;
+pub mod preflight;
+pub mod replacement;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

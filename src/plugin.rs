@@ -6,8 +6,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use crate::{
     api::{self, Phase, PodMigration},
     controller::{
+        decide::human_bytes,
         placement::{self, Placement, PlacementInput},
-        reconcile::human_bytes,
     },
 };
 

@@ -18,6 +18,7 @@ use kube_migrate::{
     },
     api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationSpec, PodMigrationStatus, Trigger},
     metrics::Metrics,
+    replacement,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -69,6 +70,8 @@ fn req<'a>(name: &'a str) -> EvictionRequest<'a> {
         pod_name: name,
         dry_run: false,
         stop_source_of: None,
+        precondition_uid: None,
+        precondition_resource_version: None,
     }
 }
 
@@ -79,6 +82,7 @@ fn decide(pod: &Pod, migrations: &[Arc<PodMigration>], r: EvictionRequest<'_>) -
             pod: Some(pod),
             pod_node_schedulable: Some(false),
             migrations,
+            static_on_node: &[],
             now: now(),
         },
     )
@@ -98,15 +102,121 @@ fn a_stateful_pod_starts_a_migration_keyed_by_its_uid() {
         .as_mut()
         .unwrap()
         .insert(api::TARGET_NODE.into(), "node-c".into());
-    let Decision::Start { name, spec } = decide(&p, &[], req("cache-6d5f7-x2x9q")) else {
+    let Decision::Start { name, spec, refusal } = decide(&p, &[], req("cache-6d5f7-x2x9q")) else {
         panic!("expected a start")
     };
+    assert_eq!(refusal, None);
     assert_eq!(name, "cache-6d5f7-x2x9q-22222222");
     assert_eq!(spec.pod_uid, "22222222-2222-4333-8444-555555555555");
     assert_eq!(spec.source_node, "node-a");
     assert_eq!(spec.target_node.as_deref(), Some("node-c"));
     assert_eq!(spec.trigger, Trigger::Drain);
     assert_eq!(spec.policy.on_failure, api::OnFailure::Block);
+}
+
+#[test]
+fn an_eviction_the_api_server_will_refuse_starts_nothing() {
+    let p = pod("pod-statefulset");
+    let other_uid = EvictionRequest {
+        precondition_uid: Some("99999999-0000-4000-8000-000000000000"),
+        ..req("db-0")
+    };
+    assert_eq!(decide(&p, &[], other_uid).result(), "allowed_precondition_mismatch");
+    let stale_rv = EvictionRequest {
+        precondition_resource_version: Some("1"),
+        ..req("db-0")
+    };
+    assert_eq!(decide(&p, &[], stale_rv).result(), "allowed_precondition_mismatch");
+    // Matching preconditions change nothing.
+    let uid = p.metadata.uid.clone().unwrap();
+    let matching = EvictionRequest {
+        precondition_uid: Some(&uid),
+        ..req("db-0")
+    };
+    assert_eq!(decide(&p, &[], matching).result(), "started");
+}
+
+#[test]
+fn opt_in_spellings_and_unknown_values_never_lose_state_silently() {
+    let mut p = pod("pod-statefulset");
+    for (value, expected) in [
+        ("yes", "started"),
+        ("1", "started"),
+        ("off", "allowed_unmanaged"),
+        ("maybe", "started"),
+    ] {
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(api::STATEFUL.into(), value.into());
+        assert_eq!(decide(&p, &[], req("db-0")).result(), expected, "{value}");
+    }
+    let snap = Snapshot {
+        pod: Some(&p),
+        pod_node_schedulable: Some(false),
+        migrations: &[],
+        static_on_node: &[],
+        now: now(),
+    };
+    let warnings = eviction::warnings(Some(&p), &snap);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("\"maybe\" is not a recognized value")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn static_pods_never_start_a_migration_and_are_reported() {
+    let mut p = pod("pod-statefulset");
+    let annotations = p.metadata.annotations.as_mut().unwrap();
+    annotations.insert("kubernetes.io/config.mirror".into(), "abc".into());
+    let Decision::Allow { result, warning } = decide(&p, &[], req("db-0")) else {
+        panic!("a static pod follows its on-failure policy")
+    };
+    assert_eq!(result, "refused_static_pod");
+    assert!(warning.unwrap().contains("static (mirror) pod"));
+    p.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(api::ON_FAILURE.into(), "block".into());
+    let Decision::Block { message } = decide(&p, &[], req("db-0")) else {
+        panic!("block keeps refusing")
+    };
+    assert!(message.contains("shop/db-0 is a static (mirror) pod"), "{message}");
+    // Evictions of other pods on that node name it.
+    let other = pod("pod-unannotated");
+    let statics = vec!["kube-system/etcd-node-a".to_string()];
+    let snap = Snapshot {
+        pod: Some(&other),
+        pod_node_schedulable: Some(false),
+        migrations: &[],
+        static_on_node: &statics,
+        now: now(),
+    };
+    let warnings = eviction::warnings(Some(&other), &snap);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("static pod kube-system/etcd-node-a")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn host_path_pods_start_a_migration_that_carries_the_refusal() {
+    let mut p = pod("pod-statefulset");
+    let spec = p.spec.as_mut().unwrap();
+    spec.volumes
+        .get_or_insert_with(Vec::new)
+        .push(serde_json::from_value(json!({ "name": "data", "hostPath": { "path": "/srv/db" } })).unwrap());
+    let Decision::Start { refusal, .. } = decide(&p, &[], req("db-0")) else {
+        panic!("expected a start")
+    };
+    assert!(refusal.unwrap().contains("hostPath (/srv/db)"));
 }
 
 #[test]
@@ -232,6 +342,7 @@ fn a_drain_retry_never_evicts_the_restored_statefulset_pod() {
         pod: Some(&replacement),
         pod_node_schedulable: Some(schedulable),
         migrations: std::slice::from_ref(&m),
+        static_on_node: &[],
         now: now(),
     };
     let Decision::Gone { message } = eviction::decide(&req("db-0"), &snap(true)) else {
@@ -504,9 +615,9 @@ fn pinning_narrows_existing_affinity_and_is_idempotent() {
     );
     let m = migration(&p, Phase::Restoring, |_| {});
     let mut once = p.clone();
-    podmut::apply_restore(&mut once, &m);
+    replacement::apply_restore(&mut once, &m);
     let mut twice = once.clone();
-    podmut::apply_restore(&mut twice, &m);
+    replacement::apply_restore(&mut twice, &m);
     assert_eq!(once, twice);
     let terms = &once
         .spec
@@ -534,9 +645,9 @@ fn pinning_narrows_existing_affinity_and_is_idempotent() {
             &["node-b".to_string()]
         );
     }
-    assert!(podmut::is_gated(&once));
-    podmut::remove_gate(&mut once);
-    assert!(!podmut::is_gated(&once));
+    assert!(replacement::is_gated(&once));
+    replacement::remove_gate(&mut once);
+    assert!(!replacement::is_gated(&once));
 }
 
 #[test]
@@ -567,18 +678,18 @@ fn a_restored_pod_remembers_what_it_really_runs() {
         }];
     });
     let original = p.clone();
-    podmut::apply_restore(&mut p, &m);
-    podmut::remove_gate(&mut p);
+    replacement::apply_restore(&mut p, &m);
+    replacement::remove_gate(&mut p);
     assert_eq!(
         p.spec.as_ref().unwrap().containers[0].image.as_deref(),
         Some("127.0.0.1:5443/kube-migrate/x:app")
     );
     assert_eq!(api::original_images(&p)["app"], "registry.local/counter:1");
     // Swapping again (a retry) keeps the first original, not the checkpoint image.
-    podmut::apply_restore(&mut p, &m);
+    replacement::apply_restore(&mut p, &m);
     assert_eq!(api::original_images(&p)["app"], "registry.local/counter:1");
     // What a later migration or backup recreates is the pod as its owner meant it.
-    let clean = podmut::without_restore(&p);
+    let clean = replacement::without_restore(&p);
     assert_eq!(clean.spec, original.spec);
     assert_eq!(clean.metadata.annotations, original.metadata.annotations);
 }

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 
-use crate::api::{
-    self, FailurePolicyAnnotation, MigrationPolicy, Mode, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger,
+use crate::{
+    api::{
+        self, FailurePolicyAnnotation, MigrationPolicy, Mode, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger,
+    },
+    preflight,
 };
 
-/// Annotation the controller puts on its own Eviction of a source pod, naming the migration.
-pub const STOP_SOURCE_OF: &str = "migrate.io/stop-source-of";
+pub use crate::api::STOP_SOURCE_OF;
 
 /// How long after a migration ended an eviction naming its pod is still taken for a retry of
 /// the drain that started it (kubectl retries every 5 s; this leaves ample margin).
@@ -26,6 +28,9 @@ pub struct EvictionRequest<'a> {
     pub dry_run: bool,
     /// The `migrate.io/stop-source-of` annotation of the Eviction object, if any.
     pub stop_source_of: Option<&'a str>,
+    /// `deleteOptions.preconditions` of the Eviction: (uid, resourceVersion).
+    pub precondition_uid: Option<&'a str>,
+    pub precondition_resource_version: Option<&'a str>,
 }
 
 /// What the webhook knows of the cluster at that moment.
@@ -38,6 +43,9 @@ pub struct Snapshot<'a> {
     pub pod_node_schedulable: Option<bool>,
     /// PodMigrations in the namespace whose `spec.podName` is the requested name.
     pub migrations: &'a [Arc<PodMigration>],
+    /// Opted-in static (mirror) pods on the pod's node, `namespace/name`: a drain skips them
+    /// without a word, so every answer about that node names them.
+    pub static_on_node: &'a [String],
     pub now: Timestamp,
 }
 
@@ -49,8 +57,14 @@ pub enum Decision {
         result: &'static str,
         warning: Option<String>,
     },
-    /// Create this PodMigration, then answer 429.
-    Start { name: String, spec: PodMigrationSpec },
+    /// Create this PodMigration, then answer 429. With `refusal`, the pod cannot move: the
+    /// controller fails the migration with that reason, and the next retry follows the pod's
+    /// `on-failure` policy.
+    Start {
+        name: String,
+        spec: PodMigrationSpec,
+        refusal: Option<String>,
+    },
     /// Answer 429: the migration runs (kubectl retries in 5 s).
     Wait { message: String },
     /// Answer 429: the migration failed and the pod's policy blocks the eviction.
@@ -85,11 +99,24 @@ pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
     };
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
 
+    // The API server refuses an eviction whose preconditions do not match the pod (409):
+    // start nothing for it.
+    let uid_mismatch = req.precondition_uid.is_some_and(|u| u != uid);
+    let rv_mismatch = req
+        .precondition_resource_version
+        .is_some_and(|rv| Some(rv) != pod.metadata.resource_version.as_deref());
+    if uid_mismatch || rv_mismatch {
+        return allow("allowed_precondition_mismatch");
+    }
     if let Some(gone) = stale_drain_retry(pod, uid, snap) {
         return gone;
     }
     if !api::is_stateful(pod) {
         return allow("allowed_unmanaged");
+    }
+    if preflight::is_mirror(pod) {
+        // Never a migration: the Node owns it and nothing could ever replace it elsewhere.
+        return refused_static(req, pod);
     }
     // Only migrations count: a stored checkpoint (backup) of the same pod says nothing about
     // whether its state is safe elsewhere.
@@ -176,6 +203,7 @@ fn start(req: &EvictionRequest<'_>, pod: &Pod, uid: &str) -> Decision {
         Ok(FailurePolicyAnnotation::Evict) | Err(_) => OnFailure::Evict,
     };
     Decision::Start {
+        refusal: preflight::check_pod(pod).err().map(|r| r.to_string()),
         name: api::migration_name(req.pod_name, uid),
         spec: PodMigrationSpec {
             pod_name: req.pod_name.to_string(),
@@ -188,6 +216,46 @@ fn start(req: &EvictionRequest<'_>, pod: &Pod, uid: &str) -> Decision {
             restore_from: None,
         },
     }
+}
+
+/// An opted-in static pod: refused, and the eviction follows its `on-failure` policy.
+fn refused_static(req: &EvictionRequest<'_>, pod: &Pod) -> Decision {
+    let why = preflight::Refusal::StaticPod(format!("{}/{}", req.namespace, req.pod_name));
+    match api::on_failure(pod) {
+        Ok(FailurePolicyAnnotation::Block) => Decision::Block {
+            message: format!(
+                "kube-migrate: {why}; eviction blocked by {}=block (its state stays on this node)",
+                api::ON_FAILURE
+            ),
+        },
+        _ => Decision::Allow {
+            result: "refused_static_pod",
+            warning: Some(format!(
+                "kube-migrate: {why}; evicted without migration as {}=evict says (its state stays on this node)",
+                api::ON_FAILURE
+            )),
+        },
+    }
+}
+
+/// Warnings every non-retry answer about `pod` carries, so that nothing is lost silently.
+pub fn warnings(pod: Option<&Pod>, snap: &Snapshot<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(pod) = pod.filter(|p| api::is_stateful(p)) {
+        out.extend(api::stateful_warning(pod));
+        out.extend(
+            preflight::warnings(pod)
+                .into_iter()
+                .map(|w| format!("kube-migrate: {w}")),
+        );
+    }
+    for name in snap.static_on_node {
+        out.push(format!(
+            "kube-migrate: static pod {name} on this node is opted in but cannot be migrated \
+             (the node's manifest files own it); kubectl drain leaves it, and its state, on the node"
+        ));
+    }
+    out
 }
 
 fn failed(req: &EvictionRequest<'_>, pod: &Pod, m: &PodMigration, name: &str) -> Decision {

@@ -75,6 +75,24 @@ impl WebhookState {
         })
     }
 
+    /// Opted-in static pods bound to `node`, other than `except`, as `namespace/name`.
+    fn opted_in_static_pods(&self, node: &str, except: Option<&Pod>) -> Vec<String> {
+        let except = except.and_then(|p| p.metadata.uid.clone());
+        let mut names: Vec<String> = self
+            .pods
+            .state_filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                    && crate::preflight::is_mirror(p)
+                    && api::is_stateful(p)
+                    && p.metadata.uid != except
+            })
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        names.sort();
+        names
+    }
+
     fn migrations_of(&self, namespace: &str, pod_name: Option<&str>) -> Vec<Arc<PodMigration>> {
         self.migrations.state_filter(|m| {
             m.metadata.namespace.as_deref() == Some(namespace) && pod_name.is_none_or(|n| m.spec.pod_name == n)
@@ -173,11 +191,17 @@ async fn eviction_response(
         .and_then(|e| e.metadata.annotations.as_ref())
         .and_then(|a| a.get(STOP_SOURCE_OF))
         .cloned();
+    let preconditions = eviction
+        .as_ref()
+        .and_then(|e| e.delete_options.as_ref())
+        .and_then(|o| o.preconditions.as_ref());
     let req = EvictionRequest {
         namespace,
         pod_name: &request.name,
         dry_run: request.dry_run || object_dry_run,
         stop_source_of: stop_source_of.as_deref(),
+        precondition_uid: preconditions.and_then(|p| p.uid.as_deref()),
+        precondition_resource_version: preconditions.and_then(|p| p.resource_version.as_deref()),
     };
     let pod = state.pod(namespace, &request.name).await;
     let pod_node_schedulable = pod
@@ -187,21 +211,44 @@ async fn eviction_response(
         .and_then(|n| state.nodes.get(&ObjectRef::new(n)))
         .map(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true));
     let migrations = state.migrations_of(namespace, Some(&request.name));
+    let static_on_node = pod
+        .as_ref()
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.node_name.as_deref())
+        .map(|node| state.opted_in_static_pods(node, pod.as_deref()))
+        .unwrap_or_default();
     let snapshot = Snapshot {
         pod: pod.as_deref(),
         pod_node_schedulable,
         migrations: &migrations,
+        static_on_node: &static_on_node,
         now: Timestamp::now(),
     };
     let decision = eviction::decide(&req, &snapshot);
     let result = decision.result();
-    let response = match decision {
+    let warnings = match &decision {
+        Decision::Allow { .. } | Decision::Start { .. } => eviction::warnings(pod.as_deref(), &snapshot),
+        _ => Vec::new(),
+    };
+    let mut response = match decision {
         Decision::Allow { warning, .. } => review::allow(request, warning),
         Decision::Wait { message } | Decision::Block { message } => {
             review::deny(request, 429, "TooManyRequests", message)
         }
         Decision::Gone { message } => review::deny(request, 404, "NotFound", message),
-        Decision::Start { name, spec } => match start(state, namespace, &name, spec).await {
+        Decision::Start { name, spec, refusal } => match start(state, namespace, &name, spec).await {
+            Ok(_) if refusal.is_some() => review::deny(
+                request,
+                429,
+                "TooManyRequests",
+                format!(
+                    "kube-migrate cannot migrate {namespace}/{}: {}; recorded in PodMigration {name}, \
+                     the next retry follows the pod's {}",
+                    request.name,
+                    refusal.unwrap_or_default(),
+                    api::ON_FAILURE
+                ),
+            ),
             Ok(target) => review::deny(
                 request,
                 429,
@@ -236,6 +283,9 @@ async fn eviction_response(
             }
         },
     };
+    if !warnings.is_empty() {
+        response.warnings.get_or_insert_with(Vec::new).extend(warnings);
+    }
     (result, response)
 }
 

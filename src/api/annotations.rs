@@ -33,6 +33,12 @@ pub const SOURCE_NODE_LABEL: &str = "migrate.io/source-node";
 pub const FIELD_MANAGER: &str = "kube-migrate";
 /// Finalizer that lets the controller clean archives before a PodMigration goes away.
 pub const FINALIZER: &str = "migrate.io/cleanup";
+/// Finalizer on a source pod from just before it is stopped until its checkpoint is verified
+/// on the target node: `kubectl drain` waits for the pod object to go, so the drain cannot
+/// complete while the only copy of the state is on the drained node.
+pub const SOURCE_HOLD: &str = "migrate.io/state-hold";
+/// Annotation the controller puts on its own Eviction of a source pod, naming the migration.
+pub const STOP_SOURCE_OF: &str = "migrate.io/stop-source-of";
 
 /// CRI-O reads this manifest annotation to know an image is a checkpoint (value: container name).
 pub const CRIO_CHECKPOINT_NAME: &str = "io.kubernetes.cri-o.annotations.checkpoint.name";
@@ -58,9 +64,43 @@ fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// `true` when the pod opted in with `migrate.io/stateful: "true"` (case-insensitive).
+/// What a pod's `migrate.io/stateful` annotation says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stateful {
+    /// Absent, or `false`/`no`/`off`/`0`/empty: evictions are plain evictions.
+    No,
+    /// `true`/`yes`/`on`/`1` (any case, surrounding blanks ignored): opted in.
+    Yes,
+    /// Any other value: taken as opted in, because losing state on a typo is worse than
+    /// migrating a pod that did not need it; every answer about the pod says so.
+    Unrecognized(String),
+}
+
+pub fn stateful(pod: &Pod) -> Stateful {
+    let Some(value) = annotation(pod, STATEFUL) else {
+        return Stateful::No;
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Stateful::Yes,
+        "false" | "no" | "off" | "0" | "" => Stateful::No,
+        _ => Stateful::Unrecognized(value.to_string()),
+    }
+}
+
+/// `true` when the pod opted in (see [`Stateful`]: unrecognized values count as opted in).
 pub fn is_stateful(pod: &Pod) -> bool {
-    annotation(pod, STATEFUL).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    stateful(pod) != Stateful::No
+}
+
+/// The warning every answer about a pod with an unrecognized opt-in value carries.
+pub fn stateful_warning(pod: &Pod) -> Option<String> {
+    match stateful(pod) {
+        Stateful::Unrecognized(v) => Some(format!(
+            "kube-migrate: {STATEFUL}={v:?} is not a recognized value (true/yes/on/1 or false/no/off/0); \
+             treated as opted in so that no state is lost"
+        )),
+        _ => None,
+    }
 }
 
 /// The pod's `migrate.io/on-failure` policy. Unknown values fall back to the safe default of
@@ -141,12 +181,19 @@ mod tests {
     }
 
     #[test]
-    fn stateful_annotation_is_an_explicit_opt_in() {
-        assert!(is_stateful(&pod_with(&[(STATEFUL, "true")])));
-        assert!(is_stateful(&pod_with(&[(STATEFUL, " TRUE ")])));
-        assert!(!is_stateful(&pod_with(&[(STATEFUL, "yes")])));
-        assert!(!is_stateful(&pod_with(&[(STATEFUL, "false")])));
-        assert!(!is_stateful(&Pod::default()));
+    fn stateful_annotation_spellings() {
+        for yes in ["true", " TRUE ", "yes", "Yes", "on", "1"] {
+            assert_eq!(stateful(&pod_with(&[(STATEFUL, yes)])), Stateful::Yes, "{yes:?}");
+        }
+        for no in ["false", "No", "off", "0", ""] {
+            assert_eq!(stateful(&pod_with(&[(STATEFUL, no)])), Stateful::No, "{no:?}");
+            assert!(stateful_warning(&pod_with(&[(STATEFUL, no)])).is_none());
+        }
+        assert_eq!(stateful(&Pod::default()), Stateful::No);
+        let odd = pod_with(&[(STATEFUL, "maybe")]);
+        assert_eq!(stateful(&odd), Stateful::Unrecognized("maybe".into()));
+        assert!(is_stateful(&odd), "an unknown value must not lose state");
+        assert!(stateful_warning(&odd).unwrap().contains("\"maybe\""));
     }
 
     #[test]

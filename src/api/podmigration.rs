@@ -206,6 +206,10 @@ pub struct PodMigrationStatus {
     /// The agents were told to drop this migration's archives that are no longer needed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub archives_released: bool,
+    /// When the current phase must have ended; past it the migration rolls back (before the
+    /// source stopped) or fails with the replacement starting fresh (after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
     /// Retries of the current phase.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,

@@ -346,7 +346,7 @@ async fn status(client: &Client, ns: &str, name: Option<&str>, all: bool) -> Res
                 "  {:<14} {} {} {}",
                 c.name,
                 c.size_bytes
-                    .map(crate::controller::reconcile::human_bytes)
+                    .map(crate::controller::decide::human_bytes)
                     .unwrap_or_else(|| "-".into()),
                 c.digest.as_deref().unwrap_or("-"),
                 c.image.as_deref().unwrap_or("")
@@ -508,7 +508,7 @@ async fn list(client: &Client, ns: &str) -> Result<(), PluginError> {
             m.name_any(),
             m.spec.pod_name,
             m.target_node().unwrap_or("-"),
-            crate::controller::reconcile::human_bytes(size),
+            crate::controller::decide::human_bytes(size),
             m.metadata
                 .creation_timestamp
                 .as_ref()

@@ -87,8 +87,42 @@ pub struct Options {
     /// How long to retry after the source stopped before the replacement starts fresh.
     #[arg(long, env = "KM_RESTORE_DEADLINE_SECONDS", default_value_t = 600)]
     pub restore_deadline_seconds: u64,
+    #[command(flatten)]
+    pub deadlines: DeadlineArgs,
     #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// Upper bound of each phase (README "Deadlines" says why these defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeadlineArgs {
+    /// Waiting for a slot, a PodDisruptionBudget or a target.
+    #[arg(long, env = "KM_PENDING_DEADLINE_SECONDS", default_value_t = 1800)]
+    pub pending_deadline_seconds: u64,
+    /// Checkpoint through the kubelet and stop of the source.
+    #[arg(long, env = "KM_CHECKPOINT_DEADLINE_SECONDS", default_value_t = 360)]
+    pub checkpoint_deadline_seconds: u64,
+    /// Archive transfer and verification on the target.
+    #[arg(long, env = "KM_TRANSFER_DEADLINE_SECONDS", default_value_t = 900)]
+    pub transfer_deadline_seconds: u64,
+    /// Checkpoint image build on the target.
+    #[arg(long, env = "KM_IMAGE_DEADLINE_SECONDS", default_value_t = 300)]
+    pub image_deadline_seconds: u64,
+    /// Replacement created, scheduled, restored and Ready.
+    #[arg(long, env = "KM_RESTORING_DEADLINE_SECONDS", default_value_t = 300)]
+    pub restoring_deadline_seconds: u64,
+}
+
+impl DeadlineArgs {
+    pub fn deadlines(&self) -> controller::decide::Deadlines {
+        controller::decide::Deadlines {
+            pending: Duration::from_secs(self.pending_deadline_seconds),
+            checkpointing: Duration::from_secs(self.checkpoint_deadline_seconds),
+            transferring: Duration::from_secs(self.transfer_deadline_seconds),
+            building_image: Duration::from_secs(self.image_deadline_seconds),
+            restoring: Duration::from_secs(self.restoring_deadline_seconds),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +232,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             source_grace_period_seconds: opts.source_grace_period_seconds,
             max_attempts: 3,
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
+            deadlines: opts.deadlines.deadlines(),
             agent_address_override: opts.agent_address_override.clone(),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
@@ -244,6 +279,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 metrics,
                                 config,
                                 drains_recorded: Default::default(),
+                                slots: Default::default(),
                             })
                         };
                         controller::run(client, shared, token).await;

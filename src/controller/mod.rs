@@ -1,11 +1,20 @@
 //! The migration controller: leader-elected, drives each PodMigration through its phases
 //! with all state in the API server.
+//!
+//! * [`reconcile`]: the kube-rs `Controller` and the finalizer;
+//! * `phase`: one file per phase (the I/O of each step);
+//! * [`decide`], [`placement`], [`state`]: pure decisions, unit-tested without a cluster;
+//! * [`context`]: what the steps share (caches, clients, slots, status writes, Events).
 
 pub mod agents;
+pub mod context;
+pub mod decide;
 pub mod leader;
+mod phase;
 pub mod placement;
 pub mod quantity;
 pub mod reconcile;
 pub mod state;
 
-pub use reconcile::{Config, Context, run};
+pub use context::{Config, Context};
+pub use reconcile::run;

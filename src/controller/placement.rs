@@ -111,15 +111,11 @@ pub fn choose(input: &PlacementInput<'_>) -> Placement {
     }
 }
 
-/// Ok(load after placement, 0..=1+) or why not.
-fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Option<&Resources>) -> Result<f64, Unfit> {
-    let name = node.metadata.name.as_deref().unwrap_or_default();
-    if name == input.source_node {
-        return Err(Unfit::IsSource);
-    }
-    let spec = node.spec.clone().unwrap_or_default();
-    if spec.unschedulable == Some(true) {
-        return Err(Unfit::Cordoned);
+/// Why a node takes no new pod whatever the pod: cordoned (which includes every node being
+/// drained) or not Ready.
+pub fn node_unfit(node: &Node) -> Option<Unfit> {
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+        return Some(Unfit::Cordoned);
     }
     let ready = node
         .status
@@ -127,8 +123,18 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True");
-    if !ready {
-        return Err(Unfit::NotReady);
+    (!ready).then_some(Unfit::NotReady)
+}
+
+/// Ok(load after placement, 0..=1+) or why not.
+fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Option<&Resources>) -> Result<f64, Unfit> {
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    if name == input.source_node {
+        return Err(Unfit::IsSource);
+    }
+    let spec = node.spec.clone().unwrap_or_default();
+    if let Some(unfit) = node_unfit(node) {
+        return Err(unfit);
     }
     if !(input.has_agent)(name) {
         return Err(Unfit::NoAgent);

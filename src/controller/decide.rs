@@ -1,0 +1,306 @@
+//! Pure decisions of the controller: concurrency slots, capacity reservations, deadlines,
+//! PodDisruptionBudget matching, restore trouble, and what a migration records of its pod.
+//! No I/O, so each is unit-tested without a cluster.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{core::v1::Pod, policy::v1::PodDisruptionBudget},
+    jiff::Timestamp,
+};
+use kube::{
+    ResourceExt,
+    core::{Selector, SelectorExt},
+};
+
+use crate::{
+    agent::api::ArchiveRef,
+    api::{ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationStatus},
+    replacement,
+};
+
+/// A concurrency slot held by one migration, with the capacity it reserves on its target
+/// until its replacement is bound there.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub key: String,
+    pub source_node: String,
+    pub target_node: Option<String>,
+    /// The source pod (its requests are what the target must keep free).
+    pub pod: Option<Arc<Pod>>,
+}
+
+impl Slot {
+    pub fn of(m: &PodMigration, pod: Option<Arc<Pod>>) -> Slot {
+        let replacement_bound = m.status.as_ref().is_some_and(|s| s.replacement.is_some());
+        Slot {
+            key: format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()),
+            source_node: m.spec.source_node.clone(),
+            target_node: m.target_node().map(str::to_string),
+            pod: if replacement_bound { None } else { pod },
+        }
+    }
+}
+
+/// Why a migration waits in `Pending`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// May `me` (from `source`) start now, given the slots already held? Its own slot, if it
+/// holds one already, does not count against it.
+pub fn concurrency_gate(
+    held: &[Slot],
+    me: &str,
+    source: &str,
+    max_per_node: usize,
+    max_total: usize,
+) -> Result<(), Queued> {
+    let others: Vec<&Slot> = held.iter().filter(|s| s.key != me).collect();
+    let on_node = others.iter().filter(|s| s.source_node == source).count();
+    if on_node >= max_per_node || others.len() >= max_total {
+        return Err(Queued {
+            reason: "ConcurrencyLimit",
+            message: format!(
+                "queued: {on_node}/{max_per_node} active on node {source}, {}/{max_total} in the cluster",
+                others.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The capacity in-flight migrations will take on their targets: each source pod, as if it
+/// were already bound to its target. Placement adds these to the pods bound there.
+pub fn reservations(held: &[Slot], me: &str) -> Vec<Pod> {
+    held.iter()
+        .filter(|s| s.key != me)
+        .filter_map(|s| {
+            let mut pod = (**s.pod.as_ref()?).clone();
+            pod.spec.get_or_insert_with(Default::default).node_name = Some(s.target_node.clone()?);
+            Some(pod)
+        })
+        .collect()
+}
+
+/// Upper bound of each non-terminal phase. On expiry before the source stopped the migration
+/// rolls back (the pod's `on-failure` policy decides the eviction); after, the replacement
+/// starts from its original image and the migration fails loudly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deadlines {
+    pub pending: Duration,
+    pub checkpointing: Duration,
+    pub transferring: Duration,
+    pub building_image: Duration,
+    pub restoring: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            pending: Duration::from_secs(1800),
+            checkpointing: Duration::from_secs(360),
+            transferring: Duration::from_secs(900),
+            building_image: Duration::from_secs(300),
+            restoring: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Deadlines {
+    pub fn budget(&self, phase: Phase) -> Option<Duration> {
+        match phase {
+            Phase::Pending => Some(self.pending),
+            Phase::Checkpointing => Some(self.checkpointing),
+            Phase::Transferring => Some(self.transferring),
+            Phase::BuildingImage => Some(self.building_image),
+            Phase::Restoring => Some(self.restoring),
+            Phase::Succeeded | Phase::Failed => None,
+        }
+    }
+
+    /// When the current phase must have ended: its start plus its budget.
+    pub fn deadline(&self, status: &PodMigrationStatus) -> Option<Timestamp> {
+        let budget = self.budget(status.phase)?;
+        let started = status.phases.last().filter(|t| t.phase == status.phase)?.started_at.0;
+        started.checked_add(jiff_span(budget)).ok()
+    }
+
+    /// Seconds past the deadline of the current phase, if it passed.
+    pub fn overdue(&self, status: &PodMigrationStatus, now: Timestamp) -> Option<f64> {
+        let deadline = self.deadline(status)?;
+        (now > deadline).then(|| seconds_between(&deadline, &now))
+    }
+}
+
+fn jiff_span(d: Duration) -> k8s_openapi::jiff::SignedDuration {
+    k8s_openapi::jiff::SignedDuration::try_from(d).unwrap_or(k8s_openapi::jiff::SignedDuration::MAX)
+}
+
+pub fn seconds_between(a: &Timestamp, b: &Timestamp) -> f64 {
+    (b.as_millisecond() - a.as_millisecond()) as f64 / 1000.0
+}
+
+/// Exponential backoff with jitter: 1, 2, 4, ... seconds capped at 60, each scaled by a
+/// factor in [0.5, 1.5) from `jitter` (a uniform sample in [0, 1)), so that many migrations
+/// failing together do not retry in lockstep.
+pub fn backoff(attempts: u32, jitter: f64) -> Duration {
+    let base = 2u64.saturating_pow(attempts.saturating_sub(1).min(6)).min(60) as f64;
+    Duration::from_secs_f64((base * (0.5 + jitter.clamp(0.0, 1.0))).min(60.0))
+}
+
+/// The first PodDisruptionBudget that selects `pod` and allows no disruption right now.
+pub fn blocking_pdb<'a>(pdbs: &'a [PodDisruptionBudget], pod: &Pod) -> Option<&'a PodDisruptionBudget> {
+    let labels = pod.labels();
+    pdbs.iter().find(|pdb| {
+        let Some(selector) = pdb.spec.as_ref().and_then(|s| s.selector.clone()) else {
+            return false; // policy/v1: a nil selector selects nothing
+        };
+        let Ok(selector) = Selector::try_from(selector) else {
+            return false;
+        };
+        selector.matches(labels) && pdb.status.as_ref().map_or(0, |s| s.disruptions_allowed) < 1
+    })
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Why a released replacement is not coming up: a failure the migration should retry or end
+/// on. `None` while it is merely on its way.
+pub fn restore_trouble(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() == Some("Failed") {
+        return Some(format!(
+            "replacement pod failed: {}",
+            status.message.clone().unwrap_or_default()
+        ));
+    }
+    status
+        .container_statuses
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.as_deref()?;
+            matches!(
+                reason,
+                "CrashLoopBackOff" | "ErrImagePull" | "ImagePullBackOff" | "CreateContainerError" | "RunContainerError"
+            )
+            .then(|| {
+                format!(
+                    "container {}: {reason}: {}",
+                    c.name,
+                    waiting.message.clone().unwrap_or_default()
+                )
+            })
+        })
+}
+
+/// What the replacement waits for, when it is not Ready and not in trouble: the scheduler's
+/// verdict (`PodScheduled=False`, e.g. "0/3 nodes are available: 1 Insufficient cpu"), or
+/// that it was not scheduled yet.
+pub fn restore_wait(pod: &Pod) -> String {
+    let unscheduled = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False"));
+    match unscheduled {
+        Some(c) => format!(
+            "{} is not scheduled: {}",
+            pod.name_any(),
+            c.message.clone().or_else(|| c.reason.clone()).unwrap_or_default()
+        ),
+        None => format!("waiting for {} to become Ready", pod.name_any()),
+    }
+}
+
+pub fn controller_owner(pod: &Pod) -> Option<OwnerInfo> {
+    pod.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| OwnerInfo {
+            api_version: o.api_version.clone(),
+            kind: o.kind.clone(),
+            name: o.name.clone(),
+            uid: o.uid.clone(),
+        })
+}
+
+/// What it takes to recreate a pod: its metadata (name, labels, annotations) and spec
+/// without the fields the API server or the scheduler own. Kept for every migration, so that
+/// a re-placement keeps the pod's own constraints (selector, affinity, tolerations, requests).
+pub fn pod_template(pod: &Pod) -> Result<serde_json::Value, serde_json::Error> {
+    let pod = &replacement::without_restore(pod);
+    let mut spec = pod.spec.clone().unwrap_or_default();
+    spec.node_name = None;
+    let template = Pod {
+        metadata: kube::api::ObjectMeta {
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            labels: pod.metadata.labels.clone(),
+            annotations: pod.metadata.annotations.clone(),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    serde_json::to_value(template)
+}
+
+pub fn containers_of(pod: &Pod) -> Vec<ContainerCheckpoint> {
+    pod.spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| ContainerCheckpoint {
+                    name: c.name.clone(),
+                    base_image: c.image.clone(),
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn archive_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {
+    status
+        .containers
+        .iter()
+        .map(|c| ArchiveRef {
+            container: c.name.clone(),
+            digest: c.digest.clone().unwrap_or_default(),
+            size_bytes: c.size_bytes.unwrap_or(0),
+        })
+        .collect()
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,181 @@
+use super::*;
+use crate::api::{PhaseTiming, PodMigrationSpec, Trigger};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::json;
+
+fn slot(key: &str, source: &str, target: Option<&str>, cpu: Option<&str>) -> Slot {
+    let pod: Option<Arc<Pod>> = cpu.map(|cpu| {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": key },
+                "spec": { "nodeName": source, "containers": [{ "name": "c", "image": "x",
+                    "resources": { "requests": { "cpu": cpu } } }] },
+            }))
+            .unwrap(),
+        )
+    });
+    Slot {
+        key: key.into(),
+        source_node: source.into(),
+        target_node: target.map(str::to_string),
+        pod,
+    }
+}
+
+#[test]
+fn the_gate_counts_slots_per_source_node_and_in_total_but_not_its_own() {
+    let held = vec![slot("ns/a", "node-a", None, None), slot("ns/b", "node-a", None, None)];
+    let q = concurrency_gate(&held, "ns/c", "node-a", 2, 10).unwrap_err();
+    assert_eq!(q.reason, "ConcurrencyLimit");
+    assert!(q.message.contains("2/2 active on node node-a"), "{}", q.message);
+    assert_eq!(concurrency_gate(&held, "ns/c", "node-b", 2, 10), Ok(()));
+    assert_eq!(concurrency_gate(&held, "ns/a", "node-a", 2, 10), Ok(()), "own slot");
+    let q = concurrency_gate(&held, "ns/c", "node-b", 2, 2).unwrap_err();
+    assert!(q.message.contains("2/2 in the cluster"), "{}", q.message);
+}
+
+#[test]
+fn a_burst_admits_exactly_the_limit() {
+    // What the leader does under its lock: check, then hold. Eight arrive at once.
+    let mut held: Vec<Slot> = Vec::new();
+    let mut admitted = 0;
+    for i in 0..8 {
+        let key = format!("ns/p{i}");
+        if concurrency_gate(&held, &key, "node-a", 2, 10).is_ok() {
+            held.push(slot(&key, "node-a", Some("node-b"), None));
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 2);
+}
+
+#[test]
+fn reservations_place_in_flight_pods_on_their_targets() {
+    let held = vec![
+        slot("ns/a", "node-a", Some("node-b"), Some("500m")),
+        slot("ns/b", "node-a", None, Some("500m")),
+        slot("ns/c", "node-a", Some("node-c"), None),
+        slot("ns/me", "node-a", Some("node-b"), Some("1")),
+    ];
+    let r = reservations(&held, "ns/me");
+    assert_eq!(r.len(), 1, "only slots with a target and a pod reserve, never my own");
+    assert_eq!(r[0].spec.as_ref().unwrap().node_name.as_deref(), Some("node-b"));
+}
+
+fn status_in(phase: Phase, started: i64) -> PodMigrationStatus {
+    PodMigrationStatus {
+        phase,
+        phases: vec![PhaseTiming {
+            phase,
+            started_at: Time(Timestamp::from_second(started).unwrap()),
+            finished_at: None,
+            seconds: None,
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_active_phase_has_a_deadline_and_terminal_ones_none() {
+    let d = Deadlines::default();
+    for phase in Phase::ALL {
+        assert_eq!(d.budget(phase).is_some(), !phase.is_terminal(), "{phase}");
+    }
+    let s = status_in(Phase::Restoring, 1_000_000);
+    assert_eq!(d.deadline(&s).unwrap().as_second(), 1_000_300);
+    assert_eq!(d.overdue(&s, Timestamp::from_second(1_000_299).unwrap()), None);
+    assert_eq!(d.overdue(&s, Timestamp::from_second(1_000_310).unwrap()), Some(10.0));
+    assert_eq!(d.deadline(&status_in(Phase::Failed, 1_000_000)), None);
+}
+
+#[test]
+fn backoff_grows_caps_and_jitters() {
+    assert_eq!(backoff(1, 0.5), Duration::from_secs(1));
+    assert_eq!(backoff(3, 0.5), Duration::from_secs(4));
+    assert_eq!(backoff(30, 0.5), Duration::from_secs(60));
+    assert!(backoff(30, 0.99) <= Duration::from_secs(60));
+    assert_eq!(backoff(3, 0.0), Duration::from_secs(2));
+    assert!(backoff(3, 0.99) > Duration::from_secs(5));
+}
+
+fn pdb(name: &str, selector: serde_json::Value, allowed: i32) -> PodDisruptionBudget {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": { "selector": selector },
+        "status": { "disruptionsAllowed": allowed, "currentHealthy": 1, "desiredHealthy": 1, "expectedPods": 1 },
+    }))
+    .unwrap()
+}
+
+#[test]
+fn pdbs_block_only_when_they_select_the_pod_and_allow_nothing() {
+    let pod: Pod =
+        serde_json::from_value(json!({ "metadata": { "name": "db-0", "labels": { "app": "db", "tier": "data" } } }))
+            .unwrap();
+    let pdbs = vec![
+        pdb("other", json!({ "matchLabels": { "app": "web" } }), 0),
+        pdb("roomy", json!({ "matchLabels": { "app": "db" } }), 1),
+        pdb(
+            "expr",
+            json!({ "matchExpressions": [{ "key": "tier", "operator": "In", "values": ["data"] }] }),
+            0,
+        ),
+    ];
+    assert_eq!(blocking_pdb(&pdbs, &pod).unwrap().name_any(), "expr");
+    let notin = vec![pdb(
+        "notin",
+        json!({ "matchExpressions": [{ "key": "tier", "operator": "NotIn", "values": ["data"] }] }),
+        0,
+    )];
+    assert!(blocking_pdb(&notin, &pod).is_none());
+    // policy/v1: an empty selector selects every pod of the namespace.
+    let all = vec![pdb("all", json!({}), 0)];
+    assert_eq!(blocking_pdb(&all, &pod).unwrap().name_any(), "all");
+}
+
+#[test]
+fn restore_trouble_and_waits_say_why() {
+    let crash: Pod = serde_json::from_value(json!({ "metadata": { "name": "r" }, "status": { "containerStatuses": [{
+        "name": "db", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
+        "state": { "waiting": { "reason": "CrashLoopBackOff", "message": "back-off" } } }] } }))
+    .unwrap();
+    assert!(
+        restore_trouble(&crash)
+            .unwrap()
+            .contains("container db: CrashLoopBackOff")
+    );
+    let unschedulable: Pod = serde_json::from_value(json!({ "metadata": { "name": "r" }, "status": { "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 1 Insufficient cpu." }] } }))
+    .unwrap();
+    assert_eq!(restore_trouble(&unschedulable), None);
+    assert!(restore_wait(&unschedulable).contains("Insufficient cpu"));
+}
+
+#[test]
+fn slot_of_a_migration_with_a_bound_replacement_reserves_nothing() {
+    let mut m = PodMigration::new(
+        "db-0-1",
+        PodMigrationSpec {
+            pod_name: "db-0".into(),
+            pod_uid: "u".into(),
+            source_node: "node-a".into(),
+            target_node: None,
+            trigger: Trigger::Drain,
+            policy: Default::default(),
+            mode: Default::default(),
+            restore_from: None,
+        },
+    );
+    m.metadata.namespace = Some("ns".into());
+    let pod = Arc::new(Pod::default());
+    m.status = Some(status_in(Phase::Restoring, 0));
+    assert!(Slot::of(&m, Some(Arc::clone(&pod))).pod.is_some());
+    m.status.as_mut().unwrap().replacement = Some(crate::api::PodRef {
+        name: "db-0".into(),
+        uid: None,
+    });
+    let s = Slot::of(&m, Some(pod));
+    assert!(s.pod.is_none());
+    assert_eq!(s.key, "ns/db-0-1");
+}

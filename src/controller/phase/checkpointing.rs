@@ -1,0 +1,220 @@
+//! `Checkpointing`: the source agent checkpoints every container through its kubelet; the
+//! result is persisted; then (migrations only) the source pod is held, the target re-checked
+//! against the API server, and the source stopped through the Eviction API.
+
+use std::time::Duration;
+
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{Api, ResourceExt, runtime::controller::Action};
+use serde_json::json;
+
+use super::{hold, rollback, transition};
+use crate::{
+    agent::api::CheckpointRequest,
+    api::{Mode, Phase, PodMigration, PodMigrationStatus, STOP_SOURCE_OF},
+    controller::{
+        context::{Context, Error},
+        decide::{self, human_bytes},
+        phase::finished::release_archives,
+        placement,
+        state::{self, CONDITION_SOURCE_STOPPED},
+    },
+};
+
+pub async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    if status.source_stop_requested_at.is_none() {
+        return checkpoint(pm, status, ctx).await;
+    }
+    stop_source(pm, status, ctx).await
+}
+
+async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let id = pm.uid().ok_or(Error::Missing("uid"))?;
+    let Some(source) = ctx.agent(&pm.spec.source_node) else {
+        return rollback(
+            pm,
+            status,
+            ctx,
+            "NoAgent",
+            format!("the agent of node {} disappeared", pm.spec.source_node),
+        )
+        .await;
+    };
+    if ctx.source_pod(pm).is_none() {
+        return rollback(
+            pm,
+            status,
+            ctx,
+            "PodGone",
+            "the pod vanished before it was stopped".into(),
+        )
+        .await;
+    }
+    let request = CheckpointRequest {
+        namespace: ns,
+        pod: pm.spec.pod_name.clone(),
+        containers: status.containers.iter().map(|c| c.name.clone()).collect(),
+        timeout_seconds: ctx.config.checkpoint_timeout.as_secs(),
+    };
+    let answer = match ctx.agent_client.checkpoint(&source, &id, &request).await {
+        Ok(a) => a,
+        Err(e) if e.retryable() && status.attempts + 1 < ctx.config.max_attempts => {
+            status.attempts += 1;
+            tracing::warn!(migration = %pm.name_any(), attempt = status.attempts, error = %e, "checkpoint failed; retrying");
+            status.message = Some(format!("checkpoint attempt {} failed, retrying: {e}", status.attempts));
+            return Ok(Action::requeue(decide::backoff(status.attempts, rand::random::<f64>())));
+        }
+        Err(e) => return rollback(pm, status, ctx, "CheckpointFailed", e.to_string()).await,
+    };
+    for archive in answer.archives {
+        if let Some(c) = status.containers.iter_mut().find(|c| c.name == archive.container) {
+            c.archive = Some(archive.path);
+            c.digest = Some(archive.digest);
+            c.size_bytes = Some(archive.size_bytes);
+        }
+    }
+    if let Some(missing) = status.containers.iter().find(|c| c.digest.is_none()) {
+        return rollback(
+            pm,
+            status,
+            ctx,
+            "CheckpointFailed",
+            format!("no archive for container {}", missing.name),
+        )
+        .await;
+    }
+    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    if pm.spec.mode == Mode::Checkpoint {
+        // A backup: the pod keeps running; the image is built where the archives are.
+        transition(
+            pm,
+            status,
+            ctx,
+            Phase::BuildingImage,
+            format!("checkpoint taken ({}); building the image", human_bytes(bytes)),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    // Persist before stopping anything: the webhook lets our eviction through only once it
+    // sees this, and a new leader must not checkpoint twice.
+    status.source_stop_requested_at = Some(Time(Timestamp::now()));
+    status.message = Some(format!(
+        "checkpoint taken ({}); stopping the source pod",
+        human_bytes(bytes)
+    ));
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+async fn stop_source(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let stopping = ctx
+        .source_pod(pm)
+        .is_none_or(|p| p.metadata.deletion_timestamp.is_some());
+    if !stopping {
+        // The cache may be behind: ask the API server whether the target still fits.
+        if let Some(why) = target_unfit(ctx, status.target_node.as_deref()).await? {
+            return back_to_pending(pm, status, ctx, format!("target {why}")).await;
+        }
+        hold::add(ctx, pm).await?;
+    }
+    match evict_source(ctx, pm).await {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 429 => {
+            // A PodDisruptionBudget refused: the source keeps running, so the checkpoint is
+            // stale. Drop it and start over from Pending.
+            return back_to_pending(pm, status, ctx, format!("the source stop was refused ({})", e.message)).await;
+        }
+        Err(e) => {
+            status.message = Some(format!("stopping the source pod failed, retrying: {e}"));
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    }
+    let now = Timestamp::now();
+    status.source_stopped_at = Some(Time(now));
+    state::set_condition(
+        status,
+        CONDITION_SOURCE_STOPPED,
+        true,
+        "Evicted",
+        "the source pod was evicted after the checkpoint; its object is held until the state is verified on the target",
+        now,
+    );
+    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Transferring,
+        format!(
+            "source stopped; sending {} to {}",
+            human_bytes(bytes),
+            status.target_node.as_deref().unwrap_or("?")
+        ),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// Why the chosen target cannot take the pod now, read from the API server.
+async fn target_unfit(ctx: &Context, target: Option<&str>) -> Result<Option<String>, Error> {
+    let Some(target) = target else {
+        return Ok(Some("none chosen".into()));
+    };
+    let node = Api::<Node>::all(ctx.client.clone()).get_opt(target).await?;
+    Ok(match node {
+        None => Some(format!("{target} does not exist any more")),
+        Some(n) => placement::node_unfit(&n).map(|why| format!("{target} {why}")),
+    })
+}
+
+/// Drop the checkpoint (the source keeps running, so it goes stale) and queue again.
+async fn back_to_pending(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    why: String,
+) -> Result<Action, Error> {
+    release_archives(ctx, pm, status).await;
+    hold::release(ctx, pm).await?;
+    ctx.release_slot(pm);
+    status.source_stop_requested_at = None;
+    for c in &mut status.containers {
+        c.archive = None;
+        c.digest = None;
+        c.size_bytes = None;
+    }
+    status.archives_released = false;
+    transition(pm, status, ctx, Phase::Pending, format!("{why}; retrying from Pending")).await;
+    Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+/// Evict the source pod through the Eviction API (so PodDisruptionBudgets hold), marked as
+/// ours for the webhook, with a short grace period and the pod's UID as precondition.
+async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let body = json!({
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {
+            "name": pm.spec.pod_name,
+            "namespace": ns,
+            "annotations": { STOP_SOURCE_OF: pm.name_any() },
+        },
+        "deleteOptions": {
+            "gracePeriodSeconds": ctx.config.source_grace_period_seconds,
+            "preconditions": { "uid": pm.spec.pod_uid },
+        },
+    });
+    let url = format!("/api/v1/namespaces/{ns}/pods/{}/eviction", pm.spec.pod_name);
+    let request = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?)
+        .map_err(kube::Error::HttpError)?;
+    match ctx.client.request::<serde_json::Value>(request).await {
+        Ok(_) => Ok(()),
+        // Already gone, or a different pod now holds the name: the source is stopped.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}

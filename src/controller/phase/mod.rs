@@ -1,0 +1,197 @@
+//! One step of a PodMigration's life per reconcile, one file per phase. The steps shared by
+//! every phase (transitions, failure, rollback, retries, deadlines) live here.
+
+mod building;
+mod checkpointing;
+mod finished;
+mod hold;
+mod pending;
+mod restore;
+mod restoring;
+mod transferring;
+
+use std::time::Duration;
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{ResourceExt, runtime::controller::Action};
+
+pub use finished::cleanup;
+
+use super::{
+    context::{Context, Error},
+    decide,
+    state::{self, CONDITION_DEGRADED},
+};
+use crate::api::{Mode, Phase, PodMigration, PodMigrationStatus};
+
+/// After a status write, the next step waits for the watch event that carries it (so it never
+/// works from the stale cached object); this is only the safety net.
+const AFTER_WRITE: Duration = Duration::from_secs(10);
+
+/// One step; writes the status when it changed.
+pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
+    let mut status = pm.status.clone().unwrap_or_default();
+    let before = status.clone();
+    let now = Timestamp::now();
+    let action = if pm.status.is_none() || status.phases.is_empty() {
+        let closed = state::enter(&mut status, Phase::Pending, now);
+        ctx.observe(pm, closed, &status);
+        Ok(Action::requeue(Duration::ZERO))
+    } else if let Some(late) = ctx.config.deadlines.overdue(&status, now) {
+        deadline_passed(pm, &mut status, ctx, late).await
+    } else {
+        match status.phase {
+            Phase::Pending => match pm.spec.mode {
+                Mode::Migrate | Mode::Checkpoint => pending::pending(pm, &mut status, ctx).await,
+                Mode::Restore => restore::pending_restore(pm, &mut status, ctx).await,
+            },
+            Phase::Checkpointing => checkpointing::checkpointing(pm, &mut status, ctx).await,
+            Phase::Transferring => transferring::transferring(pm, &mut status, ctx).await,
+            Phase::BuildingImage => building::building(pm, &mut status, ctx).await,
+            Phase::Restoring => restoring::restoring(pm, &mut status, ctx).await,
+            Phase::Succeeded | Phase::Failed => finished::finished(pm, &mut status, ctx).await,
+        }
+    };
+    status.deadline = ctx.config.deadlines.deadline(&status).map(Time);
+    if status != before {
+        if status.phase != before.phase {
+            tracing::info!(
+                migration = %pm.name_any(),
+                pod = %format!("{}/{}", pm.namespace().unwrap_or_default(), pm.spec.pod_name),
+                source = %pm.spec.source_node,
+                target = status.target_node.as_deref().unwrap_or("-"),
+                from = %before.phase,
+                to = %status.phase,
+                seconds = state::phase_seconds(&status, before.phase).unwrap_or_default(),
+                "phase transition"
+            );
+        }
+        if let Err(e) = ctx.write_status(pm, &status).await {
+            if status.phase != Phase::Pending && before.phase == Phase::Pending {
+                ctx.release_slot(pm);
+            }
+            return Err(e);
+        }
+        return action.map(|a| {
+            if a == Action::requeue(Duration::ZERO) {
+                Action::requeue(AFTER_WRITE)
+            } else {
+                a
+            }
+        });
+    }
+    action
+}
+
+/// Move to `phase`, with metrics and an Event.
+async fn transition(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context, phase: Phase, note: String) {
+    let closed = state::enter(status, phase, Timestamp::now());
+    status.message = Some(note.clone());
+    ctx.observe(pm, closed, status);
+    ctx.normal(pm, phase.as_str(), note).await;
+}
+
+async fn fail(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Action {
+    tracing::warn!(migration = %pm.name_any(), reason, %message, "migration failed");
+    let closed = state::fail(status, reason, message.clone(), Timestamp::now());
+    ctx.observe(pm, closed, status);
+    ctx.warn(pm, reason, message).await;
+    Action::requeue(Duration::ZERO)
+}
+
+/// Give up before the source stopped: drop the archives, release the source pod, fail. The
+/// eviction then follows the pod's `on-failure` policy.
+async fn rollback(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    finished::release_archives(ctx, pm, status).await;
+    hold::release(ctx, pm).await?;
+    Ok(fail(
+        pm,
+        status,
+        ctx,
+        reason,
+        format!("{message}; rolled back, the source pod was not touched"),
+    )
+    .await)
+}
+
+/// After the source stopped, failures are retried with backoff until the restore deadline;
+/// then the replacement starts from its original image, so the workload runs again.
+async fn retry_after_stop(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    message: String,
+) -> Result<Action, Error> {
+    let now = Timestamp::now();
+    if pm.spec.mode != Mode::Migrate && status.attempts + 1 >= ctx.config.max_attempts {
+        // Backups and restores stop nothing: give up cleanly, the checkpoint stays.
+        return Ok(fail(pm, status, ctx, "Unavailable", message).await);
+    }
+    let stopped = status.source_stopped_at.as_ref().map_or(now, |t| t.0);
+    if decide::seconds_between(&stopped, &now) > ctx.config.restore_deadline.as_secs_f64() {
+        return lose_state(
+            pm,
+            status,
+            ctx,
+            format!("{message}; gave up after the restore deadline"),
+        )
+        .await;
+    }
+    status.attempts += 1;
+    tracing::warn!(migration = %pm.name_any(), attempt = status.attempts, %message, "step failed; retrying");
+    state::set_condition(status, CONDITION_DEGRADED, true, "Retrying", &message, now);
+    status.message = Some(format!("{message} (attempt {}, retrying)", status.attempts));
+    ctx.warn(pm, "Retrying", message).await;
+    Ok(Action::requeue(decide::backoff(status.attempts, rand::random::<f64>())))
+}
+
+/// The source is gone and its state cannot reach a replacement: the replacement starts from
+/// its original image so the workload runs again, and the migration fails loudly.
+async fn lose_state(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    message: String,
+) -> Result<Action, Error> {
+    restoring::start_fresh(pm, status, ctx).await?;
+    hold::release(ctx, pm).await?;
+    Ok(fail(
+        pm,
+        status,
+        ctx,
+        "StateLost",
+        format!("{message}; the replacement starts from its original image"),
+    )
+    .await)
+}
+
+/// The current phase ran past its deadline.
+async fn deadline_passed(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    late: f64,
+) -> Result<Action, Error> {
+    let budget = ctx.config.deadlines.budget(status.phase).unwrap_or_default().as_secs();
+    let last = status.message.clone().unwrap_or_default();
+    let message = format!(
+        "{} exceeded its deadline of {budget}s ({late:.0}s ago); last: {last}",
+        status.phase
+    );
+    if pm.spec.mode == Mode::Migrate && status.source_stop_requested_at.is_some() {
+        return lose_state(pm, status, ctx, message).await;
+    }
+    rollback(pm, status, ctx, "DeadlineExceeded", message).await
+}

@@ -1,0 +1,214 @@
+//! `Pending`: the pod can move (preflight), a concurrency slot is free, every
+//! PodDisruptionBudget allows a disruption, and a target node is chosen — the slot and the
+//! target's capacity are taken atomically.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod},
+        policy::v1::PodDisruptionBudget,
+    },
+    jiff::Timestamp,
+};
+use kube::{Api, ResourceExt, api::ListParams, runtime::controller::Action};
+
+use super::{fail, transition};
+use crate::{
+    api::{self, Mode, Phase, PodMigration, PodMigrationStatus},
+    controller::{
+        context::{Context, Error},
+        decide::{self, Slot},
+        placement::{self, Placement, PlacementInput},
+        state::{self, CONDITION_QUEUED},
+    },
+    preflight,
+};
+
+pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let now = Timestamp::now();
+    let Some(pod) = ctx.source_pod(pm) else {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "PodGone",
+            format!("pod {ns}/{} vanished before the checkpoint", pm.spec.pod_name),
+        )
+        .await);
+    };
+    if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(pm.spec.source_node.as_str()) {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "PodMoved",
+            format!("pod is no longer on node {}", pm.spec.source_node),
+        )
+        .await);
+    }
+    if ctx.agent(&pm.spec.source_node).is_none() {
+        return Ok(fail(
+            pm,
+            status,
+            ctx,
+            "NoAgent",
+            format!("no kube-migrate agent runs on node {}", pm.spec.source_node),
+        )
+        .await);
+    }
+    if pm.spec.mode == Mode::Checkpoint {
+        return start_backup(pm, status, ctx, &pod).await;
+    }
+    let volumes = claimed_volumes(ctx, &ns, &pod).await?;
+    if let Err(refusal) = preflight::check(&pod, &volumes) {
+        return Ok(fail(pm, status, ctx, refusal.reason(), refusal.to_string()).await);
+    }
+
+    // A PodDisruptionBudget is the operator's availability contract, and a migration has
+    // downtime between stop and restore: wait, as a plain drain would.
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    if let Some(pdb) = decide::blocking_pdb(&pdbs, &pod) {
+        let msg = format!(
+            "waiting for PodDisruptionBudget {} (0 disruptions allowed); kube-migrate never overrides a PDB",
+            pdb.name_any()
+        );
+        state::set_condition(status, CONDITION_QUEUED, true, "PodDisruptionBudget", &msg, now);
+        status.message = Some(msg);
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+
+    let requested = pm
+        .spec
+        .target_node
+        .clone()
+        .or_else(|| api::requested_target(&pod).map(str::to_string));
+    let admitted = ctx.admit(pm, |held| {
+        let reserved = decide::reservations(held, &crate::controller::context::key(pm));
+        target_or_reason(ctx, &pod, &pm.spec.source_node, requested.as_deref(), &reserved)
+    });
+    let target = match admitted {
+        Err(queued) => {
+            state::set_condition(status, CONDITION_QUEUED, true, queued.reason, &queued.message, now);
+            status.message = Some(queued.message);
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Ok(Err(reason)) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
+        Ok(Ok(target)) => target,
+    };
+
+    status.target_node = Some(target.clone());
+    status.owner = decide::controller_owner(&pod);
+    status.pod_template = Some(decide::pod_template(&pod)?);
+    status.containers = decide::containers_of(&pod);
+    state::set_condition(status, CONDITION_QUEUED, false, "Started", "", now);
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Checkpointing,
+        format!("checkpointing {} for node {target}", pm.spec.pod_name),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// A backup of a running pod: checkpoint it where it runs and keep the image there.
+async fn start_backup(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    pod: &Pod,
+) -> Result<Action, Error> {
+    status.target_node = Some(pm.spec.source_node.clone());
+    status.owner = decide::controller_owner(pod);
+    status.pod_template = Some(decide::pod_template(pod)?);
+    status.containers = decide::containers_of(pod);
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Checkpointing,
+        format!("checkpointing {} (it keeps running)", pm.spec.pod_name),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// The PersistentVolumes bound to the pod's claims (unbound claims are left out).
+async fn claimed_volumes(ctx: &Context, ns: &str, pod: &Pod) -> Result<Vec<PersistentVolume>, Error> {
+    let claims: Vec<String> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
+        .collect();
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let mut out = Vec::new();
+    for claim in claims {
+        let Some(volume) = pvcs
+            .get_opt(&claim)
+            .await?
+            .and_then(|c| c.spec.and_then(|s| s.volume_name))
+        else {
+            continue;
+        };
+        if let Some(pv) = pvs.get_opt(&volume).await? {
+            out.push(pv);
+        }
+    }
+    Ok(out)
+}
+
+/// The chosen node, or the message of a `NoTarget` failure naming every node's reason.
+/// `reserved` are pods placed on their targets by in-flight migrations.
+pub fn target_or_reason(
+    ctx: &Context,
+    pod: &Pod,
+    source: &str,
+    requested: Option<&str>,
+    reserved: &[Pod],
+) -> Result<String, String> {
+    let nodes = ctx.nodes.state();
+    let node_refs: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
+    let pods = ctx.pods.state();
+    let mut bound: Vec<&Pod> = pods
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .collect();
+    bound.extend(reserved.iter());
+    let has_agent = |node: &str| ctx.agent(node).is_some();
+    match placement::choose(&PlacementInput {
+        pod,
+        source_node: source,
+        requested,
+        nodes: &node_refs,
+        pods: &bound,
+        has_agent: &has_agent,
+    }) {
+        Placement::Node(n) => Ok(n),
+        Placement::None(reasons) => Err(format!("no eligible target node: {}", Placement::explain(&reasons))),
+    }
+}
+
+/// Capacity reserved by every other in-flight migration, from the cache and this leader's
+/// admissions.
+pub fn reserved_by_others(ctx: &Context, pm: &PodMigration) -> Vec<Pod> {
+    let me = crate::controller::context::key(pm);
+    let mut slots = ctx.slots.lock().expect("slots poisoned");
+    let held: Vec<Slot> = ctx.held_slots(&mut slots);
+    drop(slots);
+    decide::reservations(&held, &me)
+}

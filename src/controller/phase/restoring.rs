@@ -1,0 +1,231 @@
+//! `Restoring`: find (or, for a bare pod, create) the replacement pod, bind it to this
+//! migration, lift its gate once the images are ready, and wait for it to be Ready.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::controller::Action,
+};
+use serde_json::json;
+
+use super::retry_after_stop;
+use crate::{
+    api::{self, PodMigration, PodMigrationStatus, PodRef},
+    controller::{
+        context::{Context, Error},
+        decide, state,
+    },
+    replacement,
+};
+
+pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(pod) = find_replacement(pm, status, ctx, &pods).await? else {
+        status.message = Some("waiting for the replacement pod".into());
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
+    status.replacement = Some(PodRef {
+        name: pod.name_any(),
+        uid: pod.uid(),
+    });
+    if replacement::is_gated(&pod) {
+        let mut desired = (*pod).clone();
+        replacement::apply_restore(&mut desired, &with_status(pm, status));
+        replacement::remove_gate(&mut desired);
+        patch_pod(&pods, &pod, &desired).await?;
+        ctx.normal(
+            pm,
+            "Released",
+            format!(
+                "released {} onto {}",
+                pod.name_any(),
+                status.target_node.as_deref().unwrap_or("?")
+            ),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if decide::is_ready(&pod) {
+        let now = Timestamp::now();
+        if let Some(stopped) = &status.source_stopped_at {
+            status.downtime_seconds = Some((decide::seconds_between(&stopped.0, &now) * 1000.0).round() / 1000.0);
+        }
+        let message = format!(
+            "{} restored on {} (downtime {:.1}s)",
+            pod.name_any(),
+            status.target_node.as_deref().unwrap_or("?"),
+            status.downtime_seconds.unwrap_or_default()
+        );
+        let closed = state::succeed(status, message.clone(), now);
+        ctx.observe(pm, closed, status);
+        ctx.normal(pm, "Succeeded", message).await;
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    if let Some(trouble) = decide::restore_trouble(&pod) {
+        return retry_after_stop(pm, status, ctx, trouble).await;
+    }
+    status.message = Some(decide::restore_wait(&pod));
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+fn with_status(pm: &PodMigration, status: &PodMigrationStatus) -> PodMigration {
+    PodMigration {
+        status: Some(status.clone()),
+        ..pm.clone()
+    }
+}
+
+/// The pod that restores this migration: bound by annotation, or gated for the owner and
+/// bound now, or (bare pod) created now.
+async fn find_replacement(
+    pm: &PodMigration,
+    status: &PodMigrationStatus,
+    ctx: &Context,
+    pods: &Api<Pod>,
+) -> Result<Option<Arc<Pod>>, Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let name = pm.name_any();
+    let mut bound: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(&ns)
+                && api::restore_of(p) == Some(&name)
+                && p.uid().as_deref() != Some(&pm.spec.pod_uid)
+        })
+        .collect();
+    bound.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+    if let Some(first) = bound.first() {
+        // Two replacements claimed one migration (webhook replicas raced): the later ones
+        // never ran; deleting them lets their controller recreate them for another migration.
+        for extra in bound.iter().skip(1).filter(|p| replacement::is_gated(p)) {
+            let _ = pods.delete(&extra.name_any(), &DeleteParams::default()).await;
+        }
+        return Ok(Some(Arc::clone(first)));
+    }
+    match &status.owner {
+        Some(owner) => {
+            let mut gated: Vec<Arc<Pod>> = ctx
+                .pods
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    p.namespace().as_deref() == Some(&ns)
+                        && p.annotations().get(api::RESTORE_OWNER) == Some(&owner.uid)
+                        && api::restore_of(p).is_none()
+                })
+                .collect();
+            gated.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+            let Some(pod) = gated.first() else {
+                return Ok(None);
+            };
+            let mut desired = (**pod).clone();
+            replacement::apply_restore(&mut desired, &with_status(pm, status));
+            patch_pod(pods, pod, &desired).await?;
+            Ok(None) // seen bound on the next round, from the cache
+        }
+        None => {
+            // A bare pod: recreate it under its name once the old one is gone.
+            if ctx.source_pod(pm).is_some() {
+                return Ok(None);
+            }
+            let template = status
+                .pod_template
+                .clone()
+                .ok_or(Error::Missing("status.podTemplate"))?;
+            let mut pod: Pod = serde_json::from_value(template)?;
+            replacement::apply_restore(&mut pod, &with_status(pm, status));
+            match pods
+                .create(
+                    &PostParams {
+                        field_manager: Some(api::FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &pod,
+                )
+                .await
+            {
+                Ok(created) => Ok(Some(Arc::new(created))),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// JSON-patch `current` into `desired`, guarded by the resourceVersion we read.
+async fn patch_pod(pods: &Api<Pod>, current: &Pod, desired: &Pod) -> Result<(), Error> {
+    let diff = replacement::patch(current, desired)?;
+    if diff.0.is_empty() {
+        return Ok(());
+    }
+    let mut ops =
+        vec![json!({ "op": "test", "path": "/metadata/resourceVersion", "value": current.resource_version() })];
+    ops.extend(serde_json::to_value(&diff)?.as_array().cloned().unwrap_or_default());
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))?;
+    match pods
+        .patch(&current.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => Err(Error::Conflict(current.name_any())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Give up on the checkpoint: the workload must run again, without the state (which the
+/// Failed status and a Warning Event say). A replacement that is already on a node runs its
+/// original image there; one that never got a node (gated, or unschedulable on the target)
+/// is deleted so that its owner recreates it untouched wherever the scheduler finds room. A
+/// bare pod is recreated from its template when it has no replacement yet.
+pub async fn start_fresh(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<(), Error> {
+    let ns = pm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let originals: Vec<(String, Option<String>)> = status
+        .containers
+        .iter()
+        .map(|c| (c.name.clone(), c.base_image.clone()))
+        .collect();
+    let fresh = |pod: &mut Pod| {
+        replacement::remove_gate(pod);
+        if let Some(spec) = pod.spec.as_mut() {
+            for c in &mut spec.containers {
+                if let Some((_, Some(image))) = originals.iter().find(|(n, _)| *n == c.name) {
+                    c.image = Some(image.clone());
+                }
+            }
+        }
+    };
+    let name = pm.name_any();
+    let candidates: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(&ns) && api::restore_of(p) == Some(&name))
+        .collect();
+    if candidates.is_empty()
+        && status.owner.is_none()
+        && ctx.pod(&ns, &pm.spec.pod_name).is_none()
+        && let Some(template) = status.pod_template.clone()
+    {
+        let mut pod: Pod = serde_json::from_value(template)?;
+        fresh(&mut pod);
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    for pod in candidates {
+        let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+        if !scheduled && status.owner.is_some() {
+            pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
+            continue;
+        }
+        let mut desired = (*pod).clone();
+        fresh(&mut desired);
+        patch_pod(&pods, &pod, &desired).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! `Transferring`: the source agent streams every archive to the target agent, which checks
+//! each digest before it keeps anything. Once verified there, the source pod's hold is lifted.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{ResourceExt, runtime::controller::Action};
+
+use super::{hold, pending, retry_after_stop, transition};
+use crate::{
+    agent::api::PushRequest,
+    api::{Phase, PodMigration, PodMigrationStatus},
+    controller::{
+        context::{Context, Error},
+        decide::{self, human_bytes},
+        placement,
+    },
+};
+
+pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let id = pm.uid().ok_or(Error::Missing("uid"))?;
+    let Some(source) = ctx.agent(&pm.spec.source_node) else {
+        return retry_after_stop(
+            pm,
+            status,
+            ctx,
+            format!("the agent of source node {} is unreachable", pm.spec.source_node),
+        )
+        .await;
+    };
+    let Some(target) = ensure_target(pm, status, ctx).await else {
+        return retry_after_stop(pm, status, ctx, "no node can take the pod right now".into()).await;
+    };
+    let Some(target_agent) = ctx.agent(&target) else {
+        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}")).await;
+    };
+    let request = PushRequest {
+        target: target_agent,
+        archives: decide::archive_refs(status),
+        target_id: Some(id.clone()),
+    };
+    let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
+    match ctx.agent_client.push(&source, &source_id, &request).await {
+        Ok(answer) => {
+            status.transferred_bytes = Some(answer.bytes);
+            let rate = if answer.seconds > 0.0 {
+                answer.bytes as f64 / answer.seconds
+            } else {
+                0.0
+            };
+            // The state is verified off the source node: the drain may now complete.
+            hold::release(ctx, pm).await?;
+            transition(
+                pm,
+                status,
+                ctx,
+                Phase::BuildingImage,
+                format!(
+                    "{} verified on {target} ({}/s); building the checkpoint image",
+                    human_bytes(answer.bytes),
+                    human_bytes(rate as u64)
+                ),
+            )
+            .await;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        Err(e) => retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await,
+    }
+}
+
+/// The target chosen in Pending, or a new one if it vanished or became unfit since. The new
+/// one is chosen for the pod as it was recorded (its own constraints and requests), with the
+/// capacity other migrations reserved.
+async fn ensure_target(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Option<String> {
+    let current = status.target_node.clone()?;
+    let node_ok = ctx
+        .nodes
+        .get(&kube::runtime::reflector::ObjectRef::new(&current))
+        .is_some_and(|n| placement::node_unfit(&n).is_none());
+    if node_ok && ctx.agent(&current).is_some() {
+        return Some(current);
+    }
+    let pod: Pod = serde_json::from_value(status.pod_template.clone()?).ok()?;
+    let reserved = pending::reserved_by_others(ctx, pm);
+    match pending::target_or_reason(
+        ctx,
+        &pod,
+        &pm.spec.source_node,
+        pm.spec.target_node.as_deref(),
+        &reserved,
+    ) {
+        Ok(n) => {
+            ctx.warn(
+                pm,
+                "TargetChanged",
+                format!("target {current} is gone or unfit; using {n}"),
+            )
+            .await;
+            status.target_node = Some(n.clone());
+            Some(n)
+        }
+        Err(_) => None,
+    }
+}
