@@ -202,6 +202,7 @@ fn main() {
             nodes,
             migrations,
             metrics: Arc::new(Metrics::new()),
+            labelled: Arc::new(kube_migrate::admission::namespaces::Labelled::known(&["shop", "bench"])),
         });
 
         let shutdown = CancellationToken::new();

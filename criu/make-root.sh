@@ -72,7 +72,9 @@ fi
 
 MIRROR=$(mirror)
 TMP=$(mktemp -d "$CACHE/.criu-root-$SUITE-$KEY.tmp.XXXXXX")
-cleanup() { [[ -n ${TMP:-} && -d $TMP ]] && rm -rf --one-file-system "$TMP"; }
+# An if, not `[[ ]] &&`: an EXIT trap's last status becomes the script's, and a successful
+# build (TMP already moved) must still exit 0.
+cleanup() { if [[ -n ${TMP:-} && -d $TMP ]]; then rm -rf --one-file-system "$TMP"; fi; }
 trap cleanup EXIT
 log "building $ROOT from $MIRROR (suite $SUITE, packages $PACKAGES); this takes a few minutes"
 start=$(date +%s)

@@ -65,6 +65,55 @@ start_webhook() {
   wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
 }
 
+# The test kubelet and the agent of node index $1.
+start_node() {
+  local i=$1 n=${NODES[$1]}
+  mkdir -p "$KM/$n/checkpoints" "$KM/$n/agent" "$KM/$n/crun"
+  local -a crun=()
+  mapfile -t crun < <(crun_flags "$n")
+  start "kubelet-$n" "$BIN/test-kubelet" --node-name "$n" \
+    --kubeconfig "$STATE/nodes/$n.kubeconfig" \
+    --listen "127.0.0.1:$(kubelet_port "$i")" \
+    --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
+    --registry-ca "$KM/certs/ca.crt" \
+    --checkpoint-dir "$KM/$n/checkpoints" "${crun[@]}"
+  start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
+    --listen "127.0.0.1:$(agent_port "$i")" \
+    --registry-listen "127.0.0.1:$(registry_port "$i")" \
+    --admin-listen "127.0.0.1:$(agent_admin_port "$i")" \
+    --kubelet-url "https://127.0.0.1:$(kubelet_port "$i")" --kubelet-ca "$STATE/nodes/ca.crt" \
+    --token-file "$KM/agent.token" --state-dir "$KM/$n/agent" \
+    --tls-cert "$KM/certs/agent.crt" --tls-key "$KM/certs/agent.key" --ca "$KM/certs/ca.crt" \
+    --retention-seconds 3600 --log-format plain
+}
+
+node_index() { # name
+  local i
+  for i in "${!NODES[@]}"; do [[ ${NODES[$i]} == "$1" ]] && { echo "$i"; return; }; done
+  die "unknown node $1"
+}
+
+# A node "powered off" right after a drain: its kubelet and agent die (SIGKILL) and its disk
+# is gone (checkpoints and the agent's state). What was only there is lost.
+power_off() { # node
+  local n=$1 name pid
+  node_index "$n" >/dev/null
+  for name in "kubelet-$n" "agent-$n"; do
+    [[ -e $KM/run/$name.pid ]] || continue
+    pid=$(cat "$KM/run/$name.pid")
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$KM/run/$name.pid"
+  done
+  rm -rf "${KM:?}/$n/checkpoints" "${KM:?}/$n/agent"
+  log "$n powered off (kubelet and agent killed, checkpoints and agent state removed)"
+}
+
+power_on() { # node
+  local n=$1 i; i=$(node_index "$n")
+  start_node "$i"
+  wait_for "node $n Ready" 60 kubectl wait --for=condition=Ready "node/$n" --timeout=2s
+}
+
 # SIGKILL: no graceful shutdown, no lease release, as when a node dies under the controller.
 kill_webhook() {
   local pid; pid=$(cat "$KM/run/webhook.pid")
@@ -210,24 +259,7 @@ YAML
 
   log "test kubelets and agents"
   for i in "${!NODES[@]}"; do
-    local n=${NODES[$i]}
-    mkdir -p "$KM/$n/checkpoints" "$KM/$n/agent" "$KM/$n/crun"
-    local -a crun=()
-    mapfile -t crun < <(crun_flags "$n")
-    start "kubelet-$n" "$BIN/test-kubelet" --node-name "$n" \
-      --kubeconfig "$STATE/nodes/$n.kubeconfig" \
-      --listen "127.0.0.1:$(kubelet_port "$i")" \
-      --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
-      --registry-ca "$KM/certs/ca.crt" \
-      --checkpoint-dir "$KM/$n/checkpoints" "${crun[@]}"
-    start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
-      --listen "127.0.0.1:$(agent_port "$i")" \
-      --registry-listen "127.0.0.1:$(registry_port "$i")" \
-      --admin-listen "127.0.0.1:$(agent_admin_port "$i")" \
-      --kubelet-url "https://127.0.0.1:$(kubelet_port "$i")" --kubelet-ca "$STATE/nodes/ca.crt" \
-      --token-file "$KM/agent.token" --state-dir "$KM/$n/agent" \
-      --tls-cert "$KM/certs/agent.crt" --tls-key "$KM/certs/agent.key" --ca "$KM/certs/ca.crt" \
-      --retention-seconds 3600 --log-format plain
+    start_node "$i"
   done
   for n in "${NODES[@]}"; do
     wait_for "node $n Ready" 60 kubectl wait --for=condition=Ready "node/$n" --timeout=2s
@@ -264,5 +296,7 @@ case ${1:-} in
   down) down ;;
   kill-webhook) kill_webhook ;;
   start-webhook) start_webhook ;;
-  *) echo "usage: $0 up|down|kill-webhook|start-webhook" >&2; exit 2 ;;
+  power-off) power_off "${2:?node}" ;;
+  power-on) power_on "${2:?node}" ;;
+  *) echo "usage: $0 up|down|kill-webhook|start-webhook|power-off NODE|power-on NODE" >&2; exit 2 ;;
 esac

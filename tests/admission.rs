@@ -13,6 +13,7 @@ use kube::runtime::{reflector, watcher};
 use kube_migrate::{
     admission::{
         eviction::{self, Decision, EvictionRequest, Snapshot},
+        namespaces::Labelled,
         pod::{self as podmut, PodDecision},
         server::{WebhookState, router},
     },
@@ -372,6 +373,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         nodes: node_store,
         migrations: pm_store,
         metrics: Arc::new(Metrics::new()),
+        labelled: Arc::new(Labelled::known(&["shop"])),
     })
 }
 

@@ -131,3 +131,55 @@ pub fn first_log_line(ns: &str, pod: &str, container: &str) -> Option<String> {
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))
 }
+
+/// A fresh namespace (deleted first if a previous run left it).
+pub fn fresh_namespace(ns: &str) {
+    let _ = kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=60s"]);
+    must(&["create", "namespace", ns]);
+}
+
+/// Wait until exactly `n` pods of `ns` run (terminating ones do not count).
+pub async fn running_pods_in(ns: &str, n: usize) -> anyhow::Result<Vec<k8s_openapi::api::core::v1::Pod>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client().await, ns);
+    eventually(
+        &format!("{n} running pods in {ns}"),
+        std::time::Duration::from_secs(90),
+        || {
+            let pods = pods.clone();
+            async move {
+                let running: Vec<Pod> = pods
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                    .collect();
+                Ok((running.len() == n).then_some(running))
+            }
+        },
+    )
+    .await
+}
+
+/// The node a pod is bound to.
+pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+}
+
+/// `scripts/local-cluster.sh ARGS...` (kill-webhook, power-off NODE, ...), which must succeed.
+pub fn local_cluster(args: &[&str]) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::new(format!("{root}/scripts/local-cluster.sh"))
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("local-cluster.sh runs");
+    assert!(
+        out.status.success(),
+        "local-cluster.sh {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

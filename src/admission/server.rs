@@ -38,6 +38,8 @@ pub struct WebhookState {
     pub nodes: Store<Node>,
     pub migrations: Store<PodMigration>,
     pub metrics: Arc<Metrics>,
+    /// Namespaces labelled for the eviction webhook's selector.
+    pub labelled: Arc<super::namespaces::Labelled>,
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
@@ -349,6 +351,19 @@ async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Revi
         Ok(r) => r,
         Err(answer) => return *answer,
     };
+    // An opted-in pod's namespace must be in the eviction webhook's scope before the pod can
+    // run (so before any eviction of it): label it now, once per namespace.
+    if !request.dry_run
+        && let Some(ns) = request.namespace.as_deref()
+        && request
+            .object
+            .as_ref()
+            .and_then(|o| typed::<Pod>(o, "a Pod").ok())
+            .is_some_and(|p| api::is_stateful(&p))
+        && let Err(error) = state.labelled.ensure(&state.client, ns).await
+    {
+        tracing::warn!(%error, namespace = ns, "could not label the namespace of an opted-in pod; the leader retries");
+    }
     let (result, response) = pod_response(&state, &request);
     let span = Span::current();
     span.record("uid", request.uid.as_str());

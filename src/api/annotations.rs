@@ -29,6 +29,9 @@ pub const RESTORE_GATE: &str = "migrate.io/restore";
 pub const POD_UID_LABEL: &str = "migrate.io/pod-uid";
 /// Label on every PodMigration: the node it drains.
 pub const SOURCE_NODE_LABEL: &str = "migrate.io/source-node";
+/// Label kube-migrate puts on every namespace that holds an opted-in pod; the eviction
+/// webhook selects only those namespaces.
+pub const NAMESPACE_LABEL: &str = "migrate.io/opted-in";
 /// Field manager for server-side apply and the `fieldManager` of every write.
 pub const FIELD_MANAGER: &str = "kube-migrate";
 /// Finalizer that lets the controller clean archives before a PodMigration goes away.

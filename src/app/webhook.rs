@@ -194,12 +194,14 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         admin_router(Arc::clone(&metrics), health.clone()),
         shutdown.clone(),
     );
+    let labelled = Arc::new(crate::admission::namespaces::Labelled::default());
     let state = Arc::new(WebhookState {
         client: client.clone(),
         pods: pods.clone(),
         nodes: nodes.clone(),
         migrations: migrations.clone(),
         metrics: Arc::clone(&metrics),
+        labelled: Arc::clone(&labelled),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -259,6 +261,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             elector
                 .run(shutdown, move |token| {
                     let (client, pods, nodes, agents) = (client.clone(), pods.clone(), nodes.clone(), agents.clone());
+                    let labeller = crate::admission::namespaces::keep_labelled(
+                        client.clone(),
+                        pods.clone(),
+                        Arc::clone(&labelled),
+                        token.clone(),
+                    );
                     let (agent_client, recorder, metrics, config) = (
                         agent_client.clone(),
                         recorder.clone(),
@@ -282,7 +290,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 slots: Default::default(),
                             })
                         };
-                        controller::run(client, shared, token).await;
+                        tokio::join!(controller::run(client, shared, token), labeller);
                     }
                 })
                 .await;

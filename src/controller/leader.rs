@@ -27,20 +27,34 @@ pub struct LeaderElector {
     identity: String,
     lease_duration: Duration,
     renew_every: Duration,
+    /// The last renewal of another holder this process saw, and when it saw it.
+    observed: std::sync::Mutex<Option<(String, tokio::time::Instant)>>,
 }
 
-/// Is a lease held by someone else still valid at `now`?
-pub fn held_by_other(spec: &LeaseSpec, identity: &str, now: Timestamp) -> bool {
-    let Some(holder) = spec.holder_identity.as_deref().filter(|h| !h.is_empty()) else {
-        return false;
-    };
-    if holder == identity {
-        return false;
-    }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    match &spec.renew_time {
-        Some(renewed) => renewed.0.as_second() + duration > now.as_second(),
+/// What identifies one renewal of a Lease by its holder: a new value means the holder is alive.
+fn renewal_of(lease: &Lease) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    Some(format!(
+        "{holder}/{:?}/{}",
+        spec.renew_time.as_ref().map(|t| t.0),
+        lease.metadata.resource_version.as_deref().unwrap_or_default()
+    ))
+}
+
+/// Is a lease held by someone else still valid? Judged like client-go does: by how long ago
+/// *this* process last saw the holder renew it (a change of its renewal), never by comparing
+/// the holder's `renewTime` with the local clock, which may be skewed.
+pub fn held_by_other(
+    holder: Option<&str>,
+    identity: &str,
+    last_change_seen: Duration,
+    lease_duration: Duration,
+) -> bool {
+    match holder.filter(|h| !h.is_empty()) {
         None => false,
+        Some(h) if h == identity => false,
+        Some(_) => last_change_seen < lease_duration,
     }
 }
 
@@ -57,6 +71,7 @@ impl LeaderElector {
             identity: identity.into(),
             lease_duration,
             renew_every: lease_duration / 3,
+            observed: std::sync::Mutex::new(None),
         }
     }
 
@@ -85,8 +100,25 @@ impl LeaderElector {
                 Err(e) => Err(e.into()),
             };
         };
+        let since_change = {
+            let mut observed = self.observed.lock().expect("lease observation poisoned");
+            let renewal = renewal_of(&lease).unwrap_or_default();
+            match observed.as_ref() {
+                Some((seen, at)) if *seen == renewal => at.elapsed(),
+                _ => {
+                    *observed = Some((renewal, tokio::time::Instant::now()));
+                    Duration::ZERO
+                }
+            }
+        };
         let spec = lease.spec.get_or_insert_with(Default::default);
-        if held_by_other(spec, &self.identity, now) {
+        let lease_duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+        if held_by_other(
+            spec.holder_identity.as_deref(),
+            &self.identity,
+            since_change,
+            lease_duration,
+        ) {
             return Ok(false);
         }
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
@@ -167,17 +199,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lease_validity() {
-        let now = Timestamp::from_second(1_000_000).unwrap();
-        let spec = |holder: &str, renewed: i64| LeaseSpec {
-            holder_identity: Some(holder.into()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
-            ..Default::default()
+    fn lease_validity_is_judged_from_local_observation() {
+        let d = Duration::from_secs(15);
+        assert!(held_by_other(Some("b"), "a", Duration::from_secs(5), d));
+        assert!(
+            !held_by_other(Some("b"), "a", Duration::from_secs(16), d),
+            "no renewal seen for a full term"
+        );
+        assert!(!held_by_other(Some("a"), "a", Duration::ZERO, d), "mine");
+        assert!(!held_by_other(None, "a", Duration::ZERO, d), "unheld");
+        assert!(!held_by_other(Some(""), "a", Duration::ZERO, d), "released");
+    }
+
+    #[test]
+    fn a_renewal_is_a_change_of_holder_time_or_version() {
+        let lease = |holder: &str, renewed: i64, rv: &str| Lease {
+            metadata: ObjectMeta {
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+                ..Default::default()
+            }),
         };
-        assert!(held_by_other(&spec("b", 1_000_000 - 5), "a", now));
-        assert!(!held_by_other(&spec("b", 1_000_000 - 16), "a", now), "expired");
-        assert!(!held_by_other(&spec("a", 1_000_000 - 5), "a", now), "mine");
-        assert!(!held_by_other(&LeaseSpec::default(), "a", now), "unheld");
+        let a = renewal_of(&lease("b", 100, "7"));
+        assert_eq!(a, renewal_of(&lease("b", 100, "7")));
+        assert_ne!(a, renewal_of(&lease("b", 101, "8")));
+        assert_ne!(a, renewal_of(&lease("c", 100, "7")));
+        assert_eq!(renewal_of(&lease("", 100, "7")), None);
     }
 }
