@@ -15,6 +15,8 @@ use kube_migrate_e2e::{
 
 /// Everything of `manifest` starts on node-a.
 async fn start_on_node_a(ns: &str, manifest: &str, pods: usize) -> anyhow::Result<Vec<Pod>> {
+    // A failed scenario before may have left node-a cordoned by its drain.
+    must(&["uncordon", "node-a"]);
     must(&["cordon", "node-b"]);
     must(&["cordon", "node-c"]);
     apply(manifest);
@@ -290,7 +292,7 @@ spec:
 /// never more than two migrations from node-a are active at any instant, and the targets
 /// spread over both other nodes. Before the slots were taken under a lock, seven ran at once
 /// and all eight went to one node.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s11_limits_hold_under_a_burst_and_targets_spread() -> anyhow::Result<()> {
     let ns = "e2e-burst";
@@ -317,7 +319,8 @@ async fn s11_limits_hold_under_a_burst_and_targets_spread() -> anyhow::Result<()
             (peak, samples)
         })
     };
-    let drain = drain_a("e2e=burst");
+    // kubectl blocks its thread: run it beside the sampler, not on the test's runtime thread.
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=burst")).await?;
     assert!(drain.ok, "drain must complete:\n{}", drain.all());
     let done = migrations_succeeded(ns, 8, Duration::from_secs(240), |_| true).await?;
     let (peak, samples) = watcher.await?;
@@ -364,6 +367,7 @@ spec:
 async fn s12_a_webhook_outage_blocks_only_namespaces_with_opted_in_pods() -> anyhow::Result<()> {
     fresh_namespace("e2e-outage-plain");
     fresh_namespace("e2e-outage-kept");
+    must(&["uncordon", "node-a"]);
     must(&["cordon", "node-b"]);
     must(&["cordon", "node-c"]);
     apply(OUTAGE);
@@ -440,5 +444,181 @@ async fn s12_a_webhook_outage_blocks_only_namespaces_with_opted_in_pods() -> any
         "e2e-outage-kept",
         "--wait=false",
     ]);
+    Ok(())
+}
+
+const CORRUPT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: fragile, namespace: e2e-corrupt }
+spec:
+  replicas: 1
+  selector: { matchLabels: { app: fragile } }
+  template:
+    metadata:
+      labels: { app: fragile, e2e: corrupt }
+      annotations: { migrate.io/stateful: "true", test.kube-migrate.io/fault: truncate-archive-on-stop }
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "4194304" }] }]
+"#;
+
+/// Scenario 13: the checkpoint archive is truncated on the source after the checkpoint (the
+/// test kubelet's fault injection, when the source is stopped). The transfer must name it
+/// corruption — not "unreachable" — without blind retries, end at once, remove every copy of
+/// the bad archive (the kubelet's checkpoint directory included), and let the workload run
+/// again. Before, it was retried ~1,080 times over 10 minutes as a network error.
+#[tokio::test]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s13_a_corrupt_archive_is_named_and_not_retried() -> anyhow::Result<()> {
+    let ns = "e2e-corrupt";
+    fresh_namespace(ns);
+    start_on_node_a(ns, CORRUPT, 1).await?;
+    let drain = drain_a("e2e=corrupt");
+    assert!(drain.ok, "drain must complete:\n{}", drain.all());
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let m = eventually("the migration ends", Duration::from_secs(120), || {
+        let pms = pms.clone();
+        async move {
+            let list = pms.list(&ListParams::default()).await?.items;
+            Ok(list.into_iter().find(|m| m.phase().is_terminal()))
+        }
+    })
+    .await?;
+    let s = m.status.clone().unwrap_or_default();
+    println!("{}: {} {:?}: {:?}", m.name_any(), s.phase, s.reason, s.message);
+    assert_eq!(s.phase, Phase::Failed);
+    assert_eq!(s.reason.as_deref(), Some("ArchiveCorrupt"));
+    let message = s.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("archive corrupt") && message.contains("bytes on disk"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("cannot reach"),
+        "not misreported as a network error: {message}"
+    );
+    assert_eq!(s.attempts, 0, "no blind retries");
+    // Every copy of the bad archive is gone from node-a's kubelet directory.
+    let dir = format!(
+        "{}/km/node-a/checkpoints",
+        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
+    );
+    let pod = m.spec.pod_name.clone();
+    let leftovers = eventually("the archive removed", Duration::from_secs(30), || {
+        let (dir, pod) = (dir.clone(), pod.clone());
+        async move {
+            let left: Vec<String> = std::fs::read_dir(&dir)?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("checkpoint-{pod}_")))
+                .collect();
+            Ok(left.is_empty().then_some(left))
+        }
+    })
+    .await?;
+    assert!(leftovers.is_empty());
+    // The workload runs again, from its original image.
+    let after = running_pods_in(ns, 1).await?;
+    let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+    assert!(line.starts_with("started fresh"), "{line}");
+    must(&["uncordon", "node-a"]);
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+const STUCK: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: stuck, namespace: e2e-stuck }
+spec:
+  replicas: 1
+  selector: { matchLabels: { app: stuck } }
+  template:
+    metadata: { labels: { app: stuck, e2e: stuck }, annotations: { migrate.io/stateful: "true" } }
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "67108864" }] }]
+"#;
+
+/// Scenario 14: the target is tainted `NoSchedule` once it was chosen, so the replacement
+/// pinned there can never schedule. The migration must end at its Restoring deadline (45 s in
+/// the local cluster) with the scheduler's reason, free its slot, and the workload must run
+/// again elsewhere, fresh. Before the deadlines, such a migration stayed `Restoring` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s14_a_replacement_that_can_never_schedule_ends_at_its_deadline() -> anyhow::Result<()> {
+    let ns = "e2e-stuck";
+    fresh_namespace(ns);
+    start_on_node_a(ns, STUCK, 1).await?;
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    // Taint the target as soon as it is chosen, before the replacement is released.
+    let tainter = {
+        let pms = pms.clone();
+        tokio::spawn(async move {
+            eventually("a target chosen", Duration::from_secs(60), || {
+                let pms = pms.clone();
+                async move {
+                    let list = pms.list(&ListParams::default()).await?.items;
+                    Ok(list.into_iter().find_map(|m| {
+                        let s = m.status?;
+                        (s.phase != Phase::Pending).then_some(s.target_node).flatten()
+                    }))
+                }
+            })
+            .await
+            .map(|target| {
+                must(&["taint", "node", &target, "e2e-block=true:NoSchedule", "--overwrite"]);
+                target
+            })
+        })
+    };
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=stuck")).await?;
+    let target = tainter.await??;
+    let result = async {
+        assert!(drain.ok, "drain must complete:\n{}", drain.all());
+        let m = eventually("the migration ends", Duration::from_secs(150), || {
+            let pms = pms.clone();
+            async move {
+                Ok(pms
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .find(|m| m.phase().is_terminal()))
+            }
+        })
+        .await?;
+        let s = m.status.clone().unwrap_or_default();
+        println!("{}: {} {:?}: {:?}", m.name_any(), s.phase, s.reason, s.message);
+        assert_eq!(s.phase, Phase::Failed);
+        assert_eq!(s.reason.as_deref(), Some("StateLost"));
+        let message = s.message.unwrap_or_default();
+        assert!(message.contains("Restoring exceeded its deadline of 45s"), "{message}");
+        assert!(
+            message.contains("not scheduled"),
+            "the scheduler's reason is kept: {message}"
+        );
+        let restoring = s
+            .phases
+            .iter()
+            .find(|t| t.phase == Phase::Restoring)
+            .and_then(|t| t.seconds);
+        assert!(
+            restoring.is_some_and(|t| (45.0..90.0).contains(&t)),
+            "ended at its deadline: {restoring:?}"
+        );
+        // The workload runs again, fresh, on a node that takes it.
+        let after = running_pods_in(ns, 1).await?;
+        assert_ne!(node_of(&after[0]), target);
+        let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+        assert!(line.starts_with("started fresh"), "{line}");
+        anyhow::Ok(())
+    }
+    .await;
+    must(&["taint", "node", &target, "e2e-block-"]);
+    must(&["uncordon", "node-a"]);
+    result?;
+    must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! * `POST   /v1/migrations/{id}/checkpoint`            checkpoint containers via the kubelet
 //! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
+//! * `GET    /v1/migrations/{id}/archives/{container}`  the verified archive held, if any
+//!   (lets a resumed push skip what the target already verified)
 //! * `POST   /v1/migrations/{id}/image`                 build checkpoint images
 //! * `DELETE /v1/migrations/{id}`                       forget everything about a migration
 //!
@@ -66,6 +68,9 @@ pub struct PushRequest {
 pub struct PushResponse {
     pub bytes: u64,
     pub seconds: f64,
+    /// Bytes the target already held verified (same digest) and that were not sent again.
+    #[serde(default)]
+    pub already_held_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -221,6 +221,22 @@ impl AgentClient {
         .await
     }
 
+    /// The verified archive another agent holds for `container`, if any.
+    pub async fn held(&self, base: &str, id: &str, container: &str) -> Result<Option<ReceiveResponse>, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/archives/{container}");
+        match send(
+            &self.http,
+            request(Method::GET, &url, empty_body())?,
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            Ok(held) => Ok(Some(held)),
+            Err(ClientError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Upload one archive to another agent, streamed from disk.
     pub async fn upload(
         &self,

@@ -50,6 +50,10 @@ pub enum AgentError {
     Peer(#[from] ClientError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// An archive no longer is what was checkpointed (truncated, overwritten): it must not be
+    /// sent, and retrying will not repair it.
+    #[error("archive corrupt: {0}")]
+    Corrupt(String),
     #[error(transparent)]
     Receive(#[from] ReceiveError),
 }
@@ -65,6 +69,7 @@ impl AgentError {
             AgentError::Image(e) => e.metric_label(),
             AgentError::Peer(e) => e.reason().map_or(e.metric_label(), |_| "peer_refused"),
             AgentError::Io(_) => "io",
+            AgentError::Corrupt(_) => "archive_corrupt",
             AgentError::Receive(e) => e.metric_label(),
         }
     }
@@ -79,7 +84,9 @@ impl AgentError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             // A corrupt or unsafe archive will not get better by retrying.
-            AgentError::Archive(_) | AgentError::Receive(ReceiveError::Archive(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Archive(_) | AgentError::Receive(ReceiveError::Archive(_)) | AgentError::Corrupt(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             AgentError::Kubelet(KubeletError::NotFound(_) | KubeletError::Forbidden(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -166,7 +173,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/v1/migrations/{id}/checkpoint", post(checkpoint))
         .route("/v1/migrations/{id}/push", post(push))
-        .route("/v1/migrations/{id}/archives/{container}", put(receive))
+        .route("/v1/migrations/{id}/archives/{container}", put(receive).get(held))
         .route("/v1/migrations/{id}/image", post(build_image))
         .route("/v1/migrations/{id}", delete(forget))
         .with_state(state)
@@ -282,6 +289,7 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
         .ok_or_else(|| AgentError::NotFound(format!("no checkpoint for migration {id}")))?;
     let started = Instant::now();
     let mut bytes = 0;
+    let mut already_held = 0;
     for archive in &req.archives {
         let held = record
             .checkpointed
@@ -293,9 +301,41 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
                 archive.container, held.digest, archive.digest
             )));
         }
-        let file = tokio::fs::File::open(&held.path).await?;
         let target_id = req.target_id.as_deref().unwrap_or(id);
-        let received = state.peers.upload(&req.target, target_id, archive, file).await?;
+        // A resumed push (new leader, retry) does not resend what the target already verified.
+        match state.peers.held(&req.target, target_id, &archive.container).await {
+            Ok(Some(there)) if there.digest == archive.digest => {
+                tracing::info!(container = %archive.container, bytes = there.size_bytes, "target already holds this archive verified; not sent again");
+                already_held += there.size_bytes;
+                continue;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "could not ask the target what it holds; sending"),
+        }
+        let file = tokio::fs::File::open(&held.path).await?;
+        // Cheap check that catches a truncated or replaced file before anything is sent (the
+        // target checks the digest of every byte).
+        let on_disk = file.metadata().await?.len();
+        if on_disk != held.size_bytes {
+            return Err(AgentError::Corrupt(format!(
+                "{} is {on_disk} bytes on disk, {} when checkpointed",
+                held.path, held.size_bytes
+            )));
+        }
+        let received = match state.peers.upload(&req.target, target_id, archive, file).await {
+            Ok(r) => r,
+            // The target refused the bytes themselves (digest or structure): name it.
+            Err(e)
+                if e.reason()
+                    .is_some_and(|r| matches!(r, "archive_unsafe" | "archive_invalid" | "digest_mismatch")) =>
+            {
+                return Err(AgentError::Corrupt(format!(
+                    "the target refused the archive of {}: {e}",
+                    archive.container
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         bytes += received.size_bytes;
         state
             .metrics
@@ -307,8 +347,12 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
     if seconds > 0.0 {
         state.metrics.transfer_throughput.observe(bytes as f64 / seconds);
     }
-    tracing::info!(bytes, seconds, "archives sent");
-    Ok(PushResponse { bytes, seconds })
+    tracing::info!(bytes, already_held, seconds, "archives sent");
+    Ok(PushResponse {
+        bytes: bytes + already_held,
+        seconds,
+        already_held_bytes: already_held,
+    })
 }
 
 #[instrument(skip_all, fields(id = %id, container = %container))]
@@ -367,6 +411,24 @@ async fn do_receive(
         digest: info.digest,
         size_bytes: info.size,
     })
+}
+
+/// The verified archive this agent received for `container`, or 404.
+async fn held(
+    State(state): State<Arc<AgentState>>,
+    Path((id, container)): Path<(String, String)>,
+) -> Result<Json<ReceiveResponse>, AgentError> {
+    state.store.archive_path(&id, &container)?; // validates both names
+    let record = state.store.load(&id)?.unwrap_or_default();
+    let held = record
+        .received
+        .get(&container)
+        .filter(|a| std::fs::metadata(&a.path).is_ok_and(|m| m.len() == a.size_bytes))
+        .ok_or_else(|| AgentError::NotFound(format!("no verified archive of {container} for migration {id}")))?;
+    Ok(Json(ReceiveResponse {
+        digest: held.digest.clone(),
+        size_bytes: held.size_bytes,
+    }))
 }
 
 #[instrument(skip_all, fields(id = %id, pod = %req.pod))]

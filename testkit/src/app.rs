@@ -196,7 +196,10 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         }
         _ => None,
     };
-    let pods = Arc::new(PodManager::new(client, opts.node_name.clone(), runtime, puller, crun));
+    let pods = Arc::new(
+        PodManager::new(client, opts.node_name.clone(), runtime, puller, crun)
+            .with_checkpoint_dir(opts.checkpoint_dir.clone()),
+    );
     pods.run(shutdown.clone()).await;
     let _ = server.await;
     Ok(())

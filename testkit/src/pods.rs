@@ -346,9 +346,41 @@ pub struct PodManager {
     puller: Puller,
     /// Runs `kube-migrate.test/*` images as real containers, when configured.
     crun: Option<Crun>,
+    /// Where the checkpoint API writes archives (for the fault injection below).
+    checkpoint_dir: Option<std::path::PathBuf>,
 }
 
+/// Fault injection for the end-to-end scenarios: a pod annotated with this key and the value
+/// `truncate-archive-on-stop` has its checkpoint archives cut in half when it is deleted,
+/// i.e. after its checkpoint and before the archive is sent, as a failing disk would.
+pub const FAULT_ANNOTATION: &str = "test.kube-migrate.io/fault";
+
 impl PodManager {
+    pub fn with_checkpoint_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.checkpoint_dir = Some(dir);
+        self
+    }
+
+    fn inject_stop_faults(&self, pod: &Pod) {
+        let wanted = pod.annotations().get(FAULT_ANNOTATION).map(String::as_str) == Some("truncate-archive-on-stop");
+        let Some(dir) = self.checkpoint_dir.as_ref().filter(|_| wanted) else {
+            return;
+        };
+        let prefix = format!("checkpoint-{}_{}-", pod.name_any(), pod.namespace().unwrap_or_default());
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let path = entry.path();
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            let result = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(len / 2));
+            tracing::warn!(path = %path.display(), from = len, to = len / 2, ?result, "fault injected: archive truncated");
+        }
+    }
+
     pub fn new(client: Client, node: impl Into<String>, runtime: Runtime, puller: Puller, crun: Option<Crun>) -> Self {
         Self {
             client,
@@ -356,6 +388,7 @@ impl PodManager {
             runtime,
             puller,
             crun,
+            checkpoint_dir: None,
         }
     }
 
@@ -659,6 +692,7 @@ impl PodManager {
                 }
             }
             End::Deleted(pod) => {
+                self.inject_stop_faults(&pod);
                 let grace = pod
                     .metadata
                     .deletion_grace_period_seconds

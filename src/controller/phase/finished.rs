@@ -2,7 +2,9 @@
 
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::hold;
+use std::time::Duration;
+
+use super::{hold, restoring};
 use crate::{
     api::{Mode, Phase, PodMigration, PodMigrationStatus, Trigger},
     controller::context::{Context, Error},
@@ -15,6 +17,14 @@ pub async fn finished(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
     ctx.release_slot(pm);
     // Whatever ended the migration, the source pod must not stay held.
     hold::release(ctx, pm).await?;
+    // A migration that failed after its source stopped: the workload must run again, fresh.
+    if pm.spec.mode == Mode::Migrate
+        && status.phase == Phase::Failed
+        && status.source_stop_requested_at.is_some()
+        && !restoring::start_fresh(pm, status, ctx).await?
+    {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     // A stored checkpoint is kept until its PodMigration is deleted (finalizer cleanup).
     let keep = pm.spec.mode == Mode::Checkpoint && status.phase == Phase::Succeeded;
     if !status.archives_released && !keep {

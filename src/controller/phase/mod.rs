@@ -165,14 +165,30 @@ async fn lose_state(
     ctx: &Context,
     message: String,
 ) -> Result<Action, Error> {
-    restoring::start_fresh(pm, status, ctx).await?;
+    lose_state_because(pm, status, ctx, "StateLost", message).await
+}
+
+/// [`lose_state`] with a more specific reason (e.g. `ArchiveCorrupt`).
+async fn lose_state_because(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action, Error> {
+    if pm.spec.mode != Mode::Migrate {
+        // Backups and restores stopped nothing: nothing to start fresh.
+        return Ok(fail(pm, status, ctx, reason, message).await);
+    }
+    // The fresh start itself happens in `Failed` (finished.rs), once the webhooks see the
+    // failure and no longer bind new pods to this migration.
     hold::release(ctx, pm).await?;
     Ok(fail(
         pm,
         status,
         ctx,
-        "StateLost",
-        format!("{message}; the replacement starts from its original image"),
+        reason,
+        format!("{message}; the state is lost and the replacement starts from its original image"),
     )
     .await)
 }

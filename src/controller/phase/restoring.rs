@@ -179,53 +179,77 @@ async fn patch_pod(pods: &Api<Pod>, current: &Pod, desired: &Pod) -> Result<(), 
 }
 
 /// Give up on the checkpoint: the workload must run again, without the state (which the
-/// Failed status and a Warning Event say). A replacement that is already on a node runs its
-/// original image there; one that never got a node (gated, or unschedulable on the target)
-/// is deleted so that its owner recreates it untouched wherever the scheduler finds room. A
-/// bare pod is recreated from its template when it has no replacement yet.
-pub async fn start_fresh(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<(), Error> {
+/// Failed status and a Warning Event say). Runs in `Failed`, so the pod webhook no longer
+/// binds new pods to the migration. A replacement already on a node runs its original images
+/// there; one that never got a node (gated, or unschedulable on the target) is deleted, so
+/// that its owner re-creates it untouched wherever the scheduler finds room (a bare pod is
+/// re-created from its template by the next call). Ok(true) once nothing is left to do.
+pub async fn start_fresh(pm: &PodMigration, status: &PodMigrationStatus, ctx: &Context) -> Result<bool, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let originals: Vec<(String, Option<String>)> = status
-        .containers
-        .iter()
-        .map(|c| (c.name.clone(), c.base_image.clone()))
-        .collect();
-    let fresh = |pod: &mut Pod| {
-        replacement::remove_gate(pod);
-        if let Some(spec) = pod.spec.as_mut() {
-            for c in &mut spec.containers {
-                if let Some((_, Some(image))) = originals.iter().find(|(n, _)| *n == c.name) {
-                    c.image = Some(image.clone());
-                }
-            }
-        }
-    };
     let name = pm.name_any();
     let candidates: Vec<Arc<Pod>> = ctx
         .pods
         .state()
         .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(&ns) && api::restore_of(p) == Some(&name))
+        .filter(|p| {
+            p.namespace().as_deref() == Some(&ns)
+                && api::restore_of(p) == Some(&name)
+                && p.uid().as_deref() != Some(&pm.spec.pod_uid)
+                && p.metadata.deletion_timestamp.is_none()
+        })
         .collect();
+    let mut done = true;
+    for pod in &candidates {
+        let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+        if !scheduled {
+            tracing::info!(migration = %name, pod = %pod.name_any(), "deleting the unscheduled replacement; it starts fresh");
+            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            done = false;
+            continue;
+        }
+        let mut desired = (**pod).clone();
+        fresh(&mut desired, status);
+        if replacement::patch(pod, &desired)?.0.is_empty() {
+            continue;
+        }
+        patch_pod(&pods, pod, &desired).await?;
+        done = false;
+    }
     if candidates.is_empty()
         && status.owner.is_none()
         && ctx.pod(&ns, &pm.spec.pod_name).is_none()
         && let Some(template) = status.pod_template.clone()
     {
         let mut pod: Pod = serde_json::from_value(template)?;
-        fresh(&mut pod);
-        pods.create(&PostParams::default(), &pod).await?;
-    }
-    for pod in candidates {
-        let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-        if !scheduled && status.owner.is_some() {
-            pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
-            continue;
+        fresh(&mut pod, status);
+        match pods.create(&PostParams::default(), &pod).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
         }
-        let mut desired = (*pod).clone();
-        fresh(&mut desired);
-        patch_pod(&pods, &pod, &desired).await?;
+        done = false;
     }
-    Ok(())
+    Ok(done)
+}
+
+/// The pod without the gate and with its containers' original images.
+fn fresh(pod: &mut Pod, status: &PodMigrationStatus) {
+    replacement::remove_gate(pod);
+    if let Some(spec) = pod.spec.as_mut() {
+        for c in &mut spec.containers {
+            if let Some(image) = status
+                .containers
+                .iter()
+                .find(|x| x.name == c.name)
+                .and_then(|x| x.base_image.clone())
+            {
+                c.image = Some(image);
+            }
+        }
+    }
 }

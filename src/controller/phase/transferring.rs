@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{hold, pending, retry_after_stop, transition};
+use super::{hold, lose_state_because, pending, retry_after_stop, transition};
 use crate::{
     agent::api::PushRequest,
     api::{Phase, PodMigration, PodMigrationStatus},
@@ -50,19 +50,38 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             };
             // The state is verified off the source node: the drain may now complete.
             hold::release(ctx, pm).await?;
+            let resumed = if answer.already_held_bytes > 0 {
+                format!(
+                    ", {} of it already verified there before",
+                    human_bytes(answer.already_held_bytes)
+                )
+            } else {
+                String::new()
+            };
             transition(
                 pm,
                 status,
                 ctx,
                 Phase::BuildingImage,
                 format!(
-                    "{} verified on {target} ({}/s); building the checkpoint image",
+                    "{} verified on {target} ({}/s{resumed}); building the checkpoint image",
                     human_bytes(answer.bytes),
                     human_bytes(rate as u64)
                 ),
             )
             .await;
             Ok(Action::requeue(Duration::ZERO))
+        }
+        // The archive is not what was checkpointed: no retry can help, say so.
+        Err(e) if e.reason() == Some("archive_corrupt") => {
+            lose_state_because(
+                pm,
+                status,
+                ctx,
+                "ArchiveCorrupt",
+                format!("transfer to {target} refused: {e}"),
+            )
+            .await
         }
         Err(e) => retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await,
     }
