@@ -160,3 +160,22 @@ fn a_requested_node_is_the_only_candidate() {
         Placement::None(vec![("node-x".into(), Unfit::NotFound)])
     );
 }
+
+#[test]
+fn pods_without_requests_spread_by_count() {
+    // A burst of best-effort pods: each in-flight migration is placed (reserved) on its
+    // target, and the next one goes elsewhere instead of to the first node by name.
+    let nodes = [
+        node("node-a", json!({})),
+        node("node-b", json!({})),
+        node("node-c", json!({})),
+    ];
+    let besteffort = pod(json!({ "spec": { "containers": [{ "name": "app", "resources": {} }] } }));
+    assert_eq!(place(&besteffort, &nodes, &[], None), Placement::Node("node-b".into()));
+    let mut reserved = besteffort.clone();
+    reserved.spec.as_mut().unwrap().node_name = Some("node-b".into());
+    assert_eq!(
+        place(&besteffort, &nodes, std::slice::from_ref(&reserved), None),
+        Placement::Node("node-c".into())
+    );
+}

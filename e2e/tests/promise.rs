@@ -538,7 +538,7 @@ spec:
     metadata: { labels: { app: stuck, e2e: stuck }, annotations: { migrate.io/stateful: "true" } }
     spec:
       terminationGracePeriodSeconds: 1
-      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "67108864" }] }]
+      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "536870912" }] }]
 "#;
 
 /// Scenario 14: the target is tainted `NoSchedule` once it was chosen, so the replacement
@@ -552,25 +552,25 @@ async fn s14_a_replacement_that_can_never_schedule_ends_at_its_deadline() -> any
     fresh_namespace(ns);
     start_on_node_a(ns, STUCK, 1).await?;
     let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
-    // Taint the target as soon as it is chosen, before the replacement is released.
+    // Taint the target as soon as it is chosen (the 512 MiB checkpoint then takes seconds),
+    // long before the replacement is released: placement chose a node the scheduler refuses.
     let tainter = {
         let pms = pms.clone();
         tokio::spawn(async move {
-            eventually("a target chosen", Duration::from_secs(60), || {
-                let pms = pms.clone();
-                async move {
-                    let list = pms.list(&ListParams::default()).await?.items;
-                    Ok(list.into_iter().find_map(|m| {
-                        let s = m.status?;
-                        (s.phase != Phase::Pending).then_some(s.target_node).flatten()
-                    }))
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let list = pms.list(&ListParams::default()).await?.items;
+                let target = list.into_iter().find_map(|m| {
+                    let s = m.status?;
+                    (s.phase != Phase::Pending).then_some(s.target_node).flatten()
+                });
+                if let Some(target) = target {
+                    must(&["taint", "node", &target, "e2e-block=true:NoSchedule", "--overwrite"]);
+                    return anyhow::Ok(target);
                 }
-            })
-            .await
-            .map(|target| {
-                must(&["taint", "node", &target, "e2e-block=true:NoSchedule", "--overwrite"]);
-                target
-            })
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "no target chosen in 60 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         })
     };
     let drain = tokio::task::spawn_blocking(|| drain_a("e2e=stuck")).await?;

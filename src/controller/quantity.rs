@@ -92,7 +92,11 @@ impl Resources {
     /// Load after placement: the larger of the cpu and memory fractions.
     pub fn load(&self, allocatable: &Resources) -> f64 {
         let frac = |used: f64, have: f64| if have > 0.0 { used / have } else { 0.0 };
-        frac(self.cpu, allocatable.cpu).max(frac(self.memory, allocatable.memory))
+        // Pod count too: pods without requests (most of them) would otherwise weigh nothing,
+        // and a burst of migrations would all land on the first node by name.
+        frac(self.cpu, allocatable.cpu)
+            .max(frac(self.memory, allocatable.memory))
+            .max(frac(self.pods, allocatable.pods))
     }
 }
 
