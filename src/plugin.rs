@@ -29,6 +29,12 @@ pub enum PluginError {
         name: String,
         phase: String,
     },
+    #[error("pod {namespace}/{name} cannot be migrated: {refusal}")]
+    CannotMove {
+        namespace: String,
+        name: String,
+        refusal: crate::preflight::Refusal,
+    },
     #[error("node {node} cannot take the pod: {reason}")]
     TargetUnfit { node: String, reason: String },
     #[error("no node can take the pod: {0}")]
@@ -66,6 +72,13 @@ pub fn check_pod(pod: Option<&Pod>, namespace: &str, name: &str) -> Result<(), P
     };
     if !api::is_stateful(pod) {
         return Err(PluginError::NotAnnotated { namespace, name });
+    }
+    if let Err(refusal) = crate::preflight::check_pod(pod) {
+        return Err(PluginError::CannotMove {
+            namespace,
+            name,
+            refusal,
+        });
     }
     let phase = pod
         .status
@@ -154,6 +167,19 @@ mod tests {
         let err = check_pod(Some(&pod), "ns", "p").unwrap_err();
         assert!(err.to_string().contains("migrate.io/stateful"), "{err}");
         assert!(err.to_string().contains("kubectl patch deploy/<name>"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let host: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "annotations": {"migrate.io/stateful": "true"}},
+            "spec": {"nodeName": "a", "containers": [], "volumes": [{"name": "d", "hostPath": {"path": "/srv"}}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let err = check_pod(Some(&host), "ns", "p").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot be migrated: volume d is a hostPath (/srv)"),
+            "{err}"
+        );
         assert_eq!(err.exit_code(), 2);
     }
 

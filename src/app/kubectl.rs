@@ -391,11 +391,28 @@ async fn drain(client: &Client, node: &str, timeout: u64) -> Result<(), PluginEr
     let started = Instant::now();
     let all: Api<Pod> = Api::all(client.clone());
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    let mut statics_reported = false;
     loop {
         let pods = all
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await?
             .items;
+        if !statics_reported {
+            // kubectl drain skips static pods without a word; an opted-in one keeps its state
+            // on this node, and the operator must hear it.
+            for p in pods
+                .iter()
+                .filter(|p| crate::preflight::is_mirror(p) && crate::api::is_stateful(p))
+            {
+                println!(
+                    "not migrated: {}/{}: {}",
+                    p.namespace().unwrap_or_default(),
+                    p.name_any(),
+                    crate::preflight::Refusal::StaticPod(p.name_any())
+                );
+            }
+            statics_reported = true;
+        }
         let evictable: Vec<&Pod> = pods
             .iter()
             .filter(|p| !p.owner_references().iter().any(|o| o.kind == "DaemonSet"))
