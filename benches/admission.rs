@@ -202,7 +202,7 @@ fn main() {
             nodes,
             migrations,
             metrics: Arc::new(Metrics::new()),
-            labelled: Arc::new(kube_migrate::admission::namespaces::Labelled::known(&["shop", "bench"])),
+            namespaces: reflector::store().0,
         });
 
         let shutdown = CancellationToken::new();

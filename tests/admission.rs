@@ -13,7 +13,6 @@ use kube::runtime::{reflector, watcher};
 use kube_migrate::{
     admission::{
         eviction::{self, Decision, EvictionRequest, Snapshot},
-        namespaces::Labelled,
         pod::{self as podmut, PodDecision},
         server::{WebhookState, router},
     },
@@ -373,7 +372,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         nodes: node_store,
         migrations: pm_store,
         metrics: Arc::new(Metrics::new()),
-        labelled: Arc::new(Labelled::known(&["shop"])),
+        namespaces: reflector::store().0,
     })
 }
 

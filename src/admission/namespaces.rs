@@ -4,53 +4,38 @@
 //! the pod webhook at the pod's creation (before it can run, so before any eviction), and
 //! the leader from its pod cache for pods annotated after their creation.
 
-use std::{collections::HashSet, sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::reflector::Store,
+    runtime::reflector::{ObjectRef, Store},
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
 
-/// Namespaces known to carry the label (an in-memory shortcut; the label is the truth).
-#[derive(Default)]
-pub struct Labelled(Mutex<HashSet<String>>);
-
-impl Labelled {
-    /// Start from namespaces known to be labelled already (tests and benchmarks, whose API
-    /// server is not reachable).
-    pub fn known(namespaces: &[&str]) -> Self {
-        Self(Mutex::new(namespaces.iter().map(|n| n.to_string()).collect()))
+/// Make sure `ns` carries the label. The namespace watch cache says whether it does (a cache,
+/// not a set of names: a namespace deleted and re-created under the same name is a new object
+/// without the label); one merge patch when it does not.
+pub async fn ensure(client: &Client, namespaces: &Store<Namespace>, ns: &str) -> Result<(), kube::Error> {
+    let labelled = namespaces
+        .get(&ObjectRef::new(ns))
+        .is_some_and(|n| n.labels().get(api::NAMESPACE_LABEL).map(String::as_str) == Some("true"));
+    if labelled {
+        return Ok(());
     }
-
-    /// Make sure `ns` carries the label. One merge patch the first time, nothing after.
-    pub async fn ensure(&self, client: &Client, ns: &str) -> Result<(), kube::Error> {
-        if self.0.lock().expect("namespace set poisoned").contains(ns) {
-            return Ok(());
-        }
-        let api: Api<Namespace> = Api::all(client.clone());
-        let has = api
-            .get_opt(ns)
-            .await?
-            .is_some_and(|n| n.labels().get(api::NAMESPACE_LABEL).map(String::as_str) == Some("true"));
-        if !has {
-            let patch = json!({ "metadata": { "labels": { api::NAMESPACE_LABEL: "true" } } });
-            api.patch(ns, &PatchParams::apply(api::FIELD_MANAGER), &Patch::Merge(&patch))
-                .await?;
-            tracing::info!(
-                namespace = ns,
-                label = api::NAMESPACE_LABEL,
-                "namespace labelled: it holds an opted-in pod"
-            );
-        }
-        self.0.lock().expect("namespace set poisoned").insert(ns.to_string());
-        Ok(())
-    }
+    let api: Api<Namespace> = Api::all(client.clone());
+    let patch = json!({ "metadata": { "labels": { api::NAMESPACE_LABEL: "true" } } });
+    api.patch(ns, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    tracing::info!(
+        namespace = ns,
+        label = api::NAMESPACE_LABEL,
+        "namespace labelled: it holds an opted-in pod"
+    );
+    Ok(())
 }
 
 /// Namespaces of opted-in pods in `pods`, sorted.
@@ -69,14 +54,14 @@ pub fn opted_in_namespaces<'a>(pods: impl Iterator<Item = &'a Pod>) -> Vec<Strin
 pub async fn keep_labelled(
     client: Client,
     pods: Store<Pod>,
-    labelled: std::sync::Arc<Labelled>,
+    namespaces: Store<Namespace>,
     shutdown: CancellationToken,
 ) {
-    let _ = pods.wait_until_ready().await;
+    let _ = tokio::join!(pods.wait_until_ready(), namespaces.wait_until_ready());
     loop {
         let state = pods.state();
         for ns in opted_in_namespaces(state.iter().map(AsRef::as_ref)) {
-            if let Err(error) = labelled.ensure(&client, &ns).await {
+            if let Err(error) = ensure(&client, &namespaces, &ns).await {
                 tracing::warn!(%error, namespace = ns, "could not label namespace; retrying");
             }
         }

@@ -38,8 +38,8 @@ pub struct WebhookState {
     pub nodes: Store<Node>,
     pub migrations: Store<PodMigration>,
     pub metrics: Arc<Metrics>,
-    /// Namespaces labelled for the eviction webhook's selector.
-    pub labelled: Arc<super::namespaces::Labelled>,
+    /// Namespaces (for the `migrate.io/opted-in` label of the eviction webhook's selector).
+    pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
@@ -360,7 +360,7 @@ async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Revi
             .as_ref()
             .and_then(|o| typed::<Pod>(o, "a Pod").ok())
             .is_some_and(|p| api::is_stateful(&p))
-        && let Err(error) = state.labelled.ensure(&state.client, ns).await
+        && let Err(error) = super::namespaces::ensure(&state.client, &state.namespaces, ns).await
     {
         tracing::warn!(%error, namespace = ns, "could not label the namespace of an opted-in pod; the leader retries");
     }

@@ -153,7 +153,12 @@ impl AgentState {
     fn record_op<T>(&self, operation: &'static str, started: Instant, result: &Result<T, AgentError>) {
         let label = match result {
             Ok(_) => "ok",
-            Err(e) => e.metric_label(),
+            Err(e) => {
+                // Every failed attempt is in this agent's log with its cause, not only in the
+                // controller's retry message.
+                tracing::warn!(operation, reason = e.metric_label(), error = %e, "operation failed");
+                e.metric_label()
+            }
         };
         self.metrics
             .agent_operations

@@ -13,7 +13,6 @@ use kube::{
     Api, Client, ResourceExt,
     runtime::{
         WatchStreamExt,
-        events::{Recorder, Reporter},
         reflector::{self, Store},
         watcher,
     },
@@ -183,6 +182,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         watcher::Config::default().any_semantic(),
         &shutdown,
     );
+    let namespaces = cache(
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+        &shutdown,
+    );
     let agents = cache(
         Api::<EndpointSlice>::namespaced(client.clone(), &opts.namespace),
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", opts.agent_service)),
@@ -194,14 +198,13 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         admin_router(Arc::clone(&metrics), health.clone()),
         shutdown.clone(),
     );
-    let labelled = Arc::new(crate::admission::namespaces::Labelled::default());
     let state = Arc::new(WebhookState {
         client: client.clone(),
         pods: pods.clone(),
         nodes: nodes.clone(),
         migrations: migrations.clone(),
         metrics: Arc::clone(&metrics),
-        labelled: Arc::clone(&labelled),
+        namespaces: namespaces.clone(),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -214,12 +217,19 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
 
     // Ready once every cache has its first full list: answers before that would be guesses.
     let readiness = {
-        let (pods, nodes, migrations, health) = (pods.clone(), nodes.clone(), migrations.clone(), health.clone());
+        let (pods, nodes, migrations, namespaces, health) = (
+            pods.clone(),
+            nodes.clone(),
+            migrations.clone(),
+            namespaces.clone(),
+            health.clone(),
+        );
         async move {
             let _ = tokio::join!(
                 pods.wait_until_ready(),
                 nodes.wait_until_ready(),
-                migrations.wait_until_ready()
+                migrations.wait_until_ready(),
+                namespaces.wait_until_ready()
             );
             tracing::info!("caches synced; ready");
             health.set_ready(true);
@@ -238,13 +248,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             agent_address_override: opts.agent_address_override.clone(),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
-        let recorder = Recorder::new(
+        let recorder = Arc::new(controller::events::Recorder::new(
             client.clone(),
-            Reporter {
-                controller: "kube-migrate".into(),
-                instance: Some(opts.identity.clone()),
-            },
-        );
+            "kube-migrate",
+            opts.identity.clone(),
+        ));
         let elector = LeaderElector::new(
             Api::<Lease>::namespaced(client.clone(), &opts.namespace),
             opts.lease_name.clone(),
@@ -264,12 +272,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                     let labeller = crate::admission::namespaces::keep_labelled(
                         client.clone(),
                         pods.clone(),
-                        Arc::clone(&labelled),
+                        namespaces.clone(),
                         token.clone(),
                     );
                     let (agent_client, recorder, metrics, config) = (
                         agent_client.clone(),
-                        recorder.clone(),
+                        Arc::clone(&recorder),
                         Arc::clone(&metrics),
                         config.clone(),
                     );

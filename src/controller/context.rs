@@ -18,14 +18,17 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
     runtime::{
-        events::{Event, EventType, Recorder},
         finalizer,
         reflector::{ObjectRef, Store},
     },
 };
 use serde_json::json;
 
-use super::{agents, decide, state};
+use super::{
+    agents, decide,
+    events::{self, EventType},
+    state,
+};
 use crate::{
     agent::client::{AgentClient, ClientError},
     api::{self, Phase, PodMigration, PodMigrationStatus},
@@ -130,7 +133,7 @@ pub struct Context {
     pub agents: Store<EndpointSlice>,
     pub migrations: Store<PodMigration>,
     pub agent_client: AgentClient,
-    pub recorder: Recorder,
+    pub recorder: Arc<events::Recorder>,
     pub metrics: Arc<Metrics>,
     pub config: Config,
     /// Drains already observed in the drain-duration metric: (node, first creation second).
@@ -251,13 +254,6 @@ impl Context {
 
     /// Publish an Event on the PodMigration and on the pod it migrates.
     pub async fn event(&self, pm: &PodMigration, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Migrate".to_string(),
-            secondary: None,
-        };
         let pod_ref = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
@@ -267,7 +263,7 @@ impl Context {
             ..Default::default()
         };
         for reference in [pm.object_ref(&()), pod_ref] {
-            if let Err(error) = self.recorder.publish(&event, &reference).await {
+            if let Err(error) = self.recorder.publish(&reference, type_, reason, &note).await {
                 tracing::warn!(%error, reason, "could not publish event");
             }
         }

@@ -9,6 +9,7 @@
 pub mod agents;
 pub mod context;
 pub mod decide;
+pub mod events;
 pub mod leader;
 mod phase;
 pub mod placement;
