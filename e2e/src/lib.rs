@@ -183,3 +183,49 @@ pub fn local_cluster(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Everything of `manifest` starts on node-a (node-b and node-c cordoned meanwhile).
+pub async fn start_on_node_a(
+    ns: &str,
+    manifest: &str,
+    pods: usize,
+) -> anyhow::Result<Vec<k8s_openapi::api::core::v1::Pod>> {
+    // A failed scenario before may have left node-a cordoned by its drain.
+    must(&["uncordon", "node-a"]);
+    must(&["cordon", "node-b"]);
+    must(&["cordon", "node-c"]);
+    apply(manifest);
+    let running = running_pods_in(ns, pods).await;
+    must(&["uncordon", "node-b"]);
+    must(&["uncordon", "node-c"]);
+    let running = running?;
+    assert!(
+        running.iter().all(|p| node_of(p) == "node-a"),
+        "all pods start on node-a"
+    );
+    Ok(running)
+}
+
+/// `kubectl drain node-a` limited to the pods matching `selector`, output printed.
+pub fn drain_a(selector: &str) -> Run {
+    let drain = kubectl(&[
+        "drain",
+        "node-a",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--force",
+        "--timeout=300s",
+        "--pod-selector",
+        selector,
+    ]);
+    println!("---- kubectl drain ({selector}) ----\n{}", drain.all());
+    drain
+}
+
+/// The kubectl plugin, as an operator runs it (`kubectl migrate ...` finds `kubectl-migrate`
+/// on PATH; scripts/e2e.sh puts the built binary there).
+pub fn plugin(args: &[&str]) -> Run {
+    let mut all = vec!["migrate"];
+    all.extend_from_slice(args);
+    kubectl(&all)
+}

@@ -5,37 +5,12 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
-use kube_migrate_e2e::{apply, client, eventually, field, first_log_line, kubectl, migrations_succeeded, must};
-
-fn namespace(ns: &str) {
-    let _ = kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=60s"]);
-    must(&["create", "namespace", ns]);
-}
-
-async fn running_pods(ns: &str, n: usize) -> anyhow::Result<Vec<Pod>> {
-    let pods: Api<Pod> = Api::namespaced(client().await, ns);
-    eventually(&format!("{n} running pods in {ns}"), Duration::from_secs(90), || {
-        let pods = pods.clone();
-        async move {
-            let list = pods.list(&ListParams::default()).await?;
-            let running: Vec<Pod> = list
-                .items
-                .into_iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-                .collect();
-            Ok((running.len() == n).then_some(running))
-        }
-    })
-    .await
-}
-
-fn node_of(p: &Pod) -> String {
-    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
-}
+use kube_migrate_e2e::{
+    apply, client, eventually, field, first_log_line, fresh_namespace, kubectl, local_cluster, migrations_succeeded,
+    must, node_of, plugin, running_pods_in,
+};
 
 /// The memory checksum and counter a container started with, from its first log line.
 fn start_line(ns: &str, pod: &str, container: &str) -> Option<String> {
@@ -108,12 +83,12 @@ spec:
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
     let ns = "e2e-drain";
-    namespace(ns);
+    fresh_namespace(ns);
     // Everything starts on node-a.
     must(&["cordon", "node-b"]);
     must(&["cordon", "node-c"]);
     apply(WORKLOADS);
-    let before = running_pods(ns, 5).await?;
+    let before = running_pods_in(ns, 5).await?;
     must(&["uncordon", "node-b"]);
     must(&["uncordon", "node-c"]);
     assert!(
@@ -197,7 +172,7 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
     }
 
     // Every workload runs elsewhere; the annotated ones from their checkpoints.
-    let after = running_pods(ns, 5).await?;
+    let after = running_pods_in(ns, 5).await?;
     for p in &after {
         assert_ne!(node_of(p), "node-a", "{} still on node-a", p.name_any());
         let app = p.labels()["app"].clone();
@@ -273,7 +248,7 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s2_server_dry_run_starts_nothing() -> anyhow::Result<()> {
     let ns = "e2e-dry";
-    namespace(ns);
+    fresh_namespace(ns);
     apply(&format!(
         r#"
 apiVersion: v1
@@ -282,7 +257,7 @@ metadata: {{ name: keep, namespace: {ns}, annotations: {{ migrate.io/stateful: "
 spec: {{ nodeName: node-c, containers: [{{ name: app, image: registry.local/counter:1 }}] }}
 "#
     ));
-    running_pods(ns, 1).await?;
+    running_pods_in(ns, 1).await?;
     let run = kubectl(&[
         "drain",
         "node-c",
@@ -304,7 +279,7 @@ spec: {{ nodeName: node-c, containers: [{{ name: app, image: registry.local/coun
         "",
         "a dry run cordons nothing"
     );
-    running_pods(ns, 1).await?;
+    running_pods_in(ns, 1).await?;
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
@@ -315,7 +290,7 @@ spec: {{ nodeName: node-c, containers: [{{ name: app, image: registry.local/coun
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s3_no_target_fails_clearly_and_honours_on_failure() -> anyhow::Result<()> {
     let ns = "e2e-notarget";
-    namespace(ns);
+    fresh_namespace(ns);
     apply(&format!(
         r#"
 apiVersion: v1
@@ -328,7 +303,7 @@ metadata:
 spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ name: app, image: registry.local/counter:1 }}] }}
 "#
     ));
-    running_pods(ns, 1).await?;
+    running_pods_in(ns, 1).await?;
     let run = kubectl(&[
         "drain",
         "node-b",
@@ -354,7 +329,7 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
         "{:?}",
         s.message
     );
-    running_pods(ns, 1).await?; // the pod was never touched
+    running_pods_in(ns, 1).await?; // the pod was never touched
 
     must(&[
         "annotate",
@@ -385,7 +360,7 @@ spec: {{ nodeName: node-b, terminationGracePeriodSeconds: 1, containers: [{{ nam
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s4_a_pdb_that_allows_no_disruption_holds_the_migration() -> anyhow::Result<()> {
     let ns = "e2e-pdb";
-    namespace(ns);
+    fresh_namespace(ns);
     apply(&format!(
         r#"
 apiVersion: apps/v1
@@ -404,7 +379,7 @@ metadata: {{ name: guarded, namespace: {ns} }}
 spec: {{ minAvailable: 1, selector: {{ matchLabels: {{ app: guarded }} }} }}
 "#
     ));
-    running_pods(ns, 1).await?;
+    running_pods_in(ns, 1).await?;
     let run = kubectl(&["drain", "node-c", "--pod-selector=app=guarded", "--timeout=20s"]);
     println!("{}", run.all());
     assert!(!run.ok, "the PDB holds the drain");
@@ -425,157 +400,10 @@ spec: {{ minAvailable: 1, selector: {{ matchLabels: {{ app: guarded }} }} }}
         "{:?}",
         s.conditions
     );
-    running_pods(ns, 1).await?; // still serving on node-c
+    running_pods_in(ns, 1).await?; // still serving on node-c
     must(&["uncordon", "node-c"]);
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
-}
-
-/// The kubectl plugin, as an operator runs it (`kubectl migrate ...` finds `kubectl-migrate`
-/// on PATH; scripts/e2e.sh puts the built binary there).
-fn plugin(args: &[&str]) -> kube_migrate_e2e::Run {
-    let mut all = vec!["migrate"];
-    all.extend_from_slice(args);
-    kubectl(&all)
-}
-
-/// Scenario (kubectl migrate): move one pod to a named node with a live progress view, refuse
-/// what cannot work with a clear reason, keep a checkpoint as a backup and restore it.
-#[tokio::test]
-#[ignore = "needs the local cluster: scripts/e2e.sh"]
-async fn s5_kubectl_migrate_pod_checkpoint_list_restore() -> anyhow::Result<()> {
-    let ns = "e2e-plugin";
-    namespace(ns);
-    apply(&format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {{ name: worker, namespace: {ns}, annotations: {{ migrate.io/stateful: "true" }} }}
-spec:
-  nodeName: node-b
-  terminationGracePeriodSeconds: 2
-  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "262144" }}] }}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{ name: plain, namespace: {ns} }}
-spec: {{ nodeName: node-b, containers: [{{ name: app, image: registry.local/web:1 }}] }}
-"#
-    ));
-    running_pods(ns, 2).await?;
-    let sha = |pod: &str| first_log_line(ns, pod, "app").and_then(|l| field(&l, "memory_sha256").map(str::to_string));
-    let original = eventually("first log line", Duration::from_secs(30), || async {
-        Ok(sha("worker"))
-    })
-    .await?;
-
-    // Clear refusals, nothing created.
-    let run = plugin(&["pod", "nope", "-n", ns, "--to", "node-c"]);
-    assert!(
-        !run.ok && run.stderr.contains("pod e2e-plugin/nope not found"),
-        "{}",
-        run.all()
-    );
-    let run = plugin(&["pod", "plain", "-n", ns, "--to", "node-c"]);
-    assert!(
-        !run.ok && run.stderr.contains("not annotated migrate.io/stateful"),
-        "{}",
-        run.all()
-    );
-    let run = plugin(&["pod", "worker", "-n", ns, "--to", "node-zzz"]);
-    assert!(
-        !run.ok && run.stderr.contains("node node-zzz cannot take the pod: does not exist"),
-        "{}",
-        run.all()
-    );
-    must(&["cordon", "node-c"]);
-    let run = plugin(&["pod", "worker", "-n", ns, "--to", "node-c"]);
-    must(&["uncordon", "node-c"]);
-    assert!(!run.ok && run.stderr.contains("is cordoned"), "{}", run.all());
-    assert_eq!(
-        run.all().matches("created").count(),
-        0,
-        "a refused migration creates nothing"
-    );
-
-    // One command: migrate to a named node, following the phases.
-    let run = plugin(&["pod", "worker", "-n", ns, "--to", "node-c", "--timeout", "120"]);
-    println!("---- kubectl migrate pod ----\n{}", run.all());
-    assert!(run.ok, "{}", run.all());
-    for phase in ["Checkpointing", "Transferring", "Restoring", "Succeeded"] {
-        assert!(run.stdout.contains(phase), "progress shows {phase}: {}", run.stdout);
-    }
-    assert!(run.stdout.contains("migrated: worker runs on node-c"), "{}", run.stdout);
-    let pods = running_pods(ns, 2).await?;
-    let worker = pods.iter().find(|p| p.name_any() == "worker").unwrap();
-    assert_eq!(node_of(worker), "node-c");
-    let line = first_log_line(ns, "worker", "app").unwrap_or_default();
-    assert!(line.starts_with("restored from checkpoint image"), "{line}");
-    assert_eq!(field(&line, "memory_sha256"), Some(original.as_str()));
-
-    // Backup: checkpoint only, the pod keeps running; list; restore under a new name.
-    let run = plugin(&["checkpoint", "pod", "worker", "-n", ns, "--timeout", "120"]);
-    println!("---- kubectl migrate checkpoint pod ----\n{}", run.all());
-    assert!(run.ok, "{}", run.all());
-    let checkpoint = run
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("podmigration.migrate.io/"))
-        .and_then(|l| l.split_whitespace().next())
-        .map(|n| n.trim_end_matches(':').to_string())
-        .expect("checkpoint name");
-    running_pods(ns, 2).await?; // nothing stopped
-    let list = plugin(&["list", "-n", ns]);
-    println!("---- kubectl migrate list ----\n{}", list.all());
-    assert!(
-        list.ok && list.stdout.contains(&checkpoint) && list.stdout.contains("worker"),
-        "{}",
-        list.all()
-    );
-    let run = plugin(&[
-        "restore",
-        &checkpoint,
-        "-n",
-        ns,
-        "--name",
-        "worker-copy",
-        "--to",
-        "node-b",
-        "--timeout",
-        "120",
-    ]);
-    println!("---- kubectl migrate restore ----\n{}", run.all());
-    assert!(run.ok, "{}", run.all());
-    let pods = running_pods(ns, 3).await?;
-    let copy = pods
-        .iter()
-        .find(|p| p.name_any() == "worker-copy")
-        .expect("restored pod");
-    assert_eq!(node_of(copy), "node-b");
-    let line = first_log_line(ns, "worker-copy", "app").unwrap_or_default();
-    assert!(line.starts_with("restored from checkpoint image"), "{line}");
-    assert_eq!(
-        field(&line, "memory_sha256"),
-        Some(original.as_str()),
-        "the backup holds the same memory"
-    );
-    let status = plugin(&["status", "-n", ns]);
-    assert!(status.ok && status.stdout.contains("Succeeded"), "{}", status.all());
-    must(&["delete", "namespace", ns, "--wait=false"]);
-    Ok(())
-}
-
-fn local_cluster(command: &str) {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let out = std::process::Command::new(format!("{root}/scripts/local-cluster.sh"))
-        .arg(command)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "local-cluster.sh {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A controller killed (SIGKILL) in the middle of a migration resumes from the PodMigration's
@@ -584,7 +412,7 @@ fn local_cluster(command: &str) {
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s6_a_killed_controller_resumes_from_the_api_server() -> anyhow::Result<()> {
     let ns = "e2e-restart";
-    namespace(ns);
+    fresh_namespace(ns);
     apply(&format!(
         r#"
 apiVersion: v1
@@ -596,7 +424,7 @@ spec:
   containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "268435456" }}] }}]
 "#
     ));
-    running_pods(ns, 1).await?;
+    running_pods_in(ns, 1).await?;
     let original = eventually("first log line", Duration::from_secs(60), || async {
         Ok(first_log_line(ns, "phoenix", "app").and_then(|l| field(&l, "memory_sha256").map(str::to_string)))
     })
@@ -616,7 +444,7 @@ spec:
         }
     })
     .await?;
-    local_cluster("kill-webhook");
+    local_cluster(&["kill-webhook"]);
     let killed_at = pms.list(&ListParams::default()).await?.items[0].phase();
     println!("controller killed with the migration in {killed_at} (first seen {phase})");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -625,7 +453,7 @@ spec:
         !still.is_terminal() || killed_at.is_terminal(),
         "nothing moves while the controller is down: {still}"
     );
-    local_cluster("start-webhook");
+    local_cluster(&["start-webhook"]);
     let done = eventually(
         "the migration to finish after the restart",
         Duration::from_secs(120),
@@ -644,57 +472,11 @@ spec:
         "{:?}",
         done.status.as_ref().and_then(|s| s.message.clone())
     );
-    let pods = running_pods(ns, 1).await?;
+    let pods = running_pods_in(ns, 1).await?;
     assert_eq!(node_of(&pods[0]), "node-b");
     let line = first_log_line(ns, "phoenix", "app").unwrap_or_default();
     assert!(line.starts_with("restored from checkpoint image"), "{line}");
     assert_eq!(field(&line, "memory_sha256"), Some(original.as_str()));
-    must(&["delete", "namespace", ns, "--wait=false"]);
-    Ok(())
-}
-
-/// `kubectl migrate drain NODE`: cordons and drives the drain with a line per pod.
-#[tokio::test]
-#[ignore = "needs the local cluster: scripts/e2e.sh"]
-async fn s7_kubectl_migrate_drain() -> anyhow::Result<()> {
-    let ns = "e2e-plugin-drain";
-    namespace(ns);
-    apply(&format!(
-        r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{ name: keeper, namespace: {ns} }}
-spec:
-  replicas: 1
-  selector: {{ matchLabels: {{ app: keeper }} }}
-  template:
-    metadata: {{ labels: {{ app: keeper }}, annotations: {{ migrate.io/stateful: "true" }} }}
-    spec:
-      terminationGracePeriodSeconds: 2
-      affinity: {{ nodeAffinity: {{ preferredDuringSchedulingIgnoredDuringExecution: [{{ weight: 100, preference: {{ matchFields: [{{ key: metadata.name, operator: In, values: [node-c] }}] }} }}] }} }}
-      containers: [{{ name: app, image: registry.local/counter:1 }}]
-"#
-    ));
-    let before = running_pods(ns, 1).await?;
-    let node = node_of(&before[0]);
-    let run = plugin(&["drain", &node, "--timeout", "120"]);
-    println!("---- kubectl migrate drain {node} ----\n{}", run.all());
-    assert!(run.ok, "{}", run.all());
-    assert!(
-        run.stdout.contains(&format!("node/{node} cordoned")) && run.stdout.contains(&format!("node/{node} drained")),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("kube-migrate"),
-        "the drain view shows kube-migrate's progress: {}",
-        run.stdout
-    );
-    let after = running_pods(ns, 1).await?;
-    assert_ne!(node_of(&after[0]), node);
-    let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
-    assert!(line.starts_with("restored from checkpoint image"), "{line}");
-    must(&["uncordon", &node]);
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
