@@ -7,7 +7,6 @@ use http_body_util::BodyExt;
 use k8s_openapi::{
     api::core::v1::{Node, Pod},
     apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
 };
 use kube::runtime::{reflector, watcher};
 use kube_migrate::{
@@ -16,77 +15,16 @@ use kube_migrate::{
         pod::{self as podmut, PodDecision},
         server::{WebhookState, router},
     },
-    api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationSpec, PodMigrationStatus, Trigger},
+    api::{self, ContainerCheckpoint, OwnerInfo, Phase, PodMigration, Trigger},
     metrics::Metrics,
     replacement,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-fn data(path: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/data/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
+mod common;
 
-fn pod(name: &str) -> Pod {
-    serde_json::from_slice(&data(&format!("objects/{name}.json"))).unwrap()
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_second(1_800_000_000).unwrap()
-}
-
-fn migration(pod: &Pod, phase: Phase, f: impl FnOnce(&mut PodMigrationStatus)) -> Arc<PodMigration> {
-    let name = pod.metadata.name.clone().unwrap();
-    let uid = pod.metadata.uid.clone().unwrap();
-    let mut pm = PodMigration::new(
-        &api::migration_name(&name, &uid),
-        PodMigrationSpec {
-            pod_name: name,
-            pod_uid: uid,
-            source_node: "node-a".into(),
-            target_node: None,
-            trigger: Trigger::Drain,
-            policy: Default::default(),
-            mode: Default::default(),
-            restore_from: None,
-        },
-    );
-    pm.metadata.namespace = Some("shop".into());
-    pm.metadata.uid = Some("9e9e9e9e-0000-4000-8000-000000000001".into());
-    let mut status = PodMigrationStatus {
-        phase,
-        target_node: Some("node-b".into()),
-        ..Default::default()
-    };
-    kube_migrate::controller::state::enter(&mut status, phase, now());
-    f(&mut status);
-    pm.status = Some(status);
-    Arc::new(pm)
-}
-
-fn req<'a>(name: &'a str) -> EvictionRequest<'a> {
-    EvictionRequest {
-        namespace: "shop",
-        pod_name: name,
-        dry_run: false,
-        stop_source_of: None,
-        precondition_uid: None,
-        precondition_resource_version: None,
-    }
-}
-
-fn decide(pod: &Pod, migrations: &[Arc<PodMigration>], r: EvictionRequest<'_>) -> Decision {
-    eviction::decide(
-        &r,
-        &Snapshot {
-            pod: Some(pod),
-            pod_node_schedulable: Some(false),
-            migrations,
-            static_on_node: &[],
-            now: now(),
-        },
-    )
-}
+use common::admission::{data, decide, migration, now, pod, req};
 
 #[test]
 fn unannotated_pods_are_evicted_at_once() {
@@ -112,111 +50,6 @@ fn a_stateful_pod_starts_a_migration_keyed_by_its_uid() {
     assert_eq!(spec.target_node.as_deref(), Some("node-c"));
     assert_eq!(spec.trigger, Trigger::Drain);
     assert_eq!(spec.policy.on_failure, api::OnFailure::Block);
-}
-
-#[test]
-fn an_eviction_the_api_server_will_refuse_starts_nothing() {
-    let p = pod("pod-statefulset");
-    let other_uid = EvictionRequest {
-        precondition_uid: Some("99999999-0000-4000-8000-000000000000"),
-        ..req("db-0")
-    };
-    assert_eq!(decide(&p, &[], other_uid).result(), "allowed_precondition_mismatch");
-    let stale_rv = EvictionRequest {
-        precondition_resource_version: Some("1"),
-        ..req("db-0")
-    };
-    assert_eq!(decide(&p, &[], stale_rv).result(), "allowed_precondition_mismatch");
-    // Matching preconditions change nothing.
-    let uid = p.metadata.uid.clone().unwrap();
-    let matching = EvictionRequest {
-        precondition_uid: Some(&uid),
-        ..req("db-0")
-    };
-    assert_eq!(decide(&p, &[], matching).result(), "started");
-}
-
-#[test]
-fn opt_in_spellings_and_unknown_values_never_lose_state_silently() {
-    let mut p = pod("pod-statefulset");
-    for (value, expected) in [
-        ("yes", "started"),
-        ("1", "started"),
-        ("off", "allowed_unmanaged"),
-        ("maybe", "started"),
-    ] {
-        p.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(api::STATEFUL.into(), value.into());
-        assert_eq!(decide(&p, &[], req("db-0")).result(), expected, "{value}");
-    }
-    let snap = Snapshot {
-        pod: Some(&p),
-        pod_node_schedulable: Some(false),
-        migrations: &[],
-        static_on_node: &[],
-        now: now(),
-    };
-    let warnings = eviction::warnings(Some(&p), &snap);
-    assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("\"maybe\" is not a recognized value")),
-        "{warnings:?}"
-    );
-}
-
-#[test]
-fn static_pods_never_start_a_migration_and_are_reported() {
-    let mut p = pod("pod-statefulset");
-    let annotations = p.metadata.annotations.as_mut().unwrap();
-    annotations.insert("kubernetes.io/config.mirror".into(), "abc".into());
-    let Decision::Allow { result, warning } = decide(&p, &[], req("db-0")) else {
-        panic!("a static pod follows its on-failure policy")
-    };
-    assert_eq!(result, "refused_static_pod");
-    assert!(warning.unwrap().contains("static (mirror) pod"));
-    p.metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .insert(api::ON_FAILURE.into(), "block".into());
-    let Decision::Block { message } = decide(&p, &[], req("db-0")) else {
-        panic!("block keeps refusing")
-    };
-    assert!(message.contains("shop/db-0 is a static (mirror) pod"), "{message}");
-    // Evictions of other pods on that node name it.
-    let other = pod("pod-unannotated");
-    let statics = vec!["kube-system/etcd-node-a".to_string()];
-    let snap = Snapshot {
-        pod: Some(&other),
-        pod_node_schedulable: Some(false),
-        migrations: &[],
-        static_on_node: &statics,
-        now: now(),
-    };
-    let warnings = eviction::warnings(Some(&other), &snap);
-    assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("static pod kube-system/etcd-node-a")),
-        "{warnings:?}"
-    );
-}
-
-#[test]
-fn host_path_pods_start_a_migration_that_carries_the_refusal() {
-    let mut p = pod("pod-statefulset");
-    let spec = p.spec.as_mut().unwrap();
-    spec.volumes
-        .get_or_insert_with(Vec::new)
-        .push(serde_json::from_value(json!({ "name": "data", "hostPath": { "path": "/srv/db" } })).unwrap());
-    let Decision::Start { refusal, .. } = decide(&p, &[], req("db-0")) else {
-        panic!("expected a start")
-    };
-    assert!(refusal.unwrap().contains("hostPath (/srv/db)"));
 }
 
 #[test]

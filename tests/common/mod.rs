@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+pub mod admission;
+
 /// Write a checkpoint archive in the CRI-O layout with `pages` bytes of "memory".
 pub fn write_archive(path: &Path, container: &str, base_image: &str, pages: &[u8]) {
     let file = std::fs::File::create(path).unwrap();
