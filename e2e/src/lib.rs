@@ -229,3 +229,44 @@ pub fn plugin(args: &[&str]) -> Run {
     all.extend_from_slice(args);
     kubectl(&all)
 }
+
+/// A one-replica opted-in Deployment of the simulated counter holding `state_bytes` of memory,
+/// labelled `app: NAME` and `e2e: LABEL`; `annotations` are extra pod annotations (`k: v, ...`).
+pub fn opted_in_deployment(ns: &str, name: &str, label: &str, state_bytes: u64, annotations: &str) -> String {
+    let extra = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!(", {annotations}")
+    };
+    format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{ name: {name}, namespace: {ns} }}
+spec:
+  replicas: 1
+  selector: {{ matchLabels: {{ app: {name} }} }}
+  template:
+    metadata: {{ labels: {{ app: {name}, e2e: {label} }}, annotations: {{ migrate.io/stateful: "true"{extra} }} }}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "{state_bytes}" }}] }}]
+"#
+    )
+}
+
+/// An opted-in bare pod of the simulated counter (`node`: bound there directly, bypassing the
+/// scheduler), labelled `e2e: LABEL`.
+pub fn opted_in_pod(ns: &str, name: &str, label: &str, state_bytes: u64, node: Option<&str>) -> String {
+    let node = node.map(|n| format!("\n  nodeName: {n}")).unwrap_or_default();
+    format!(
+        r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{ name: {name}, namespace: {ns}, labels: {{ e2e: {label} }}, annotations: {{ migrate.io/stateful: "true" }} }}
+spec:{node}
+  terminationGracePeriodSeconds: 1
+  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "{state_bytes}" }}] }}]
+"#
+    )
+}

@@ -9,23 +9,12 @@ use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
     apply, client, drain_a, eventually, first_log_line, fresh_namespace, kubectl, local_cluster, migrations_succeeded,
-    must, node_of, running_pods_in, start_on_node_a,
+    must, node_of, opted_in_deployment, opted_in_pod, running_pods_in, start_on_node_a,
 };
 
 fn burst(n: usize) -> String {
     (0..n)
-        .map(|i| {
-            format!(
-                r#"---
-apiVersion: v1
-kind: Pod
-metadata: {{ name: p{i}, namespace: e2e-burst, labels: {{ e2e: burst }}, annotations: {{ migrate.io/stateful: "true" }} }}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "8388608" }}] }}]
-"#
-            )
-        })
+        .map(|i| opted_in_pod("e2e-burst", &format!("p{i}"), "burst", 8 << 20, None))
         .collect()
 }
 
@@ -207,20 +196,6 @@ async fn s12_a_webhook_outage_blocks_only_namespaces_with_opted_in_pods() -> any
     Ok(())
 }
 
-const STUCK: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: { name: stuck, namespace: e2e-stuck }
-spec:
-  replicas: 1
-  selector: { matchLabels: { app: stuck } }
-  template:
-    metadata: { labels: { app: stuck, e2e: stuck }, annotations: { migrate.io/stateful: "true" } }
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "536870912" }] }]
-"#;
-
 /// Scenario 14: the target is tainted `NoSchedule` once it was chosen, so the replacement
 /// pinned there can never schedule. The migration must end at its Restoring deadline (45 s in
 /// the local cluster) with the scheduler's reason, free its slot, and the workload must run
@@ -230,7 +205,7 @@ spec:
 async fn s14_a_replacement_that_can_never_schedule_ends_at_its_deadline() -> anyhow::Result<()> {
     let ns = "e2e-stuck";
     fresh_namespace(ns);
-    start_on_node_a(ns, STUCK, 1).await?;
+    start_on_node_a(ns, &opted_in_deployment(ns, "stuck", "stuck", 512 << 20, ""), 1).await?;
     let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
     // Taint the target as soon as it is chosen (the 512 MiB checkpoint then takes seconds),
     // long before the replacement is released: placement chose a node the scheduler refuses.
@@ -307,19 +282,7 @@ fn crossing_pods() -> String {
     ["node-a", "node-b"]
         .iter()
         .flat_map(|node| {
-            (0..2).map(move |i| {
-                format!(
-                    r#"---
-apiVersion: v1
-kind: Pod
-metadata: {{ name: {node}-{i}, namespace: e2e-cross, labels: {{ e2e: cross }}, annotations: {{ migrate.io/stateful: "true" }} }}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "16777216" }}] }}]
-"#
-                )
-            })
+            (0..2).map(move |i| opted_in_pod("e2e-cross", &format!("{node}-{i}"), "cross", 16 << 20, Some(node)))
         })
         .collect()
 }

@@ -10,22 +10,8 @@ use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
     apply, client, drain_a, eventually, field, first_log_line, fresh_namespace, kubectl, local_cluster,
-    migrations_succeeded, must, node_of, running_pods_in, start_on_node_a,
+    migrations_succeeded, must, node_of, opted_in_deployment, running_pods_in, start_on_node_a,
 };
-
-const HOLD: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: { name: big, namespace: e2e-hold }
-spec:
-  replicas: 1
-  selector: { matchLabels: { app: big } }
-  template:
-    metadata: { labels: { app: big, e2e: hold }, annotations: { migrate.io/stateful: "true" } }
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "1073741824" }] }]
-"#;
 
 /// Scenario 9: `kubectl drain` returns only once the 1 GiB checkpoint is verified on the
 /// target; then the drained node is "powered off" (kubelet and agent killed, checkpoints and
@@ -36,7 +22,7 @@ spec:
 async fn s9_drain_returns_only_after_the_state_left_the_node() -> anyhow::Result<()> {
     let ns = "e2e-hold";
     fresh_namespace(ns);
-    let before = start_on_node_a(ns, HOLD, 1).await?;
+    let before = start_on_node_a(ns, &opted_in_deployment(ns, "big", "hold", 1 << 30, ""), 1).await?;
     let source = &before[0];
     let line = eventually("first log line", Duration::from_secs(60), || async {
         Ok(first_log_line(ns, &source.name_any(), "app"))
@@ -254,22 +240,6 @@ spec:
     Ok(())
 }
 
-const CORRUPT: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: { name: fragile, namespace: e2e-corrupt }
-spec:
-  replicas: 1
-  selector: { matchLabels: { app: fragile } }
-  template:
-    metadata:
-      labels: { app: fragile, e2e: corrupt }
-      annotations: { migrate.io/stateful: "true", test.kube-migrate.io/fault: truncate-archive-on-stop }
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers: [{ name: app, image: registry.local/counter:1, env: [{ name: STATE_BYTES, value: "4194304" }] }]
-"#;
-
 /// Scenario 13: the checkpoint archive is truncated on the source after the checkpoint (the
 /// test kubelet's fault injection, when the source is stopped). The transfer must name it
 /// corruption — not "unreachable" — without blind retries, end at once, remove every copy of
@@ -280,7 +250,18 @@ spec:
 async fn s13_a_corrupt_archive_is_named_and_not_retried() -> anyhow::Result<()> {
     let ns = "e2e-corrupt";
     fresh_namespace(ns);
-    start_on_node_a(ns, CORRUPT, 1).await?;
+    start_on_node_a(
+        ns,
+        &opted_in_deployment(
+            ns,
+            "fragile",
+            "corrupt",
+            4 << 20,
+            "test.kube-migrate.io/fault: truncate-archive-on-stop",
+        ),
+        1,
+    )
+    .await?;
     let drain = drain_a("e2e=corrupt");
     assert!(drain.ok, "drain must complete:\n{}", drain.all());
     let pms: Api<PodMigration> = Api::namespaced(client().await, ns);

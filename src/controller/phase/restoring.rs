@@ -88,17 +88,7 @@ async fn find_replacement(
     pods: &Api<Pod>,
 ) -> Result<Option<Arc<Pod>>, Error> {
     let ns = pm.namespace().unwrap_or_default();
-    let name = pm.name_any();
-    let mut bound: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(&ns)
-                && api::restore_of(p) == Some(&name)
-                && p.uid().as_deref() != Some(&pm.spec.pod_uid)
-        })
-        .collect();
+    let mut bound = bound_to(pm, ctx);
     bound.sort_by_key(|p| p.metadata.creation_timestamp.clone());
     if let Some(first) = bound.first() {
         // Two replacements claimed one migration (webhook replicas raced): the later ones
@@ -158,6 +148,17 @@ async fn find_replacement(
     }
 }
 
+/// Pods bound to this migration by annotation (never the source itself).
+fn bound_to(pm: &PodMigration, ctx: &Context) -> Vec<Arc<Pod>> {
+    let ns = pm.namespace().unwrap_or_default();
+    let name = pm.name_any();
+    ctx.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(&ns)
+            && api::restore_of(p) == Some(&name)
+            && p.uid().as_deref() != Some(&pm.spec.pod_uid)
+    })
+}
+
 /// JSON-patch `current` into `desired`, guarded by the resourceVersion we read.
 async fn patch_pod(pods: &Api<Pod>, current: &Pod, desired: &Pod) -> Result<(), Error> {
     let diff = replacement::patch(current, desired)?;
@@ -188,16 +189,9 @@ pub async fn start_fresh(pm: &PodMigration, status: &PodMigrationStatus, ctx: &C
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = pm.name_any();
-    let candidates: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
+    let candidates: Vec<Arc<Pod>> = bound_to(pm, ctx)
         .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(&ns)
-                && api::restore_of(p) == Some(&name)
-                && p.uid().as_deref() != Some(&pm.spec.pod_uid)
-                && p.metadata.deletion_timestamp.is_none()
-        })
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
     let mut done = true;
     for pod in &candidates {
