@@ -64,6 +64,7 @@ pub struct Metrics {
     pub migration_duration: Histogram,
     pub phase_duration: Family<PhaseLabels, Histogram>,
     pub downtime: Histogram,
+    pub source_window: Histogram,
     pub drain_duration: Family<NodeLabels, Histogram>,
     pub archive_bytes: Histogram,
     pub transfer_throughput: Histogram,
@@ -121,6 +122,12 @@ impl Metrics {
             "downtime_seconds",
             "From the source pod's stop to the replacement being Ready",
             downtime.clone(),
+        );
+        let source_window = Histogram::new(seconds_buckets());
+        registry.register(
+            "source_window_seconds",
+            "From the end of the checkpoint to the source's last container stopping: what the source did then is not in the checkpoint (goal 0)",
+            source_window.clone(),
         );
         let drain_duration =
             Family::<NodeLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
@@ -190,6 +197,7 @@ impl Metrics {
             migration_duration,
             phase_duration,
             downtime,
+            source_window,
             drain_duration,
             archive_bytes,
             transfer_throughput,

@@ -91,6 +91,8 @@ struct Figures {
     archive_bytes: u64,
     phases: Vec<(Phase, f64)>,
     downtime: f64,
+    /// Checkpoint → the source's last container stopped (what the source did then is lost).
+    window: f64,
 }
 
 async fn migrate_once(mib: u64) -> anyhow::Result<Figures> {
@@ -257,7 +259,12 @@ spec:
             .map(|t| (t.phase, t.seconds.unwrap_or_default()))
             .collect(),
         downtime: s.downtime_seconds.unwrap_or_default(),
+        window: s.source_window_seconds.unwrap_or(f64::NAN),
     };
+    assert!(
+        s.source_window_seconds.is_some(),
+        "the source's run-on after the checkpoint is measured: {s:?}"
+    );
 
     must(&["uncordon", "node-a"]);
     must(&[
@@ -291,17 +298,18 @@ async fn s8_real_criu_state_survives_the_drain() -> anyhow::Result<()> {
         table.push(migrate_once(mib).await?);
     }
     println!(
-        "\n| state | archive | Pending | Checkpointing | Transferring | BuildingImage | Restoring | downtime | kubectl drain |"
+        "\n| state | archive | Pending | Checkpointing | Transferring | BuildingImage | Restoring | downtime | source window | kubectl drain |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for f in &table {
         let phases: Vec<String> = f.phases.iter().map(|(_, s)| format!("{s:.2} s")).collect();
         println!(
-            "| {} MiB | {:.1} MiB | {} | {:.2} s | {:.1} s |",
+            "| {} MiB | {:.1} MiB | {} | {:.2} s | {:.2} s | {:.1} s |",
             f.mib,
             f.archive_bytes as f64 / f64::from(1 << 20),
             phases.join(" | "),
             f.downtime,
+            f.window,
             f.drain_seconds
         );
     }

@@ -151,6 +151,14 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
             s.phases
         );
         assert!(s.downtime_seconds.is_some_and(|d| d > 0.0));
+        // The source's run-on after its checkpoint is measured on every migration (from the
+        // kubelet's finishedAt); with a 1 s grace period it stays within a few seconds.
+        assert!(
+            s.source_window_seconds.is_some_and(|w| (0.0..5.0).contains(&w)),
+            "{}: source window {:?}",
+            m.name_any(),
+            s.source_window_seconds
+        );
         assert!(
             s.containers
                 .iter()
@@ -158,7 +166,7 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
         );
         assert_ne!(s.target_node.as_deref(), Some("node-a"));
         println!(
-            "{:<16} {} -> {}  {}  downtime {:.2}s",
+            "{:<16} {} -> {}  {}  downtime {:.2}s  source window {:.2}s",
             m.spec.pod_name,
             m.spec.source_node,
             s.target_node.as_deref().unwrap_or("?"),
@@ -167,7 +175,8 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
                 .map(|t| format!("{}={:.2}s", t.phase, t.seconds.unwrap_or_default()))
                 .collect::<Vec<_>>()
                 .join(" "),
-            s.downtime_seconds.unwrap_or_default()
+            s.downtime_seconds.unwrap_or_default(),
+            s.source_window_seconds.unwrap_or_default()
         );
     }
 

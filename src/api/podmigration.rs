@@ -184,6 +184,14 @@ pub struct PodMigrationStatus {
     /// When the controller asked for the source pod to stop (after the checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_stop_requested_at: Option<Time>,
+    /// When the checkpoint of every container was taken (the agent's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed_at: Option<Time>,
+    /// Seconds from `checkpointedAt` to the last source container stopping: the window in
+    /// which the source ran on after its checkpoint (what it did then is not in the
+    /// checkpoint). Measured from the kubelet's `finishedAt`; goal 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_window_seconds: Option<f64>,
     /// When the source pod was confirmed stopping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_stopped_at: Option<Time>,

@@ -299,6 +299,9 @@ impl Context {
         if let Some(downtime) = status.downtime_seconds {
             self.metrics.downtime.observe(downtime);
         }
+        if let Some(window) = status.source_window_seconds {
+            self.metrics.source_window.observe(window);
+        }
     }
 
     /// Once every drain migration of a node has finished, observe how long the drain took

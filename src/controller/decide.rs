@@ -165,6 +165,20 @@ pub fn blocking_pdb<'a>(pdbs: &'a [PodDisruptionBudget], pod: &Pod) -> Option<&'
     })
 }
 
+/// When the last container of `pod` stopped, once every container reports `terminated`.
+pub fn all_stopped_at(pod: &Pod) -> Option<Timestamp> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let containers = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    if statuses.len() < containers {
+        return None;
+    }
+    let stops: Option<Vec<Timestamp>> = statuses
+        .iter()
+        .map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref().map(|t| t.0))
+        .collect();
+    stops?.into_iter().max()
+}
+
 pub fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()

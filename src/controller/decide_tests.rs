@@ -179,3 +179,36 @@ fn slot_of_a_migration_with_a_bound_replacement_reserves_nothing() {
     assert!(s.pod.is_none());
     assert_eq!(s.key, "ns/db-0-1");
 }
+
+#[test]
+fn the_source_is_stopped_when_every_container_reports_terminated() {
+    let pod = |states: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": "db-0" },
+            "spec": { "containers": [{ "name": "a", "image": "x" }, { "name": "b", "image": "x" }] },
+            "status": { "containerStatuses": states },
+        }))
+        .unwrap()
+    };
+    let status = |name: &str, state: serde_json::Value| json!({ "name": name, "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": state });
+    let done = |at: &str| json!({ "terminated": { "exitCode": 137, "finishedAt": at } });
+    let both = pod(json!([
+        status("a", done("2026-11-28T10:00:01Z")),
+        status("b", done("2026-11-28T10:00:03Z"))
+    ]));
+    assert_eq!(
+        all_stopped_at(&both).unwrap().as_second(),
+        Timestamp::from_second(1_795_860_003).unwrap().as_second()
+    );
+    let one_running = pod(json!([
+        status("a", done("2026-11-28T10:00:01Z")),
+        status("b", json!({ "running": {} }))
+    ]));
+    assert_eq!(all_stopped_at(&one_running), None);
+    let one_reported = pod(json!([status("a", done("2026-11-28T10:00:01Z"))]));
+    assert_eq!(
+        all_stopped_at(&one_reported),
+        None,
+        "a container without status has not stopped"
+    );
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{retry_after_stop, transition};
+use super::{hold, retry_after_stop, transition};
 use crate::{
     agent::api::ImageRequest,
     api::{Mode, Phase, PodMigration, PodMigrationStatus},
@@ -18,6 +18,9 @@ use crate::{
 
 pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
+    if pm.spec.mode == Mode::Migrate {
+        hold::settle(ctx, pm, status).await?;
+    }
     let target = status.target_node.clone().ok_or(Error::Missing("status.targetNode"))?;
     let Some(agent) = ctx.agent(&target) else {
         return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}")).await;

@@ -99,7 +99,9 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     }
     // Persist before stopping anything: the webhook lets our eviction through only once it
     // sees this, and a new leader must not checkpoint twice.
-    status.source_stop_requested_at = Some(Time(Timestamp::now()));
+    let now = Time(Timestamp::now());
+    status.checkpointed_at = Some(now.clone());
+    status.source_stop_requested_at = Some(now);
     status.message = Some(format!(
         "checkpoint taken ({}); stopping the source pod",
         human_bytes(bytes)
@@ -179,6 +181,7 @@ async fn back_to_pending(
     hold::release(ctx, pm).await?;
     ctx.release_slot(pm);
     status.source_stop_requested_at = None;
+    status.checkpointed_at = None;
     for c in &mut status.containers {
         c.archive = None;
         c.digest = None;

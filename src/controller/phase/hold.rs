@@ -11,8 +11,11 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    api::{self, PodMigration},
-    controller::context::{Context, Error},
+    api::{self, PodMigration, PodMigrationStatus},
+    controller::{
+        context::{Context, Error},
+        decide,
+    },
 };
 
 fn pods(ctx: &Context, pm: &PodMigration) -> Api<Pod> {
@@ -50,6 +53,28 @@ pub async fn add(ctx: &Context, pm: &PodMigration) -> Result<bool, Error> {
     let patch: json_patch::Patch = serde_json::from_value(patch)?;
     api.patch(&pm.spec.pod_name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await?;
+    Ok(true)
+}
+
+/// Once the archives are verified on the target: when every source container has stopped,
+/// record how long the source ran on after its checkpoint, then lift the hold. Ok(true) once
+/// nothing holds the source any more. Reads the cache, so calling it every step is cheap.
+pub async fn settle(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationStatus) -> Result<bool, Error> {
+    let Some(pod) = ctx.source_pod(pm) else {
+        return Ok(true);
+    };
+    let Some(stopped) = decide::all_stopped_at(&pod) else {
+        return Ok(false);
+    };
+    if status.source_window_seconds.is_none()
+        && let Some(checkpointed) = &status.checkpointed_at
+    {
+        let window = decide::seconds_between(&checkpointed.0, &stopped).max(0.0);
+        status.source_window_seconds = Some((window * 1000.0).round() / 1000.0);
+    }
+    if pod.finalizers().iter().any(|f| f == api::SOURCE_HOLD) {
+        release(ctx, pm).await?;
+    }
     Ok(true)
 }
 

@@ -11,9 +11,9 @@ use kube::{
 };
 use serde_json::json;
 
-use super::retry_after_stop;
+use super::{hold, retry_after_stop};
 use crate::{
-    api::{self, PodMigration, PodMigrationStatus, PodRef},
+    api::{self, Mode, PodMigration, PodMigrationStatus, PodRef},
     controller::{
         context::{Context, Error},
         decide, state,
@@ -24,6 +24,9 @@ use crate::{
 pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    if pm.spec.mode == Mode::Migrate {
+        hold::settle(ctx, pm, status).await?;
+    }
     let Some(pod) = find_replacement(pm, status, ctx, &pods).await? else {
         status.message = Some("waiting for the replacement pod".into());
         return Ok(Action::requeue(Duration::from_secs(1)));

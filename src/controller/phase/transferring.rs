@@ -48,8 +48,9 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             } else {
                 0.0
             };
-            // The state is verified off the source node: the drain may now complete.
-            hold::release(ctx, pm).await?;
+            // The state is verified off the source node: once the source has stopped, the
+            // drain may complete (later steps settle it if its containers are still stopping).
+            hold::settle(ctx, pm, status).await?;
             let resumed = if answer.already_held_bytes > 0 {
                 format!(
                     ", {} of it already verified there before",
