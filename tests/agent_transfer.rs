@@ -334,6 +334,81 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
     assert!(!err.retryable(), "{err}");
 }
 
+fn refs_of(answer: &kube_migrate::agent::api::CheckpointResponse) -> Vec<ArchiveRef> {
+    answer
+        .archives
+        .iter()
+        .map(|a| ArchiveRef {
+            container: a.container.clone(),
+            digest: a.digest.clone(),
+            size_bytes: a.size_bytes,
+        })
+        .collect()
+}
+
+/// A new leader resuming `Transferring` pushes again: what the target already verified is
+/// not sent a second time.
+#[tokio::test]
+async fn a_repeated_push_sends_only_what_the_target_lacks() {
+    let (_env, source, target, controller) = setup().await;
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app", "sidecar"]))
+        .await
+        .unwrap();
+    let total: u64 = answer.archives.iter().map(|a| a.size_bytes).sum();
+    let push = PushRequest {
+        target_id: None,
+        target: target.url.clone(),
+        archives: refs_of(&answer),
+    };
+    let first = controller.push(&source.url, ID, &push).await.unwrap();
+    assert_eq!((first.bytes, first.already_held_bytes), (total, 0));
+    let second = controller.push(&source.url, ID, &push).await.unwrap();
+    assert_eq!(second.bytes, total, "the whole state is on the target");
+    assert_eq!(second.already_held_bytes, total, "and none of it was sent again");
+    // What the target holds is what the controller can ask for.
+    let held = controller.held(&target.url, ID, "app").await.unwrap().unwrap();
+    assert_eq!(held.digest, answer.archives[0].digest);
+    assert!(controller.held(&target.url, ID, "other").await.unwrap().is_none());
+}
+
+/// An archive truncated on the source after its checkpoint is refused before anything is
+/// sent, as corruption (not retryable), not as a network error.
+#[tokio::test]
+async fn a_truncated_archive_is_named_corrupt_before_sending() {
+    let (_env, source, target, controller) = setup().await;
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let a = &answer.archives[0];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a.path)
+        .unwrap()
+        .set_len(a.size_bytes / 2)
+        .unwrap();
+    let err = controller
+        .push(
+            &source.url,
+            ID,
+            &PushRequest {
+                target_id: None,
+                target: target.url.clone(),
+                archives: refs_of(&answer),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("archive_corrupt"), "{err}");
+    assert!(!err.retryable(), "{err}");
+    assert!(err.to_string().contains("bytes on disk"), "{err}");
+    assert!(
+        controller.held(&target.url, ID, "app").await.unwrap().is_none(),
+        "nothing kept on the target"
+    );
+}
+
 #[tokio::test]
 async fn kubelet_errors_are_explained() {
     let (_env, source, _target, controller) = setup().await;
