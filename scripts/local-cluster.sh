@@ -55,17 +55,28 @@ wait_for() { # description, seconds, command...
 
 # The Restoring deadline is 45 s here (default 300 s) so that scenario 14 ends in time; every
 # other scenario restores in well under that.
-start_webhook() {
+start_webhook() { # [replica index, default 0: the one the webhook configurations call]
+  local i=${1:-0} name=webhook
+  ((i == 0)) || name=webhook-$i
   # Appends to its log, so a restart keeps the previous run's lines.
   mkdir -p "$KM/logs" "$KM/run"
-  setsid env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME=webhook-0 "$BIN/kube-migrate-webhook" \
-    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
+  setsid env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME="webhook-$i" "$BIN/kube-migrate-webhook" \
+    --listen "127.0.0.1:$((WEBHOOK_PORT + i))" --admin-listen "127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))" \
     --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
     --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain \
     --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" \
-    >>"$KM/logs/webhook.log" 2>&1 < /dev/null &
-  echo $! > "$KM/run/webhook.pid"
-  wait_for "webhook ready" 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz"
+    >>"$KM/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$KM/run/$name.pid"
+  wait_for "$name ready" 60 curl -sf "http://127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))/readyz"
+}
+
+# SIGSTOP / SIGCONT a replica: a leader that stalls (GC pause, CPU starvation, a frozen VM)
+# past its Lease while its in-flight steps are still pending.
+signal_webhook() { # signal, [replica index]
+  local i=${2:-0} name=webhook
+  ((i == 0)) || name=webhook-$i
+  local pid; pid=$(cat "$KM/run/$name.pid")
+  kill "-$1" -- "-$pid" 2>/dev/null || kill "-$1" "$pid"
 }
 
 # The test kubelet and the agent of node index $1.
@@ -298,8 +309,10 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   kill-webhook) kill_webhook ;;
-  start-webhook) start_webhook ;;
+  start-webhook) start_webhook "${2:-0}" ;;
+  pause-webhook) signal_webhook STOP "${2:-0}" ;;
+  resume-webhook) signal_webhook CONT "${2:-0}" ;;
   power-off) power_off "${2:?node}" ;;
   power-on) power_on "${2:?node}" ;;
-  *) echo "usage: $0 up|down|kill-webhook|start-webhook|power-off NODE|power-on NODE" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|kill-webhook|start-webhook [i]|pause-webhook [i]|resume-webhook [i]|power-off NODE|power-on NODE" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
     apply, client, drain_a, eventually, first_log_line, fresh_namespace, kubectl, local_cluster, migrations_succeeded,
-    must, node_of, opted_in_deployment, opted_in_pod, running_pods_in, start_on_node_a,
+    must, node_of, opted_in_deployment, opted_in_pod, plugin, running_pods_in, start_on_node_a,
 };
 
 fn burst(n: usize) -> String {
@@ -334,6 +334,156 @@ async fn s15_crossing_drains_never_target_a_node_being_drained() -> anyhow::Resu
     }
     let after = running_pods_in(ns, 4).await?;
     assert!(after.iter().all(|p| node_of(p) == "node-c"));
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// Scenario 16: two controller replicas; the leader stalls (SIGSTOP) in the middle of a
+/// 512 MiB migration, past its Lease. The standby takes over only once it has seen no renewal
+/// for a full term, resumes the migration without sending the verified archive again, and
+/// finishes it; when the old leader wakes up it stops acting and the migration never moves
+/// backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s16_a_stalled_leader_is_fenced_and_the_standby_resumes() -> anyhow::Result<()> {
+    let ns = "e2e-fence";
+    fresh_namespace(ns);
+    local_cluster(&["start-webhook", "1"]);
+    start_on_node_a(ns, &opted_in_pod(ns, "ledger", "fence", 512 << 20, None), 1).await?;
+    let run = plugin(&["pod", "ledger", "-n", ns, "--to", "node-b", "--no-wait"]);
+    assert!(run.ok, "{}", run.all());
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = pms.list(&ListParams::default()).await?.items;
+        if list.iter().any(|m| m.phase() == Phase::Transferring) {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never reached Transferring");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    local_cluster(&["pause-webhook", "0"]);
+    let paused = tokio::time::Instant::now();
+    let done = migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await;
+    let took_over_after = paused.elapsed();
+    local_cluster(&["resume-webhook", "0"]);
+    let done = done?;
+    let holder = must(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-migrate",
+        "kube-migrate-controller",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "webhook-1", "the standby leads");
+    assert!(
+        took_over_after >= Duration::from_secs(15),
+        "the standby waited a full Lease term: {took_over_after:?}"
+    );
+    let before = done[0].status.clone().unwrap_or_default();
+    let phases: Vec<Phase> = before.phases.iter().map(|t| t.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Pending,
+            Phase::Checkpointing,
+            Phase::Transferring,
+            Phase::BuildingImage,
+            Phase::Restoring,
+            Phase::Succeeded
+        ],
+        "one pass, no phase repeated"
+    );
+    let events = must(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        "reason=BuildingImage",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(
+        events.contains("already verified there before"),
+        "the new leader did not send the verified archive again: {events}"
+    );
+    // The old leader wakes up: it must notice it lost the Lease and change nothing.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = pms.get(&done[0].name_any()).await?.status.unwrap_or_default();
+    assert_eq!(after.phase, Phase::Succeeded);
+    assert_eq!(after.phases, before.phases, "nothing moved backwards");
+    let log = std::fs::read_to_string(format!(
+        "{}/km/logs/webhook.log",
+        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
+    ))?;
+    assert!(log.contains("lost leadership"), "the stalled leader stood down");
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+fn cpu_pod(ns: &str, name: &str, node: Option<&str>, cpu: &str, opted_in: bool) -> String {
+    let node = node.map(|n| format!("\n  nodeName: {n}")).unwrap_or_default();
+    let annotations = if opted_in { r#"migrate.io/stateful: "true""# } else { "" };
+    format!(
+        r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{ name: {name}, namespace: {ns}, labels: {{ e2e: capacity }}, annotations: {{ {annotations} }} }}
+spec:{node}
+  terminationGracePeriodSeconds: 1
+  containers: [{{ name: app, image: registry.local/counter:1, resources: {{ requests: {{ cpu: "{cpu}" }} }} }}]
+"#
+    )
+}
+
+/// Scenario 17: two opted-in pods of 1.5 CPU each on node-a; node-b has room for one (a
+/// 2-CPU filler runs there), node-c is cordoned. The first migration reserves node-b; the
+/// second fails at once with the capacity reason and follows `on-failure` (evict), so the
+/// drain completes and nothing hangs. Before the reservations, both chose node-b and the
+/// second replacement stayed Pending, its migration `Restoring` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s17_room_for_one_of_two_fails_the_other_with_its_reason() -> anyhow::Result<()> {
+    let ns = "e2e-capacity";
+    fresh_namespace(ns);
+    let pods = [
+        cpu_pod(ns, "big-0", None, "1500m", true),
+        cpu_pod(ns, "big-1", None, "1500m", true),
+    ]
+    .concat();
+    start_on_node_a(ns, &pods, 2).await?;
+    apply(&cpu_pod(ns, "filler", Some("node-b"), "2", false));
+    running_pods_in(ns, 3).await?;
+    must(&["cordon", "node-c"]);
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=capacity")).await?;
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let ended = eventually("both migrations ended", Duration::from_secs(120), || {
+        let pms = pms.clone();
+        async move {
+            let list = pms.list(&ListParams::default()).await?.items;
+            Ok((list.len() == 2 && list.iter().all(|m| m.phase().is_terminal())).then_some(list))
+        }
+    })
+    .await;
+    must(&["uncordon", "node-c"]);
+    must(&["uncordon", "node-a"]);
+    let ended = ended?;
+    assert!(drain.ok, "the drain completes:\n{}", drain.all());
+    let succeeded: Vec<_> = ended.iter().filter(|m| m.phase() == Phase::Succeeded).collect();
+    let failed: Vec<_> = ended.iter().filter(|m| m.phase() == Phase::Failed).collect();
+    assert_eq!((succeeded.len(), failed.len()), (1, 1), "one migrates, one fails");
+    assert_eq!(succeeded[0].target_node(), Some("node-b"));
+    let s = failed[0].status.clone().unwrap_or_default();
+    let message = s.message.unwrap_or_default();
+    assert_eq!(s.reason.as_deref(), Some("NoTarget"), "{message}");
+    assert!(message.contains("node-b has insufficient cpu"), "{message}");
+    assert!(
+        s.source_stop_requested_at.is_none(),
+        "refused before the source was touched"
+    );
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
