@@ -112,6 +112,7 @@ pub fn check_target(
         nodes,
         pods,
         has_agent,
+        excluded: &[],
     }) {
         Placement::Node(n) => Ok(n),
         Placement::None(reasons) => match (requested, reasons.as_slice()) {

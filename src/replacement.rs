@@ -75,6 +75,23 @@ pub fn pin_to_node(pod: &mut Pod, node: &str) {
     }
 }
 
+/// The node a replacement is pinned to by [`pin_to_node`], if any.
+pub fn pinned_to(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .find(|f| f.key == "metadata.name" && f.operator == "In")
+        .and_then(|f| f.values.as_ref()?.first().cloned())
+}
+
 /// Turn a pod into the replacement of `m`: bound by annotation, gated, pinned to the target
 /// node when known, and running the checkpoint image of every container whose image is built.
 /// Idempotent: applying it twice changes nothing more.
@@ -183,4 +200,19 @@ pub fn without_restore(pod: &Pod) -> Pod {
         }
     }
     pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_is_read_back() {
+        let mut pod = Pod::default();
+        assert_eq!(pinned_to(&pod), None);
+        pin_to_node(&mut pod, "node-b");
+        assert_eq!(pinned_to(&pod).as_deref(), Some("node-b"));
+        pin_to_node(&mut pod, "node-b");
+        assert_eq!(pinned_to(&pod).as_deref(), Some("node-b"), "idempotent");
+    }
 }

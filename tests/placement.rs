@@ -56,6 +56,7 @@ fn place(p: &Pod, nodes: &[Node], pods: &[Pod], requested: Option<&str>) -> Plac
         nodes: &nodes,
         pods: &pods,
         has_agent: &has_agent,
+        excluded: &[],
     })
 }
 
@@ -178,4 +179,34 @@ fn pods_without_requests_spread_by_count() {
         place(&besteffort, &nodes, std::slice::from_ref(&reserved), None),
         Placement::Node("node-c".into())
     );
+}
+
+#[test]
+fn a_node_the_migration_gave_up_on_is_never_chosen_again() {
+    let nodes = [
+        node("node-a", json!({})),
+        node("node-b", json!({})),
+        node("node-c", json!({})),
+    ];
+    let nodes_ref: Vec<&Node> = nodes.iter().collect();
+    let p = pod(json!({}));
+    let has_agent = |_: &str| true;
+    let excluded = vec!["node-b".to_string()];
+    let input = |excluded| PlacementInput {
+        pod: &p,
+        source_node: "node-a",
+        requested: None,
+        nodes: &nodes_ref,
+        pods: &[],
+        has_agent: &has_agent,
+        excluded,
+    };
+    assert_eq!(choose(&input(&[])), Placement::Node("node-b".into()));
+    assert_eq!(choose(&input(&excluded)), Placement::Node("node-c".into()));
+    let both = vec!["node-b".to_string(), "node-c".to_string()];
+    let Placement::None(reasons) = choose(&input(&both)) else {
+        panic!("no node left")
+    };
+    assert!(reasons.contains(&("node-b".into(), Unfit::GaveUp)), "{reasons:?}");
+    assert_eq!(Unfit::GaveUp.to_string(), "stopped answering during this migration");
 }

@@ -314,3 +314,71 @@ async fn s13_a_corrupt_archive_is_named_and_not_retried() -> anyhow::Result<()> 
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
+
+/// Scenario 18: the target node dies (kubelet and agent killed, disk gone) while the 1 GiB
+/// archive streams to it. The checkpoint is still on the source node, so the migration gives
+/// up on that target, sends the archive to the other node and restores there with its memory;
+/// the drain waits for that. Before, it retried the dead target until the restore deadline
+/// and then started fresh, state lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s18_a_target_that_dies_mid_transfer_is_replaced() -> anyhow::Result<()> {
+    let ns = "e2e-lost-target";
+    fresh_namespace(ns);
+    let before = start_on_node_a(ns, &opted_in_deployment(ns, "voyager", "lost-target", 1 << 30, ""), 1).await?;
+    let line = eventually("first log line", Duration::from_secs(60), || async {
+        Ok(first_log_line(ns, &before[0].name_any(), "app"))
+    })
+    .await?;
+    let sha = field(&line, "memory_sha256").unwrap().to_string();
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let killer = {
+        let pms = pms.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let list = pms.list(&ListParams::default()).await?.items;
+                let target = list.into_iter().find_map(|m| {
+                    let s = m.status?;
+                    (s.phase == Phase::Transferring).then_some(s.target_node).flatten()
+                });
+                if let Some(target) = target {
+                    let t = target.clone();
+                    tokio::task::spawn_blocking(move || local_cluster(&["power-off", &t])).await?;
+                    return anyhow::Ok(target);
+                }
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "never reached Transferring");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=lost-target")).await?;
+    let lost = killer.await??;
+    let result = async {
+        assert!(drain.ok, "drain must complete:\n{}", drain.all());
+        let done = migrations_succeeded(ns, 1, Duration::from_secs(240), |_| true).await?;
+        let s = done[0].status.clone().unwrap_or_default();
+        println!(
+            "lost {lost}; {:?} -> {:?}: {:?}",
+            s.excluded_targets, s.target_node, s.message
+        );
+        assert_eq!(s.excluded_targets, vec![lost.clone()]);
+        assert!(s.target_node.as_deref().is_some_and(|t| t != lost && t != "node-a"));
+        let after = running_pods_in(ns, 1).await?;
+        assert_eq!(Some(node_of(&after[0])), s.target_node);
+        let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+        assert!(line.starts_with("restored from checkpoint image"), "{line}");
+        assert_eq!(
+            field(&line, "memory_sha256"),
+            Some(sha.as_str()),
+            "memory intact: {line}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    local_cluster(&["power-on", &lost]);
+    must(&["uncordon", "node-a"]);
+    result?;
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}

@@ -20,6 +20,8 @@ pub enum Unfit {
     NodeAffinity,
     Taint(String),
     Insufficient(&'static str),
+    /// This migration gave up on the node (its agent stopped answering).
+    GaveUp,
 }
 
 impl std::fmt::Display for Unfit {
@@ -34,6 +36,7 @@ impl std::fmt::Display for Unfit {
             Unfit::NodeAffinity => f.write_str("does not match the pod's required node affinity"),
             Unfit::Taint(t) => write!(f, "has untolerated taint {t}"),
             Unfit::Insufficient(r) => write!(f, "has insufficient {r}"),
+            Unfit::GaveUp => f.write_str("stopped answering during this migration"),
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct PlacementInput<'a> {
     pub pods: &'a [&'a Pod],
     /// Nodes that run an agent.
     pub has_agent: &'a dyn Fn(&str) -> bool,
+    /// Nodes this migration gave up on.
+    pub excluded: &'a [String],
 }
 
 pub fn choose(input: &PlacementInput<'_>) -> Placement {
@@ -135,6 +140,9 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
     let spec = node.spec.clone().unwrap_or_default();
     if let Some(unfit) = node_unfit(node) {
         return Err(unfit);
+    }
+    if input.excluded.iter().any(|e| e == name) {
+        return Err(Unfit::GaveUp);
     }
     if !(input.has_agent)(name) {
         return Err(Unfit::NoAgent);

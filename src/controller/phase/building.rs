@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{hold, retry_after_stop, transition};
+use super::{hold, retry_after_stop, transferring, transition};
 use crate::{
     agent::api::ImageRequest,
     api::{Mode, Phase, PodMigration, PodMigrationStatus},
@@ -32,6 +32,10 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
     };
     let answer = match ctx.agent_client.build_image(&agent, &id, &request).await {
         Ok(answer) => answer,
+        // The target died after it verified the archives; they are still on the source node.
+        Err(e) if transferring::agent_down(&e) && status.attempts >= 1 && pm.spec.mode == Mode::Migrate => {
+            return transferring::replace_target(pm, status, ctx, &target, &e.to_string()).await;
+        }
         Err(e) => return retry_after_stop(pm, status, ctx, format!("image build on {target} failed: {e}")).await,
     };
     for image in answer.images {

@@ -89,7 +89,7 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         .or_else(|| api::requested_target(&pod).map(str::to_string));
     let admitted = ctx.admit(pm, |held| {
         let reserved = decide::reservations(held, &crate::controller::context::key(pm));
-        target_or_reason(ctx, &pod, &pm.spec.source_node, requested.as_deref(), &reserved)
+        target_or_reason(ctx, &pod, &pm.spec.source_node, requested.as_deref(), &reserved, &[])
     });
     let target = match admitted {
         Err(queued) => {
@@ -176,6 +176,7 @@ pub fn target_or_reason(
     source: &str,
     requested: Option<&str>,
     reserved: &[Pod],
+    excluded: &[String],
 ) -> Result<String, String> {
     let nodes = ctx.nodes.state();
     let node_refs: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
@@ -197,6 +198,7 @@ pub fn target_or_reason(
         nodes: &node_refs,
         pods: &bound,
         has_agent: &has_agent,
+        excluded,
     }) {
         Placement::Node(n) => Ok(n),
         Placement::None(reasons) => Err(format!("no eligible target node: {}", Placement::explain(&reasons))),

@@ -78,7 +78,7 @@ pub async fn pending_restore(
         .clone()
         .unwrap_or_else(|| checkpoint.spec.source_node.clone());
     let reserved = pending::reserved_by_others(ctx, pm);
-    let target = match pending::target_or_reason(ctx, &template, "", pm.spec.target_node.as_deref(), &reserved) {
+    let target = match pending::target_or_reason(ctx, &template, "", pm.spec.target_node.as_deref(), &reserved, &[]) {
         Ok(n) => n,
         Err(reason) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
     };

@@ -93,6 +93,20 @@ async fn find_replacement(
     let ns = pm.namespace().unwrap_or_default();
     let mut bound = bound_to(pm, ctx);
     bound.sort_by_key(|p| p.metadata.creation_timestamp.clone());
+    // Pinned to a target this migration gave up on, and never scheduled: its pin cannot be
+    // lifted, so it goes; its owner (or this step, for a bare pod) makes a new one.
+    let target = status.target_node.as_deref();
+    let (misplaced, bound): (Vec<_>, Vec<_>) = bound.into_iter().partition(|p| {
+        p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none()
+            && replacement::pinned_to(p).is_some_and(|n| Some(n.as_str()) != target)
+    });
+    for pod in &misplaced {
+        tracing::info!(migration = %pm.name_any(), pod = %pod.name_any(), "deleting a replacement pinned to a lost target");
+        let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
+    }
+    if !misplaced.is_empty() {
+        return Ok(None);
+    }
     if let Some(first) = bound.first() {
         // Two replacements claimed one migration (webhook replicas raced): the later ones
         // never ran; deleting them lets their controller recreate them for another migration.

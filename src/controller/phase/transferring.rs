@@ -73,6 +73,11 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             .await;
             Ok(Action::requeue(Duration::ZERO))
         }
+        // The target's agent stopped answering (its node died or lost its network) while
+        // the archives are still on the source node: take another target.
+        Err(e) if target_unreachable(&e) && status.attempts >= 1 => {
+            replace_target(pm, status, ctx, &target, &e.to_string()).await
+        }
         // The archive is not what was checkpointed: no retry can help, say so.
         Err(e) if e.reason() == Some("archive_corrupt") => {
             lose_state_because(
@@ -86,6 +91,90 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         }
         Err(e) => retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await,
     }
+}
+
+/// The controller could not reach an agent at all (connection refused, reset, timeout).
+pub fn agent_down(e: &crate::agent::client::ClientError) -> bool {
+    matches!(
+        e,
+        crate::agent::client::ClientError::Connect { .. }
+            | crate::agent::client::ClientError::Body { .. }
+            | crate::agent::client::ClientError::Timeout { .. }
+    )
+}
+
+/// The source agent could not reach the target agent (as opposed to the target refusing).
+pub fn target_unreachable(e: &crate::agent::client::ClientError) -> bool {
+    matches!(e.reason(), Some("unreachable" | "timeout"))
+}
+
+/// Give up on `target` for this migration and send the archives (still on the source node)
+/// to another node. Replacements already pinned to the old target are deleted in `Restoring`
+/// (a gated pod's node affinity can only be narrowed), once the new target is in the status
+/// the pod webhook reads.
+pub async fn replace_target(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    target: &str,
+    why: &str,
+) -> Result<Action, Error> {
+    if !status.excluded_targets.iter().any(|t| t == target) {
+        status.excluded_targets.push(target.to_string());
+    }
+    let Some(pod) = status
+        .pod_template
+        .clone()
+        .and_then(|t| serde_json::from_value::<Pod>(t).ok())
+    else {
+        return retry_after_stop(
+            pm,
+            status,
+            ctx,
+            format!("target {target} lost ({why}) and no pod template"),
+        )
+        .await;
+    };
+    let reserved = pending::reserved_by_others(ctx, pm);
+    let next = pending::target_or_reason(
+        ctx,
+        &pod,
+        &pm.spec.source_node,
+        pm.spec.target_node.as_deref(),
+        &reserved,
+        &status.excluded_targets,
+    );
+    let next = match next {
+        Ok(n) => n,
+        Err(reason) => {
+            return retry_after_stop(pm, status, ctx, format!("target {target} lost ({why}); {reason}")).await;
+        }
+    };
+    ctx.warn(
+        pm,
+        "TargetChanged",
+        format!("target {target} stopped answering ({why}); sending the checkpoint to {next} instead"),
+    )
+    .await;
+    status.target_node = Some(next.clone());
+    status.transferred_bytes = None;
+    for c in &mut status.containers {
+        c.image = None;
+    }
+    status.attempts = 0;
+    if status.phase != Phase::Transferring {
+        transition(
+            pm,
+            status,
+            ctx,
+            Phase::Transferring,
+            format!("target {target} lost; sending to {next}"),
+        )
+        .await;
+    } else {
+        status.message = Some(format!("target {target} lost; sending to {next}"));
+    }
+    Ok(Action::requeue(Duration::ZERO))
 }
 
 /// The target chosen in Pending, or a new one if it vanished or became unfit since. The new
@@ -108,6 +197,7 @@ async fn ensure_target(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         &pm.spec.source_node,
         pm.spec.target_node.as_deref(),
         &reserved,
+        &status.excluded_targets,
     ) {
         Ok(n) => {
             ctx.warn(
