@@ -3,7 +3,7 @@
 //! The spec says what to migrate; the status is the whole state of the migration, so a
 //! restarted controller resumes from the API server and never from memory.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -222,6 +222,10 @@ pub struct PodMigrationStatus {
     /// source stopped) or fails with the replacement starting fresh (after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Time>,
+    /// The next retry of the current step is not before this: a retry's own status write
+    /// wakes the controller at once, so the backoff must be kept in the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<MicroTime>,
     /// Retries of the current phase.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,

@@ -151,6 +151,13 @@ pub fn backoff(attempts: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64((base * (0.5 + jitter.clamp(0.0, 1.0))).min(60.0))
 }
 
+/// How long to wait before the current step may run again (the backoff recorded in the
+/// status), or None when it may run now.
+pub fn wait_for_retry(status: &PodMigrationStatus, now: Timestamp) -> Option<Duration> {
+    let at = status.retry_at.as_ref()?.0;
+    (at > now).then(|| Duration::from_secs_f64(seconds_between(&now, &at).max(0.0)))
+}
+
 /// The first PodDisruptionBudget that selects `pod` and allows no disruption right now.
 pub fn blocking_pdb<'a>(pdbs: &'a [PodDisruptionBudget], pod: &Pod) -> Option<&'a PodDisruptionBudget> {
     let labels = pod.labels();

@@ -212,3 +212,14 @@ fn the_source_is_stopped_when_every_container_reports_terminated() {
         "a container without status has not stopped"
     );
 }
+
+#[test]
+fn a_recorded_retry_time_holds_the_step_back() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let mut s = PodMigrationStatus::default();
+    assert_eq!(wait_for_retry(&s, now), None);
+    s.retry_at = Some(MicroTime(Timestamp::from_millisecond(1_000_002_500).unwrap()));
+    assert_eq!(wait_for_retry(&s, now), Some(Duration::from_millis(2500)));
+    assert_eq!(wait_for_retry(&s, Timestamp::from_second(1_000_003).unwrap()), None);
+}

@@ -31,6 +31,7 @@ pub fn enter(status: &mut PodMigrationStatus, phase: Phase, now: Timestamp) -> O
     }
     status.phase = phase;
     status.attempts = 0;
+    status.retry_at = None;
     let terminal = phase.is_terminal();
     status.phases.push(PhaseTiming {
         phase,

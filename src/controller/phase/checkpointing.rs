@@ -14,7 +14,7 @@ use crate::{
     api::{Mode, Phase, PodMigration, PodMigrationStatus, STOP_SOURCE_OF},
     controller::{
         context::{Context, Error},
-        decide::{self, human_bytes},
+        decide::human_bytes,
         phase::finished::release_archives,
         placement,
         state::{self, CONDITION_SOURCE_STOPPED},
@@ -63,7 +63,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
             status.attempts += 1;
             tracing::warn!(migration = %pm.name_any(), attempt = status.attempts, error = %e, "checkpoint failed; retrying");
             status.message = Some(format!("checkpoint attempt {} failed, retrying: {e}", status.attempts));
-            return Ok(Action::requeue(decide::backoff(status.attempts, rand::random::<f64>())));
+            return Ok(Action::requeue(super::schedule_retry(status, Timestamp::now())));
         }
         Err(e) => return rollback(pm, status, ctx, "CheckpointFailed", e.to_string()).await,
     };

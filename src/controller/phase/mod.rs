@@ -39,6 +39,8 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
         Ok(Action::requeue(Duration::ZERO))
     } else if let Some(late) = ctx.config.deadlines.overdue(&status, now) {
         deadline_passed(pm, &mut status, ctx, late).await
+    } else if let Some(wait) = decide::wait_for_retry(&status, now) {
+        Ok(Action::requeue(wait))
     } else {
         match status.phase {
             Phase::Pending => match pm.spec.mode {
@@ -154,7 +156,17 @@ async fn retry_after_stop(
     state::set_condition(status, CONDITION_DEGRADED, true, "Retrying", &message, now);
     status.message = Some(format!("{message} (attempt {}, retrying)", status.attempts));
     ctx.warn(pm, "Retrying", message).await;
-    Ok(Action::requeue(decide::backoff(status.attempts, rand::random::<f64>())))
+    Ok(Action::requeue(schedule_retry(status, now)))
+}
+
+/// Keep the next retry's earliest time in the status (backoff with jitter) and return it.
+fn schedule_retry(status: &mut PodMigrationStatus, now: Timestamp) -> Duration {
+    let wait = decide::backoff(status.attempts, rand::random::<f64>());
+    status.retry_at = now
+        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(wait).unwrap_or_default())
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime);
+    wait
 }
 
 /// The source is gone and its state cannot reach a replacement: the replacement starts from
