@@ -158,6 +158,25 @@ pub fn wait_for_retry(status: &PodMigrationStatus, now: Timestamp) -> Option<Dur
     (at > now).then(|| Duration::from_secs_f64(seconds_between(&now, &at).max(0.0)))
 }
 
+/// The PodMigrations a pod's change concerns: the one it restores (`migrate.io/restore-of`),
+/// and, for an opted-in pod, the one its eviction would have created (names are deterministic).
+/// A reference to a migration that does not exist is dropped by the controller.
+pub fn migrations_of_pod(pod: &Pod) -> Vec<kube::runtime::reflector::ObjectRef<PodMigration>> {
+    let Some(ns) = pod.metadata.namespace.as_deref() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(name) = crate::api::restore_of(pod) {
+        out.push(kube::runtime::reflector::ObjectRef::new(name).within(ns));
+    }
+    if crate::api::is_stateful(pod)
+        && let (Some(name), Some(uid)) = (pod.metadata.name.as_deref(), pod.metadata.uid.as_deref())
+    {
+        out.push(kube::runtime::reflector::ObjectRef::new(&crate::api::migration_name(name, uid)).within(ns));
+    }
+    out
+}
+
 /// The first PodDisruptionBudget that selects `pod` and allows no disruption right now.
 pub fn blocking_pdb<'a>(pdbs: &'a [PodDisruptionBudget], pod: &Pod) -> Option<&'a PodDisruptionBudget> {
     let labels = pod.labels();

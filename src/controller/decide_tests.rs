@@ -223,3 +223,19 @@ fn a_recorded_retry_time_holds_the_step_back() {
     assert_eq!(wait_for_retry(&s, now), Some(Duration::from_millis(2500)));
     assert_eq!(wait_for_retry(&s, Timestamp::from_second(1_000_003).unwrap()), None);
 }
+
+#[test]
+fn a_pod_wakes_the_migration_it_restores_and_the_one_it_is_the_source_of() {
+    let pod: Pod = serde_json::from_value(json!({ "metadata": {
+        "name": "db-0", "namespace": "shop", "uid": "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4",
+        "annotations": { "migrate.io/stateful": "true", "migrate.io/restore-of": "db-0-11111111" } } }))
+    .unwrap();
+    let refs: Vec<String> = migrations_of_pod(&pod)
+        .iter()
+        .map(|r| format!("{}/{}", r.namespace.clone().unwrap(), r.name))
+        .collect();
+    assert_eq!(refs, ["shop/db-0-11111111", "shop/db-0-0c9a8d74"]);
+    let plain: Pod =
+        serde_json::from_value(json!({ "metadata": { "name": "web", "namespace": "shop", "uid": "u" } })).unwrap();
+    assert!(migrations_of_pod(&plain).is_empty());
+}

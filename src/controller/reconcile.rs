@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
     runtime::{
@@ -19,7 +20,7 @@ use tracing::instrument;
 
 use super::{
     context::{Context, Error},
-    phase,
+    decide, phase,
 };
 use crate::api::{self, PodMigration};
 
@@ -31,8 +32,14 @@ pub async fn run(
     shared: impl FnOnce(Store<PodMigration>) -> Arc<Context>,
     shutdown: CancellationToken,
 ) {
-    let api = Api::<PodMigration>::all(client);
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let api = Api::<PodMigration>::all(client.clone());
+    // Pod changes (source stopped, replacement scheduled, Ready) wake their migration at once
+    // instead of waiting for the next poll.
+    let controller = Controller::new(api, watcher::Config::default().any_semantic()).watches(
+        Api::<Pod>::all(client),
+        watcher::Config::default().any_semantic(),
+        |pod| decide::migrations_of_pod(&pod),
+    );
     let ctx = shared(controller.store());
     let work = controller
         .run(reconcile, error_policy, ctx)

@@ -50,7 +50,7 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
             ),
         )
         .await;
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     if decide::is_ready(&pod) {
         let now = Timestamp::now();
@@ -72,7 +72,8 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         return retry_after_stop(pm, status, ctx, trouble).await;
     }
     status.message = Some(decide::restore_wait(&pod));
-    Ok(Action::requeue(Duration::from_secs(1)))
+    // Pod changes wake this migration (see `decide::migrations_of_pod`); this is a safety net.
+    Ok(Action::requeue(Duration::from_secs(5)))
 }
 
 fn with_status(pm: &PodMigration, status: &PodMigrationStatus) -> PodMigration {
