@@ -72,6 +72,15 @@ pub async fn settle(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
         let window = decide::seconds_between(&checkpointed.0, &stopped).max(0.0);
         status.source_window_seconds = Some((window * 1000.0).round() / 1000.0);
     }
+    // Release only once the window is in the API server: releasing lets the pod object go, and
+    // a status write that then failed (conflict) could never measure it again.
+    let persisted = pm
+        .status
+        .as_ref()
+        .is_some_and(|s| s.source_window_seconds.is_some() || s.checkpointed_at.is_none());
+    if !persisted {
+        return Ok(false);
+    }
     if pod.finalizers().iter().any(|f| f == api::SOURCE_HOLD) {
         release(ctx, pm).await?;
     }
