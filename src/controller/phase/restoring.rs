@@ -24,8 +24,11 @@ use crate::{
 pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    if pm.spec.mode == Mode::Migrate {
-        hold::settle(ctx, pm, status).await?;
+    // Never two live copies: the replacement is released only once the source has stopped
+    // (its window recorded and its hold lifted). The source's pod watch wakes this step.
+    if pm.spec.mode == Mode::Migrate && !hold::settle(ctx, pm, status).await? {
+        status.message = Some("waiting for the source to stop before releasing the replacement".into());
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let Some(pod) = find_replacement(pm, status, ctx, &pods).await? else {
         status.message = Some("waiting for the replacement pod".into());
