@@ -33,7 +33,8 @@ LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 # The users the images may run as: 65532 "nonroot" (the webhook, manifests/webhook.yaml
 # runAsUser 65532) and root (the agent, runAsUser 0: kubelet checkpoint archives are root 0600).
 # Only for tools that map ids to names; the binaries need no other file (no CA bundle: the API
-# server's CA comes from the service account, the agents' CA and the kubelet's from flags).
+# server's and, by default, the kubelet's CA come from the service account, the agents' CA from
+# the mounted Secret).
 PASSWD = b"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/nonexistent:/sbin/nologin\n"
 GROUP = b"root:x:0:\nnonroot:x:65532:\n"
 
