@@ -277,11 +277,34 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
     let (status, _, _) = get(format!("/v2/kube-migrate/{ID}/manifests/nope")).await;
     assert_eq!(status, 404);
 
+    // Checkpoint memory at rest: every file 0600, every directory 0700, on both nodes.
+    for agent in [&source, &target] {
+        let mut seen = 0;
+        assert_private(&agent.state_dir, &mut seen);
+        assert!(seen >= 1, "{:?} holds the migration's record", agent.state_dir);
+    }
+
     // Deleting forgets everything, the kubelet's archives included.
     controller.delete(&source.url, ID).await.unwrap();
     controller.delete(&target.url, ID).await.unwrap();
     assert!(!std::path::Path::new(&app.path).exists());
     assert!(!target.state_dir.join("migrations").join(ID).exists());
+}
+
+fn assert_private(dir: &std::path::Path, seen: &mut usize) {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            assert_private(&path, seen);
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{path:?} is {mode:o}");
+            *seen += 1;
+        }
+    }
 }
 
 #[tokio::test]

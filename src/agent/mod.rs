@@ -8,6 +8,7 @@ pub mod chunks;
 pub mod client;
 pub mod image;
 pub mod kubelet;
+pub mod private;
 pub mod receive;
 pub mod registry;
 pub mod server;

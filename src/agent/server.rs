@@ -396,6 +396,9 @@ async fn do_receive(
     // Hashed, validated and written in one pass; the part file is gone on any error.
     let info = receive::receive(body, &part, &expected).await?;
     tokio::fs::rename(&part, &final_path).await?;
+    if let Some(dir) = final_path.parent() {
+        crate::agent::private::sync_dir(dir)?;
+    }
     let mut record = state.store.load(id)?.unwrap_or_default();
     record.received.insert(
         container.to_string(),
