@@ -506,6 +506,56 @@ async fn hostile_checkpoint_requests_are_refused_not_panicked_on() {
     assert_eq!(answer.archives.len(), 1);
 }
 
+/// An agent certificate (what root on any node holds) cannot drive another agent, and the
+/// controller's cannot hand it archives: each caller may do only its own part.
+#[tokio::test]
+async fn each_caller_may_do_only_its_own_part() {
+    let (env, source, target, controller) = setup().await;
+    let agent_identity = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let rogue = AgentClient::new(
+        agent_client_config(&env.certs.join("ca.crt"), agent_identity, "kube-migrate-agent").unwrap(),
+        Duration::from_secs(30),
+    );
+    let forbidden = |err: ClientError| {
+        assert!(
+            matches!(&err, ClientError::Status { status, reason, .. } if status.as_u16() == 403 && reason == "forbidden"),
+            "{err}"
+        );
+    };
+    forbidden(
+        rogue
+            .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        std::fs::read_dir(&env.kubelet_dir).unwrap().next().is_none(),
+        "no checkpoint was taken"
+    );
+    // The controller checkpoints; an agent identity still may not push it anywhere.
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let push = PushRequest {
+        target_id: None,
+        target: target.url.clone(),
+        archives: refs_of(&answer),
+    };
+    forbidden(rogue.push(&source.url, ID, &push).await.unwrap_err());
+    forbidden(rogue.delete(&source.url, ID).await.unwrap_err());
+    // The controller may not write archives into an agent either: only agents send them.
+    let file = tokio::fs::File::open(&answer.archives[0].path).await.unwrap();
+    forbidden(
+        controller
+            .upload(&target.url, ID, &refs_of(&answer)[0], file)
+            .await
+            .unwrap_err(),
+    );
+    // The real path still works end to end.
+    controller.push(&source.url, ID, &push).await.unwrap();
+}
+
 #[tokio::test]
 async fn the_agent_api_requires_a_client_certificate() {
     let (env, source, _target, _controller) = setup().await;

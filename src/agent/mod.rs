@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod authz;
 pub mod chunks;
 pub mod client;
 pub mod image;
