@@ -15,7 +15,7 @@ use axum::{
 use http_body_util::BodyExt;
 use kube_migrate::{
     agent::{
-        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest},
+        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest, pull_digest},
         client::{AgentClient, ClientError, empty_body, https_client},
         kubelet::{KubeletClient, kubelet_tls},
         registry,
@@ -233,6 +233,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
                 namespace: "shop".into(),
                 pod: "db-0".into(),
                 archives: refs,
+                pull_digest: Some(pull_digest("s3cret")),
             },
         )
         .await
@@ -245,14 +246,17 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
 
     // Pull through the registry endpoint like a runtime would.
     let http = https_client(client_config(&env.certs.join("ca.crt"), None).unwrap());
-    let get = |path: String| {
+    let get_as = |path: String, password: Option<&'static str>| {
         let http = http.clone();
         async move {
             let uri = format!("https://127.0.0.1:{}{path}", target.registry.port());
-            let response = http
-                .request(hyper::Request::get(uri).body(empty_body()).unwrap())
-                .await
-                .unwrap();
+            let mut request = hyper::Request::get(uri);
+            if let Some(password) = password {
+                use base64::Engine;
+                let basic = base64::engine::general_purpose::STANDARD.encode(format!("kube-migrate:{password}"));
+                request = request.header("authorization", format!("Basic {basic}"));
+            }
+            let response = http.request(request.body(empty_body()).unwrap()).await.unwrap();
             let status = response.status();
             let digest = response
                 .headers()
@@ -261,7 +265,17 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
             (status, digest, response.into_body().collect().await.unwrap().to_bytes())
         }
     };
-    let (status, digest, body) = get(format!("/v2/kube-migrate/{ID}/manifests/app")).await;
+    // Only the pull that holds this migration's credential is served (the runtime, given
+    // the replacement's pull Secret by the kubelet); a local process without it is not.
+    let manifest_path = format!("/v2/kube-migrate/{ID}/manifests/app");
+    let (status, _, _) = get_as("/v2/".into(), None).await;
+    assert_eq!(status, 401, "the ping asks for credentials");
+    let (status, _, body) = get_as(manifest_path.clone(), None).await;
+    assert_eq!(status, 401, "anonymous: {}", String::from_utf8_lossy(&body));
+    let (status, _, _) = get_as(manifest_path.clone(), Some("guess")).await;
+    assert_eq!(status, 403, "wrong password");
+    let get = |path: String| get_as(path, Some("s3cret"));
+    let (status, digest, body) = get(manifest_path).await;
     assert_eq!(status, 200);
     assert_eq!(digest.as_deref(), Some(images.images[0].manifest_digest.as_str()));
     let manifest: Value = serde_json::from_slice(&body).unwrap();

@@ -481,6 +481,9 @@ async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Res
         .ok_or_else(|| AgentError::NotFound(format!("no archives for migration {id}")))?;
     record.namespace.clone_from(&req.namespace);
     record.pod.clone_from(&req.pod);
+    if req.pull_digest.is_some() {
+        record.pull_digest.clone_from(&req.pull_digest);
+    }
     state.store.save(id, &record)?;
     let layout = state.store.layout(id)?;
     let created = k8s_openapi::jiff::Timestamp::now().to_string();

@@ -63,6 +63,9 @@ pub struct Record {
     /// Archives received (and validated) here, by container.
     #[serde(default)]
     pub received: BTreeMap<String, ArchiveRecord>,
+    /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_digest: Option<String>,
 }
 
 #[derive(Debug, Clone)]

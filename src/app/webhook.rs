@@ -285,6 +285,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
             deadlines: opts.deadlines.deadlines(),
             agent_address_override: opts.agent_address_override.clone(),
+            pull_key_file: Some(opts.tls_key.clone()),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
         let recorder = Arc::new(controller::events::Recorder::new(
