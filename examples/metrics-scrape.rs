@@ -61,9 +61,7 @@ async fn main() {
     m.agent_operation_duration
         .get_or_create(&PhaseLabels { phase: "checkpoint" })
         .observe(1.0);
-    m.agent_bytes
-        .get_or_create(&PhaseLabels { phase: "send" })
-        .inc_by(1);
+    m.agent_bytes.get_or_create(&PhaseLabels { phase: "send" }).inc_by(1);
     m.agent_stored_bytes.set(1);
     m.gc_deleted.inc();
 
