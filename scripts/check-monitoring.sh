@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the monitoring kit in deploy/monitoring/ (README "Monitoring"); a step of scripts/test.sh.
 #   1. the PrometheusRule is the rules file, regenerated (scripts/gen-prometheusrule.sh --check)
-#   2. promtool check rules: the rules file and the PrometheusRule's spec
+#   2. promtool check rules: the rules file and the PrometheusRule's spec; promtool check config:
+#      deploy/monitoring/prometheus.yml (when this promtool knows Kubernetes service discovery)
 #   3. promtool test rules: deploy/monitoring/tests/*.test.yaml (every alert firing and not)
 #   4. every metric and label named by a rule or a dashboard query is served by kube-migrate:
 #      scripts/check_metric_names.py against a scrape of the product's admin router
@@ -13,7 +14,8 @@
 # (apt; it ships promtool); else built from the Go module proxy
 # (github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_MODULE), cached under
 # ${KUBE_MIGRATE_CACHE:-~/.cache/kube-migrate}/bin/promtool-<module version>/.
-# Env: PROMTOOL (use this binary), KUBE_MIGRATE_CACHE, GO (go command).
+# Env: PROMTOOL (use this binary), PROMTOOL_FROM_SOURCE=1 (ignore PATH and apt: the Go build),
+#      KUBE_MIGRATE_CACHE, GO (go command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,28 +39,54 @@ recent_enough() { # promtool binary
   [[ -n $v && $(printf '%s\n%s\n' "$PROMTOOL_MIN" "$v" | sort -V | head -1) == "$PROMTOOL_MIN" ]]
 }
 
-find_promtool() {
-  local candidate
-  for candidate in "${PROMTOOL:-}" "$(command -v promtool || true)" "$built"; do
-    if [[ -n $candidate ]] && recent_enough "$candidate"; then echo "$candidate"; return; fi
-  done
-  if [[ -z ${PROMTOOL:-} ]] && ! command -v promtool >/dev/null; then
-    log "installing promtool from Debian's archive (apt-get install prometheus)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2 ||
-      { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2; } ||
-      log "apt could not install prometheus"
-    if recent_enough /usr/bin/promtool; then echo /usr/bin/promtool; return; fi
-  fi
-  log "no promtool >= $PROMTOOL_MIN; building $PROMTOOL_MODULE from the Go module proxy -> $built"
+apt_prometheus() {
+  log "installing promtool from Debian's archive (apt-get install prometheus)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2 ||
+    { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >&2; } ||
+    log "apt could not install prometheus"
+}
+
+# Module v0.X.Y is Prometheus 2.X.Y, v0.3XY.Z is 3.XY.Z (their tagging since 3.0).
+module_release() {
+  local m=${1#v0.} minor patch
+  minor=${m%%.*} patch=${m#*.}
+  if ((minor >= 300)); then echo "3.$((minor - 300)).$patch"; else echo "2.$minor.$patch"; fi
+}
+
+build_promtool() {
   local go=${GO:-$(command -v go || echo /usr/local/go/bin/go)} tmp
+  log "building promtool $PROMTOOL_MODULE from the Go module proxy -> $built (minutes, once)"
   [[ -x $go ]] || { log "no go toolchain found (set GO=/path/to/go)"; exit 1; }
   mkdir -p "$cache/bin"
   tmp=$(mktemp -d "$cache/bin/promtool-$PROMTOOL_MODULE.tmp.XXXXXX")
-  GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-buildvcs=false \
-    "$go" install -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMTOOL_MODULE#v0.}" \
+  # shellcheck disable=SC2064 # expand $tmp now
+  trap "rm -rf '$tmp'" EXIT
+  GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-buildvcs=false "$go" install -trimpath \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$(module_release "$PROMTOOL_MODULE")" \
     "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_MODULE" >&2
   rm -rf "${built%/promtool}"
   mv "$tmp" "${built%/promtool}"
+  trap - EXIT
+}
+
+# PROMTOOL=<binary> uses that one; PROMTOOL_FROM_SOURCE=1 skips PATH and apt (tests the build).
+find_promtool() {
+  if [[ -n ${PROMTOOL:-} ]]; then
+    recent_enough "$PROMTOOL" || { log "PROMTOOL=$PROMTOOL is not a promtool >= $PROMTOOL_MIN"; exit 1; }
+    echo "$PROMTOOL"; return
+  fi
+  local from_source=${PROMTOOL_FROM_SOURCE:-0} path_tool
+  path_tool=$(command -v promtool || true)
+  if ((!from_source)) && [[ -n $path_tool ]] && recent_enough "$path_tool"; then echo "$path_tool"; return; fi
+  if recent_enough "$built"; then echo "$built"; return; fi
+  if ((!from_source)); then
+    [[ -n $path_tool ]] || apt_prometheus
+    path_tool=$(command -v promtool || true)
+    if [[ -n $path_tool ]] && recent_enough "$path_tool"; then echo "$path_tool"; return; fi
+    log "no promtool >= $PROMTOOL_MIN from apt (${path_tool:-none})"
+  fi
+  build_promtool
+  recent_enough "$built" || { log "$built does not answer --version >= $PROMTOOL_MIN"; exit 1; }
   echo "$built"
 }
 
@@ -77,10 +105,21 @@ trap 'rm -rf "$work"' EXIT
 log "1. the PrometheusRule is generated from the rules file"
 scripts/gen-prometheusrule.sh --check
 
-log "2. promtool check rules"
+log "2. promtool check rules, check config"
 python3 -c 'import sys, yaml; yaml.safe_dump(yaml.safe_load(open(sys.argv[1]))["spec"], sys.stdout)' \
   "$dir/prometheusrule.yaml" > "$work/prometheusrule-spec.yaml"
 "$PROMTOOL" check rules "$dir/kube-migrate.rules.yaml" "$work/prometheusrule-spec.yaml"
+
+# Debian builds Prometheus without Kubernetes service discovery (its client libraries are not
+# packaged), so its promtool cannot parse kubernetes_sd_configs; an upstream build can.
+if "$PROMTOOL" check config "$dir/prometheus.yml" > "$work/config.out" 2>&1; then
+  cat "$work/config.out"
+elif grep -q 'field kubernetes_sd_configs not found' "$work/config.out"; then
+  echo "not checked: $dir/prometheus.yml (this promtool has no Kubernetes service discovery)"
+else
+  cat "$work/config.out" >&2
+  exit 1
+fi
 
 log "3. promtool test rules"
 "$PROMTOOL" test rules "$dir"/tests/*.test.yaml
