@@ -5,22 +5,34 @@
 //! scripts/check-monitoring.sh checks every metric and label named by the alert rules and the
 //! Grafana dashboard against this output: `cargo run --example metrics-scrape`.
 //! The label values below are placeholders; only the names matter to the check.
+//!
+//! `--serve ADDR [--state-lost-after SECONDS]` serves the same router on ADDR instead, for a live
+//! Prometheus to scrape (scripts/monitoring-live.sh): no finished migration at first, then, after
+//! SECONDS, the first `StateLost` since the start (a counter series born at 1).
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{body::Body, http::Request};
 use http_body_util::BodyExt;
 use kube_migrate::{
     api::Phase,
     metrics::{DecisionLabels, Metrics, NodeLabels, OperationLabels, OutcomeLabels, PhaseLabels, WebhookLabels},
-    server::{Health, admin_router},
+    server::{Health, admin_router, serve_admin},
 };
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let metrics = Arc::new(Metrics::new());
-    let m = &metrics;
+fn state_lost(m: &Metrics) {
+    m.migrations
+        .get_or_create(&OutcomeLabels {
+            outcome: "failed",
+            reason: "StateLost".to_string(),
+        })
+        .inc();
+}
+
+/// One sample in every family but `migrations` (see [`state_lost`]).
+fn populate(m: &Metrics) {
     m.webhook_decisions
         .get_or_create(&DecisionLabels {
             webhook: "eviction",
@@ -30,12 +42,6 @@ async fn main() {
     m.webhook_latency
         .get_or_create(&WebhookLabels { webhook: "eviction" })
         .observe(0.001);
-    m.migrations
-        .get_or_create(&OutcomeLabels {
-            outcome: "failed",
-            reason: "StateLost".to_string(),
-        })
-        .inc();
     m.migration_duration.observe(10.0);
     m.phase_duration
         .get_or_create(&PhaseLabels {
@@ -64,6 +70,35 @@ async fn main() {
     m.agent_bytes.get_or_create(&PhaseLabels { phase: "send" }).inc_by(1);
     m.agent_stored_bytes.set(1);
     m.gc_deleted.inc();
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let metrics = Arc::new(Metrics::new());
+    populate(&metrics);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(addr) = args.iter().position(|a| a == "--serve").and_then(|i| args.get(i + 1)) {
+        let addr: SocketAddr = addr.parse().expect("--serve ADDR (host:port)");
+        let after = args
+            .iter()
+            .position(|a| a == "--state-lost-after")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.parse::<u64>().expect("--state-lost-after SECONDS"));
+        if let Some(after) = after {
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(after)).await;
+                state_lost(&metrics);
+                eprintln!("metrics-scrape: kube_migrate_migrations_total{{outcome=\"failed\",reason=\"StateLost\"}} 1");
+            });
+        }
+        let router = admin_router(metrics, Health::default());
+        serve_admin(addr, router, CancellationToken::new())
+            .await
+            .expect("serve");
+        return;
+    }
+    state_lost(&metrics);
 
     let response = admin_router(metrics, Health::default())
         .oneshot(Request::get("/metrics").body(Body::empty()).expect("request"))
