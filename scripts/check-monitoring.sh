@@ -59,6 +59,7 @@ build_promtool() {
   [[ -x $go ]] || { log "no go toolchain found (set GO=/path/to/go)"; exit 1; }
   mkdir -p "$cache/bin"
   tmp=$(mktemp -d "$cache/bin/promtool-$PROMTOOL_MODULE.tmp.XXXXXX")
+  chmod 755 "$tmp"
   # shellcheck disable=SC2064 # expand $tmp now
   trap "rm -rf '$tmp'" EXIT
   GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-buildvcs=false "$go" install -trimpath \
