@@ -2,7 +2,7 @@
 # The project's test command (README "Tests"); CI runs exactly this.
 #   1. formatting and lints (clippy -D warnings)
 #   2. the committed CRD matches the Rust types (crdgen)
-#   3. unit and integration tests (cargo test)
+#   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows;
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
@@ -44,6 +44,9 @@ cargo test --workspace --locked 2>&1 | tee -a "$results"
 
 step "image writer unit tests (scripts/test_oci_image.py)"
 python3 -m unittest discover -s scripts -p 'test_*.py'
+
+step "monitoring: alert rules (promtool check + test) and dashboard metric names (scripts/check-monitoring.sh)"
+scripts/check-monitoring.sh
 
 if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
   echo "end-to-end scenarios skipped (KUBE_MIGRATE_SKIP_E2E=1)"
