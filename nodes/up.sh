@@ -150,6 +150,8 @@ start_node() {
   cp "$here"/conf/crio.conf.d/*.conf "$d/etc/crio/crio.conf.d/"
   [[ -s $d/etc/containers/policy.json ]] || cp -a "$ROOT/etc/containers/." "$d/etc/containers/"
   cp "$here/conf/storage.conf" "$d/etc/containers/storage.conf"
+  # Distinct per node (cAdvisor's system UUID, Node.status.nodeInfo.machineID).
+  [[ -s $d/etc/machine-id ]] || od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > "$d/etc/machine-id"
   if [[ -n ${KUBE_MIGRATE_REGISTRY_CA:-} ]]; then
     mkdir -p "$d/etc/containers/certs.d/127.0.0.1:5443"
     cp "$KUBE_MIGRATE_REGISTRY_CA" "$d/etc/containers/certs.d/127.0.0.1:5443/ca.crt"
@@ -202,6 +204,8 @@ failSwapOn: false
 protectKernelDefaults: false
 makeIPTablesUtilChains: false
 resolvConf: /etc/resolv.conf
+# The default /usr/libexec/kubernetes is in the read-only root.
+volumePluginDir: /var/lib/kubelet/volumeplugins
 clusterDomain: cluster.local
 registerNode: true
 # The images are loaded, not pulled: never collect them.
@@ -256,6 +260,8 @@ EOF2
     b "$d/etc/cni" /etc/cni
     b "$d/etc/containers" /etc/containers
     b "$d/etc/kubernetes" /etc/kubernetes
+    [[ -e $R/etc/machine-id ]] || : > "$R/etc/machine-id"
+    mount --bind "$d/etc/machine-id" "$R/etc/machine-id"
     b "$k8s" /opt/km/k8s
     b "$crio" /opt/km/crio
     # At the same paths as on the host: pid files (nodes/lib.sh node_bg) and the OCI archives to
