@@ -54,7 +54,7 @@ node_exec() {
 }
 # node_bg <i> <name> CMD...: start a long-running CMD in node i, in its own session, stdin closed,
 # output to <node dir>/logs/<name>.log; the pid file names CMD itself (the child writes its pid
-# before exec).
+# before exec). Fd 8 (up.sh's lock) is not inherited: a node outliving up.sh must not hold it.
 node_bg() {
   local i=$1 name=$2 d pid; shift 2
   d=$(node_dir "$i"); pid=$(helper_pid "$i") || km_die "node $i is not running"
@@ -62,7 +62,7 @@ node_bg() {
   [[ ! -f $d/logs/$name.log ]] || mv "$d/logs/$name.log" "$d/logs/$name.log.prev"
   # shellcheck disable=SC2016
   setsid nsenter -t "$pid" -m -n -r -w -- env -i "${KM_NODE_ENV[@]}" \
-    /bin/bash -c 'echo $$ > "$0"; exec "$@"' "$d/run/$name.pid" "$@" > "$d/logs/$name.log" 2>&1 < /dev/null &
+    /bin/bash -c 'echo $$ > "$0"; exec "$@"' "$d/run/$name.pid" "$@" > "$d/logs/$name.log" 2>&1 < /dev/null 8>&- &
   for _ in $(seq 50); do [[ -s $d/run/$name.pid ]] && break; sleep 0.02; done
 }
 

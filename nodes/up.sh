@@ -42,6 +42,7 @@ ip netns del "$probe"
 
 # --- binaries, root, images (cached) ----------------------------------------------------------
 mkdir -p "$KM_NODES_DIR"
+# (fd 8 is closed for everything started below, which outlives this script)
 exec 8> "$KM_NODES_DIR/.lock"
 flock -n 8 || km_die "another nodes/up.sh or down.sh holds $KM_NODES_DIR/.lock"
 touch "$KM_NODES_DIR/.kube-migrate-nodes"
@@ -82,7 +83,7 @@ for ((i = 1; i <= N; i++)); do names+=("$(node_name "$i")"); done
 KUBE_MIGRATE_APISERVER_NODE_ADDRESS=$KM_HOST_IP \
 KUBE_MIGRATE_APISERVER_PORT=$KM_APISERVER_PORT KUBE_MIGRATE_ETCD_PORT=36379 KUBE_MIGRATE_ETCD_PEER_PORT=36380 \
 KUBE_MIGRATE_CONTROLLER_MANAGER_PORT=36257 KUBE_MIGRATE_SCHEDULER_PORT=36259 KUBE_MIGRATE_NODES="${names[*]}" \
-  "$here/../cluster/up.sh" "$KM_CLUSTER_DIR" > /dev/null 2> "$KM_NODES_DIR/up-control-plane.log" ||
+  "$here/../cluster/up.sh" "$KM_CLUSTER_DIR" > /dev/null 2> "$KM_NODES_DIR/up-control-plane.log" 8>&- ||
   { tail -n 30 "$KM_NODES_DIR/up-control-plane.log" >&2; km_die "control plane did not start"; }
 PKI=$KM_CLUSTER_DIR/pki
 km_log "control plane ready (https://$KM_HOST_IP:$KM_APISERVER_PORT)"
@@ -276,7 +277,7 @@ EOF2
     readlink /proc/self/ns/mnt > "$d/run/mntns.tmp"
     exec sleep infinity
   ' km-node "$ROOT" "$d" "$KUBE_MIGRATE_NODE_BIN_DIR" "$KUBE_MIGRATE_CRIO_BIN_DIR" "$IMAGES" \
-    > "$d/logs/helper.log" 2>&1 < /dev/null &
+    > "$d/logs/helper.log" 2>&1 < /dev/null 8>&- &
   wait_until 10 "$name mount namespace" test -s "$d/run/mntns.tmp" ||
     { cat "$d/logs/helper.log" >&2; km_die "$name: node namespace setup failed"; }
   mv "$d/run/mntns.tmp" "$d/run/mntns"
