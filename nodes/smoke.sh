@@ -6,7 +6,13 @@
 #   4. the apiserver reaches a pod IP on each node (pod proxy);
 #   5. kubelet checkpoint API on node 1 (a token allowed `create nodes/checkpoint`; one without is
 #      refused), a checkpoint image made from the archive, loaded into node 2, a pod with that
-#      image on node 2: the counter continues where it was.
+#      image on node 2: the counter continues where it was;
+#   6. the product's pull path: the same checkpoint image served over TLS on node 2's own loopback
+#      (127.0.0.1:5444, trusted through /etc/containers/certs.d/127.0.0.1:5444/ca.crt, as
+#      docs/install-cri-o.md has it for the agent's 5443), pulled by CRI-O and restored;
+#   7. what the agent DaemonSet relies on: a hostNetwork pod on node 1 sees the kubelet's archives
+#      under the hostPath /var/lib/kubelet/checkpoints, writes to the hostPath /var/lib/kube-migrate
+#      (the node's own directory), and its 127.0.0.1 is the node's (the kubelet's healthz).
 #
 # Usage: nodes/smoke.sh            exit 0 = PASS, 1 = FAIL, 77 = SKIPPED (no nodes running)
 # Env: KUBE_MIGRATE_NODES_DIR [/tmp/kube-migrate-nodes]
@@ -161,8 +167,78 @@ gaps=$(awk 'NR > 1 && $1 != prev + 1 { print prev " -> " $1 } { prev = $1 }' <<<
 (($(tail -n 1 <<< "$logs") >= last_source)) || fail "restored counter restarted"
 restarts=$(k -n "$NS" get pod smoke-restored -o jsonpath='{.status.containerStatuses[0].restartCount}')
 [[ $restarts == 0 ]] || fail "restored container restarted $restarts times"
+
+# 6. pull through TLS on the node's loopback
+reg=$KM_NODES_DIR/smoke-registry; mkdir -p "$reg"
+openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$reg/ca.key" \
+  -out "$reg/ca.crt" -days 1 -subj /CN=km-smoke-registry-ca 2> /dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$reg/tls.key" \
+  -out "$reg/tls.csr" -subj /CN=127.0.0.1 2> /dev/null
+openssl x509 -req -in "$reg/tls.csr" -CA "$reg/ca.crt" -CAkey "$reg/ca.key" -CAcreateserial -days 1 \
+  -extfile <(echo "subjectAltName = IP:127.0.0.1") -out "$reg/tls.crt" 2> /dev/null
+certs=$(node_dir 2)/etc/containers/certs.d/127.0.0.1:5444
+mkdir -p "$certs"; cp "$reg/ca.crt" "$certs/ca.crt"
+setsid ip netns exec "$N2" python3 "$here/images/registry.py" --listen 127.0.0.1:5444 --cert "$reg/tls.crt" \
+  --key "$reg/tls.key" --archive "$img" --name kube-migrate/smoke-checkpoint --tag counter \
+  > "$reg/registry.log" 2>&1 < /dev/null &
+reg_pid=$!
+trap 'kill "$reg_pid" 2> /dev/null || true; rm -rf "$certs"' EXIT
+wait_until 10 "registry in $N2" grep -q serving "$reg/registry.log" || fail "registry: $(cat "$reg/registry.log")"
+LAST=$(ms)
+cat << EOF2 | k apply -f - > /dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: smoke-pulled, namespace: $NS}
+spec:
+  nodeName: $N2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: counter
+    image: 127.0.0.1:5444/kube-migrate/smoke-checkpoint:counter
+    imagePullPolicy: Always
+EOF2
+wait_until 60 "smoke-pulled Running" running smoke-pulled ||
+  fail "pulled checkpoint pod not Running: $(k -n "$NS" describe pod smoke-pulled | tail -n 8)"
+timing "pulled over TLS from $N2's 127.0.0.1 + restored"
+sleep 2
+logs=$(k -n "$NS" logs smoke-pulled)
+gaps=$(awk 'NR > 1 && $1 != prev + 1 { print prev " -> " $1 } { prev = $1 }' <<< "$logs")
+[[ -z $gaps ]] || fail "pulled+restored counter is not continuous: $gaps"
+echo "pulled from https://127.0.0.1:5444 in $N2 and restored: $(tail -n 2 <<< "$logs" | tr '\n' ' ')($(grep -c 'GET /v2/kube-migrate' "$reg/registry.log") registry GETs)"
+
+# 7. the agent's view: hostNetwork, hostPaths, node loopback
+cat << EOF2 | k apply -f - > /dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: smoke-agentlike, namespace: $NS}
+spec:
+  nodeName: $N1
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: probe
+    image: localhost/kube-migrate/busybox:latest
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "ls /var/lib/kubelet/checkpoints; echo probe > /var/lib/kube-migrate/smoke-probe; wget -q -O- http://127.0.0.1:10248/healthz; echo; sleep 3600"]
+    volumeMounts:
+    - {name: checkpoints, mountPath: /var/lib/kubelet/checkpoints}
+    - {name: state, mountPath: /var/lib/kube-migrate}
+  volumes:
+  - {name: checkpoints, hostPath: {path: /var/lib/kubelet/checkpoints, type: DirectoryOrCreate}}
+  - {name: state, hostPath: {path: /var/lib/kube-migrate, type: DirectoryOrCreate}}
+EOF2
+wait_until 60 "smoke-agentlike Running" running smoke-agentlike || fail "agent-like pod not Running"
+wait_until 10 "agent-like output" bash -c "kubectl -n $NS logs smoke-agentlike | grep -q '^ok\$'" ||
+  fail "agent-like pod: $(k -n "$NS" logs smoke-agentlike)"
+out=$(k -n "$NS" logs smoke-agentlike)
+grep -qxF "${archive##*/}" <<< "$out" || fail "the hostPath /var/lib/kubelet/checkpoints does not show ${archive##*/}: $out"
+[[ $(cat "$(node_dir 1)/kube-migrate/smoke-probe" 2> /dev/null) == probe ]] || fail "hostPath /var/lib/kube-migrate is not $(node_dir 1)/kube-migrate"
+rm -f "$(node_dir 1)/kube-migrate/smoke-probe"
+echo "hostNetwork pod on $N1: sees ${archive##*/}, writes $(node_dir 1)/kube-migrate, 127.0.0.1:10248/healthz = ok"
+timing "agent-like hostNetwork pod"
+
 k -n "$NS" get pods -o wide
 printf '[smoke] %-52s %6d ms\n' "total" $(($(ms) - T0)) >&2
 k delete namespace "$NS" --wait=false > /dev/null
 k delete clusterrole,clusterrolebinding km-smoke-node-checkpointer > /dev/null
-echo "PASS: 2 real nodes; pods, logs/exec, ClusterIP -> apiserver, apiserver -> pods, checkpoint on $N1 restored on $N2 continuing the count"
+echo "PASS: 2 real nodes; pods, logs/exec, ClusterIP -> apiserver, apiserver -> pods, checkpoint on $N1 restored on $N2 continuing the count (loaded, and pulled over TLS from the node's loopback); agent hostPaths and loopback"
