@@ -227,6 +227,7 @@ metricsBindAddress: 127.0.0.1:10249
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 # false: no route_localnet sysctl, no NodePorts on 127.0.0.1.
 iptables: {localhostNodePorts: false}
+nodePortAddresses: [primary]
 EOF2
 
   # The node's mount namespace, kept by a helper (sleep) in the node's network namespace:
