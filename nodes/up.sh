@@ -69,6 +69,14 @@ if [[ ! -s $KM_NODES_DIR/sysctl.saved ]]; then
   mv "$KM_NODES_DIR/sysctl.saved.tmp" "$KM_NODES_DIR/sysctl.saved"
 fi
 
+# Without CAP_SYS_RESOURCE (some sandboxes) nothing can lower oom_score_adj below 0, and crun
+# fails every container the kubelet gives a negative score; the nodes then get a crun wrapper.
+CAN_LOWER_OOM=1
+if ! (echo -1 > /proc/self/oom_score_adj) 2> /dev/null; then
+  CAN_LOWER_OOM=0
+  km_log "this machine cannot lower oom_score_adj (no CAP_SYS_RESOURCE): negative container scores are raised to 0 (nodes/conf/crun-clamp-oom)"
+fi
+
 # --- host network ------------------------------------------------------------------------------
 if ! ip link show "$KM_BRIDGE" > /dev/null 2>&1; then
   if ip -o addr show | grep -q " $KM_NET_PREFIX\."; then km_die "$KM_NET_PREFIX.0/24 is already in use on this host"; fi
@@ -149,6 +157,12 @@ start_node() {
   # Configuration (the node's /etc/crio, /etc/cni, /etc/containers, /etc/kubernetes).
   echo "# empty: the settings are in crio.conf.d/ (nodes/conf/crio.conf.d)" > "$d/etc/crio/crio.conf"
   cp "$here"/conf/crio.conf.d/*.conf "$d/etc/crio/crio.conf.d/"
+  rm -f "$d/etc/crio/crio.conf.d/90-harness-oom.conf"
+  if ((!CAN_LOWER_OOM)); then
+    cp "$here/conf/crun-clamp-oom" "$d/etc/crio/crun-clamp-oom"
+    printf '# written by nodes/up.sh: this machine cannot lower oom_score_adj (conf/crun-clamp-oom)\n[crio.runtime.runtimes.crun]\nruntime_path = "/etc/crio/crun-clamp-oom"\n' \
+      > "$d/etc/crio/crio.conf.d/90-harness-oom.conf"
+  fi
   [[ -s $d/etc/containers/policy.json ]] || cp -a "$ROOT/etc/containers/." "$d/etc/containers/"
   cp "$here/conf/storage.conf" "$d/etc/containers/storage.conf"
   # Distinct per node (cAdvisor's system UUID, Node.status.nodeInfo.machineID).
