@@ -104,6 +104,7 @@ rm -f "$TMP"/var/cache/apt/archives/*.deb
 mkdir -p "$TMP"/proc "$TMP"/sys "$TMP"/dev/pts "$TMP"/run "$TMP"/tmp "$TMP"/mnt "$TMP"/.oldroot
 
 # Record what is inside.
+# shellcheck disable=SC2016,SC2086 # $@ is the inner shell's; EXTRA is split into package names
 chroot "$TMP" /bin/sh -c 'dpkg-query -W -f "\${Package} \${Version}\n" "$@"' versions \
     criu crun libcriu2 iptables iproute2 busybox-static ${EXTRA//,/ } >"$TMP"/.kube-migrate-versions
 printf 'suite=%s\nkey=%s\nmirror=%s\nbuilt=%s\n' "$SUITE" "$KEY" "$MIRROR" "$(date -u +%FT%TZ)" \

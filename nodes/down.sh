@@ -50,7 +50,7 @@ stop_node() {
   # Graceful first: the kubelet and kube-proxy, then CRI-O (it leaves the containers running).
   for f in kubelet kube-proxy crio; do
     pid=$(cat "$d/run/$f.pid" 2> /dev/null || true)
-    [[ -n $pid ]] && kill -TERM "$pid" 2> /dev/null || true
+    if [[ -n $pid ]]; then kill -TERM "$pid" 2> /dev/null || true; fi
   done
   for _ in $(seq 50); do
     local alive=0

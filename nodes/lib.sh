@@ -11,8 +11,8 @@
 # The host: bridge km-nodes0 with 10.89.0.1/24 (the apiserver's address for the nodes), a route to
 # each pod CIDR via its node IP (the apiserver reaches pods: logs, webhooks by endpoint IP).
 
+# shellcheck disable=SC2034 # the KM_* settings are used by the scripts that source this file
 KM_NODES_DIR=${KUBE_MIGRATE_NODES_DIR:-/tmp/kube-migrate-nodes}
-KM_NODES_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KM_BRIDGE=km-nodes0
 KM_HOST_IP=10.89.0.1
 KM_NET_PREFIX=10.89.0

@@ -91,6 +91,7 @@ spec:
     imagePullPolicy: IfNotPresent
     command: ["/bin/sh", "-c", "i=0; while true; do echo $i; i=$((i+1)); sleep 1; done"]
 EOF2
+  # shellcheck disable=SC2016 # for the inner bash
   wait_until 60 "stateful-counter Running" bash -c '[[ $(kubectl get pod stateful-counter -o jsonpath={.status.phase}) == Running ]]'
   sleep 5
   local t0; t0=$(ms)

@@ -22,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/lib.sh"
 N1=km-node-1 N2=km-node-2
 [[ $(id -u) == 0 ]] || { echo "SKIPPED: needs root"; exit 77; }
-helper_pid 1 > /dev/null && helper_pid 2 > /dev/null || { echo "SKIPPED: nodes 1 and 2 are not running (nodes/up.sh 2)"; exit 77; }
+{ helper_pid 1 && helper_pid 2; } > /dev/null || { echo "SKIPPED: nodes 1 and 2 are not running (nodes/up.sh 2)"; exit 77; }
 NS=km-smoke
 ms() { echo $(($(date +%s%N) / 1000000)); }
 T0=$(ms); LAST=$T0
@@ -82,6 +82,7 @@ timing "kubectl logs + exec on both nodes"
 
 # 3. pod -> apiserver through the ClusterIP (DNAT by kube-proxy in the node's netns)
 for p in smoke-1 smoke-2; do
+  # shellcheck disable=SC2016 # expanded in the pod
   out=$(k -n "$NS" exec "$p" -c web -- sh -c 'wget -q -O- --no-check-certificate \
     --header "Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)" \
     https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/version' 2>&1) || fail "$p -> apiserver: $out"
