@@ -61,8 +61,10 @@ stop_node() {
     ((alive)) || break; sleep 0.1
   done
   # A frozen container ignores SIGKILL until thawed (kube-migrate freezes sources).
-  find /sys/fs/cgroup/freezer/"$name" -name freezer.state 2> /dev/null |
-    while read -r f; do echo THAWED > "$f" 2> /dev/null || true; done
+  if [[ -d /sys/fs/cgroup/freezer/$name ]]; then
+    find /sys/fs/cgroup/freezer/"$name" -name freezer.state |
+      while read -r f; do echo THAWED > "$f" 2> /dev/null || true; done
+  fi
   local pids n=0
   for _ in $(seq 20); do
     pids=$(pids_of_node "$i")

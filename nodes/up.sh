@@ -94,6 +94,9 @@ KUBE_MIGRATE_CONTROLLER_MANAGER_PORT=36257 KUBE_MIGRATE_SCHEDULER_PORT=36259 KUB
   "$here/../cluster/up.sh" "$KM_CLUSTER_DIR" > /dev/null 2> "$KM_NODES_DIR/up-control-plane.log" 8>&- ||
   { tail -n 30 "$KM_NODES_DIR/up-control-plane.log" >&2; km_die "control plane did not start"; }
 PKI=$KM_CLUSTER_DIR/pki
+# Nodes of an earlier, larger run (same state dir) would stay NotReady forever (and hold
+# DaemonSet rollouts): remove their Node objects.
+for ((j = N + 1; j <= 9; j++)); do kubectl delete node "$(node_name "$j")" --ignore-not-found > /dev/null; done
 km_log "control plane ready (https://$KM_HOST_IP:$KM_APISERVER_PORT)"
 
 # sign <out prefix> <subject> <extendedKeyUsage> [subjectAltName]: a P-256 key and a certificate
