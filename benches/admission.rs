@@ -197,6 +197,7 @@ fn main() {
         let (nodes, _) = reflector::store::<Node>();
         let client = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
         let state = Arc::new(WebhookState {
+            controller_user: "system:serviceaccount:kube-migrate:kube-migrate-webhook".into(),
             client,
             pods,
             nodes,

@@ -7,26 +7,65 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto::Builder,
     service::TowerToHyperService,
 };
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// Bounds of a TLS listener: a peer that connects and stays silent, or opens connections by
+/// the thousand, must not hold the server's memory or tasks.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time to complete the TLS handshake.
+    pub handshake: Duration,
+    /// Time to send a request's headers once the connection is up (HTTP/1).
+    pub headers: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            handshake: Duration::from_secs(10),
+            headers: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serve `router` over TLS until `shutdown` fires, with the default [`Limits`].
+pub async fn serve_tls(listener: TcpListener, config: ServerConfig, router: Router, shutdown: CancellationToken) {
+    serve_tls_with(listener, config, router, shutdown, Limits::default()).await
+}
+
 /// Serve `router` over TLS until `shutdown` fires. Handshake failures are logged per
 /// connection and never stop the server.
-pub async fn serve_tls(listener: TcpListener, config: ServerConfig, router: Router, shutdown: CancellationToken) {
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    config: ServerConfig,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
     let acceptor = TlsAcceptor::from(Arc::new(config));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -40,18 +79,25 @@ pub async fn serve_tls(listener: TcpListener, config: ServerConfig, router: Rout
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(error) => {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(limits.handshake, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
                     tracing::debug!(%error, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
             let service = TowerToHyperService::new(router);
-            if let Err(error) = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.headers);
+            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
         });

@@ -200,6 +200,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
     // Unreachable API server: these tests must not need it.
     let client = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
     Arc::new(WebhookState {
+        controller_user: CONTROLLER.into(),
         client,
         pods: pod_store,
         nodes: node_store,
@@ -208,6 +209,8 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         namespaces: reflector::store().0,
     })
 }
+
+const CONTROLLER: &str = "system:serviceaccount:kube-migrate:kube-migrate-webhook";
 
 async fn post(state: Arc<WebhookState>, path: &str, body: Vec<u8>) -> Value {
     let response = router(state)
@@ -526,4 +529,32 @@ fn a_restored_pod_remembers_what_it_really_runs() {
     let clean = replacement::without_restore(&p);
     assert_eq!(clean.spec, original.spec);
     assert_eq!(clean.metadata.annotations, original.metadata.annotations);
+}
+
+#[tokio::test]
+async fn the_stop_source_mark_is_honoured_from_the_controller_only() {
+    let p = pod("pod-statefulset");
+    let m = migration(&p, Phase::Checkpointing, |s| {
+        s.source_stop_requested_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+    });
+    let mut review: Value = serde_json::from_slice(&data("admission/eviction-controller-stop.json")).unwrap();
+    // A user who can evict forges the controller's mark: the migration is under way, so 429.
+    let forged = post(
+        state(std::slice::from_ref(&p), std::slice::from_ref(&m)),
+        "/validate/eviction",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(review["request"]["userInfo"]["username"], "kubernetes-admin");
+    assert_eq!(forged["response"]["allowed"], false, "{forged}");
+    assert_eq!(forged["response"]["status"]["code"], 429, "{forged}");
+    // The same eviction from the controller's identity stops the source.
+    review["request"]["userInfo"]["username"] = CONTROLLER.into();
+    let ours = post(
+        state(&[p], &[m]),
+        "/validate/eviction",
+        serde_json::to_vec(&review).unwrap(),
+    )
+    .await;
+    assert_eq!(ours["response"]["allowed"], true, "{ours}");
 }

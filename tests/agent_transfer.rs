@@ -440,6 +440,48 @@ async fn kubelet_errors_are_explained() {
     );
 }
 
+/// Inputs that used to panic the connection task (a timeout near `u64::MAX` overflowed an
+/// addition) or reach the kubelet's URL unchecked are answered 400, and the agent lives on.
+#[tokio::test]
+async fn hostile_checkpoint_requests_are_refused_not_panicked_on() {
+    let (_env, source, _target, controller) = setup().await;
+    let hostile = [
+        CheckpointRequest {
+            pod: "db-0/../../../pods".into(),
+            ..checkpoint_request(&["app"])
+        },
+        CheckpointRequest {
+            namespace: "shop?x=1".into(),
+            ..checkpoint_request(&["app"])
+        },
+        CheckpointRequest {
+            pod: "DB-0".into(),
+            ..checkpoint_request(&["app"])
+        },
+        checkpoint_request(&["app-"]),
+    ];
+    for req in &hostile {
+        let err = controller.checkpoint(&source.url, ID, req).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Status { status, .. } if status.as_u16() == 400),
+            "{req:?}: {err}"
+        );
+    }
+    // The overflow input is clamped (to an hour) and the checkpoint is taken.
+    let answer = controller
+        .checkpoint(
+            &source.url,
+            ID,
+            &CheckpointRequest {
+                timeout_seconds: u64::MAX,
+                ..checkpoint_request(&["app"])
+            },
+        )
+        .await
+        .expect("a huge timeout is clamped, not a panic");
+    assert_eq!(answer.archives.len(), 1);
+}
+
 #[tokio::test]
 async fn the_agent_api_requires_a_client_certificate() {
     let (env, source, _target, _controller) = setup().await;

@@ -208,5 +208,201 @@ fn a_node_the_migration_gave_up_on_is_never_chosen_again() {
         panic!("no node left")
     };
     assert!(reasons.contains(&("node-b".into(), Unfit::GaveUp)), "{reasons:?}");
-    assert_eq!(Unfit::GaveUp.to_string(), "stopped answering during this migration");
+    assert_eq!(Unfit::GaveUp.to_string(), "was lost during this migration");
+}
+
+/// A pod labelled `labels` bound to `node`, with its own uid.
+fn labelled_on(name: &str, node: &str, labels: serde_json::Value, extra: serde_json::Value) -> Pod {
+    let mut p = json!({
+        "metadata": { "name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": labels },
+        "spec": { "nodeName": node, "containers": [{ "name": "c" }] }
+    });
+    merge(&mut p, extra);
+    serde_json::from_value(p).unwrap()
+}
+
+fn zoned(name: &str, zone: &str) -> Node {
+    node(name, json!({ "metadata": { "labels": { "zone": zone } } }))
+}
+
+fn reason_of(placement: Placement, node: &str) -> Unfit {
+    let Placement::None(reasons) = placement else {
+        panic!("expected no placement, got {placement:?}");
+    };
+    reasons.into_iter().find(|(n, _)| n == node).expect("node listed").1
+}
+
+#[test]
+fn required_pod_anti_affinity_keeps_replicas_apart_both_ways() {
+    let anti = json!({ "spec": { "affinity": { "podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": { "matchLabels": { "app": "db" } },
+            "topologyKey": "kubernetes.io/hostname"
+        }]
+    } } } });
+    let me = pod(json!({ "metadata": { "uid": "uid-db-0", "labels": { "app": "db" } } }));
+    let mut me_anti = me.clone();
+    let mut v = serde_json::to_value(&me_anti).unwrap();
+    merge(&mut v, anti.clone());
+    me_anti = serde_json::from_value(v).unwrap();
+    let nodes = [
+        node("node-a", json!({})),
+        node("node-b", json!({})),
+        node("node-c", json!({})),
+    ];
+    // node-c is busier, but node-b holds another replica.
+    let pods = [
+        labelled_on("db-1", "node-b", json!({ "app": "db" }), json!({})),
+        running_on("node-c", "2"),
+    ];
+    assert_eq!(place(&me_anti, &nodes, &pods, None), Placement::Node("node-c".into()));
+    // Without its own rule the pod would go to the less loaded node-b ...
+    assert_eq!(place(&me, &nodes, &pods, None), Placement::Node("node-b".into()));
+    // ... unless the replica there carries the rule: the scheduler enforces it both ways.
+    let pods_anti = [
+        labelled_on("db-1", "node-b", json!({ "app": "db" }), anti.clone()),
+        running_on("node-c", "2"),
+    ];
+    assert_eq!(place(&me, &nodes, &pods_anti, None), Placement::Node("node-c".into()));
+    assert_eq!(
+        reason_of(place(&me, &nodes, &pods_anti, Some("node-b")), "node-b"),
+        Unfit::PodAntiAffinity("db-1".into())
+    );
+}
+
+#[test]
+fn the_pods_own_source_copy_does_not_repel_it() {
+    // Zone-wide anti-affinity: the source copy on node-a (zone z1) is leaving, so node-b in
+    // the same zone is fine; a terminating replica does not count either.
+    let anti = json!({ "metadata": { "uid": "uid-db-0", "labels": { "app": "db" } }, "spec": { "affinity": { "podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": { "matchLabels": { "app": "db" } }, "topologyKey": "zone"
+        }]
+    } } } });
+    let me = pod(anti);
+    let nodes = [zoned("node-a", "z1"), zoned("node-b", "z1")];
+    let source_copy = me.clone();
+    let gone = labelled_on(
+        "db-9",
+        "node-b",
+        json!({ "app": "db" }),
+        json!({ "metadata": { "deletionTimestamp": "2026-11-28T08:00:00Z" } }),
+    );
+    assert_eq!(
+        place(&me, &nodes, &[source_copy.clone(), gone], None),
+        Placement::Node("node-b".into())
+    );
+    let live = labelled_on("db-1", "node-b", json!({ "app": "db" }), json!({}));
+    assert_eq!(
+        reason_of(place(&me, &nodes, &[source_copy, live], None), "node-b"),
+        Unfit::PodAntiAffinity("db-1".into())
+    );
+}
+
+#[test]
+fn required_pod_affinity_follows_its_peer() {
+    let with_cache = pod(
+        json!({ "metadata": { "labels": { "app": "web" } }, "spec": { "affinity": { "podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": { "matchLabels": { "app": "cache" } }, "topologyKey": "kubernetes.io/hostname"
+        }]
+    } } } }),
+    );
+    let nodes = [
+        node("node-a", json!({})),
+        node("node-b", json!({})),
+        node("node-c", json!({})),
+    ];
+    let pods = [
+        labelled_on("cache-0", "node-c", json!({ "app": "cache" }), json!({})),
+        running_on("node-c", "2"),
+    ];
+    assert_eq!(
+        place(&with_cache, &nodes, &pods, None),
+        Placement::Node("node-c".into())
+    );
+    // The peer lives in another namespace: the term (own namespace by default) finds nothing.
+    let elsewhere = [labelled_on(
+        "cache-0",
+        "node-c",
+        json!({ "app": "cache" }),
+        json!({ "metadata": { "namespace": "other" } }),
+    )];
+    assert_eq!(
+        reason_of(place(&with_cache, &nodes, &elsewhere, None), "node-b"),
+        Unfit::PodAffinity
+    );
+    // A pod that matches its own term is the first of its group and may go anywhere.
+    let self_affine = pod(
+        json!({ "metadata": { "labels": { "app": "cache" } }, "spec": { "affinity": { "podAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": { "matchLabels": { "app": "cache" } }, "topologyKey": "kubernetes.io/hostname"
+        }]
+    } } } }),
+    );
+    assert_eq!(place(&self_affine, &nodes, &[], None), Placement::Node("node-b".into()));
+}
+
+#[test]
+fn hard_topology_spread_is_kept_and_the_drained_node_is_not_a_domain() {
+    let spread = |skew: i32| {
+        pod(
+            json!({ "metadata": { "uid": "uid-web-0", "labels": { "app": "web" } }, "spec": { "topologySpreadConstraints": [{
+            "maxSkew": skew, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": { "matchLabels": { "app": "web" } }
+        }] } }),
+        )
+    };
+    let nodes = [
+        node("node-a", json!({ "spec": { "unschedulable": true } })),
+        node("node-b", json!({})),
+        node("node-c", json!({})),
+        node("node-d", json!({})),
+    ];
+    let web = |name: &str, node: &str| labelled_on(name, node, json!({ "app": "web" }), json!({}));
+    // b:2 c:1 d:1, node-a (the source, being drained) is not counted as an empty domain.
+    let pods = [
+        web("web-1", "node-b"),
+        web("web-2", "node-b"),
+        web("web-3", "node-c"),
+        web("web-4", "node-d"),
+        running_on("node-c", "3"),
+    ];
+    assert_eq!(place(&spread(1), &nodes, &pods, None), Placement::Node("node-d".into()));
+    assert_eq!(
+        reason_of(place(&spread(1), &nodes, &pods, Some("node-b")), "node-b"),
+        Unfit::TopologySpread("kubernetes.io/hostname".into())
+    );
+    // A looser skew lets the least loaded node take it.
+    assert_eq!(
+        place(&spread(2), &nodes, &pods[..4], Some("node-b")),
+        Placement::Node("node-b".into())
+    );
+    // ScheduleAnyway is a preference, not a rule.
+    let soft = pod(
+        json!({ "metadata": { "labels": { "app": "web" } }, "spec": { "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": { "matchLabels": { "app": "web" } }
+    }] } }),
+    );
+    assert_eq!(
+        place(&soft, &nodes, &pods, Some("node-b")),
+        Placement::Node("node-b".into())
+    );
+}
+
+#[test]
+fn a_node_without_the_topology_key_cannot_take_a_spread_pod() {
+    let p = pod(
+        json!({ "metadata": { "labels": { "app": "web" } }, "spec": { "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": { "matchLabels": { "app": "web" } }
+    }] } }),
+    );
+    let nodes = [zoned("node-a", "z1"), node("node-b", json!({})), zoned("node-c", "z2")];
+    assert_eq!(place(&p, &nodes, &[], None), Placement::Node("node-c".into()));
+    assert_eq!(
+        reason_of(place(&p, &nodes, &[], Some("node-b")), "node-b"),
+        Unfit::TopologySpread("zone".into())
+    );
 }

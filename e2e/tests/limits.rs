@@ -487,3 +487,58 @@ async fn s17_room_for_one_of_two_fails_the_other_with_its_reason() -> anyhow::Re
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
+
+/// Scenario 19: the replacement keeps the pod's required anti-affinity. `db-0` (opted in, on
+/// node-a) must never share a node with another `app=db` pod; `db-1` runs on node-b, the
+/// least loaded node, and node-c is busier. The target is node-c, and the replacement runs
+/// there with the state. Before, placement ignored inter-pod rules: it chose node-b, the
+/// scheduler refused the pinned replacement, and the migration ended at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s19_the_target_respects_pod_anti_affinity() -> anyhow::Result<()> {
+    let ns = "e2e-anti";
+    fresh_namespace(ns);
+    let db = |name: &str, node: &str, annotations: &str| {
+        format!(
+            r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{ name: {name}, namespace: {ns}, labels: {{ app: db, e2e: {name} }}, annotations: {{ {annotations} }} }}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  affinity:
+    podAntiAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        - {{ labelSelector: {{ matchLabels: {{ app: db }} }}, topologyKey: kubernetes.io/hostname }}
+  containers: [{{ name: app, image: registry.local/counter:1 }}]
+"#
+        )
+    };
+    must(&["uncordon", "node-a"]);
+    apply(
+        &[
+            db("db-0", "node-a", r#"migrate.io/stateful: "true""#),
+            db("db-1", "node-b", ""),
+            cpu_pod(ns, "filler", Some("node-c"), "1", false),
+        ]
+        .concat(),
+    );
+    let before = running_pods_in(ns, 3).await?;
+    let uid = before
+        .iter()
+        .find(|p| p.name_any() == "db-0")
+        .and_then(|p| p.metadata.uid.clone())
+        .expect("db-0 runs");
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=db-0")).await?;
+    must(&["uncordon", "node-a"]);
+    assert!(drain.ok, "the drain completes:\n{}", drain.all());
+    let done = migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await?;
+    assert_eq!(done[0].target_node(), Some("node-c"), "node-b holds db-1");
+    let pods: Api<Pod> = Api::namespaced(client().await, ns);
+    let after = pods.get("db-0").await?;
+    assert_ne!(after.metadata.uid.as_deref(), Some(uid.as_str()), "a new pod object");
+    assert_eq!(node_of(&after), "node-c");
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}

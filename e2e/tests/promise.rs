@@ -356,29 +356,103 @@ async fn s18_a_target_that_dies_mid_transfer_is_replaced() -> anyhow::Result<()>
     let lost = killer.await??;
     let result = async {
         assert!(drain.ok, "drain must complete:\n{}", drain.all());
-        let done = migrations_succeeded(ns, 1, Duration::from_secs(240), |_| true).await?;
-        let s = done[0].status.clone().unwrap_or_default();
-        println!(
-            "lost {lost}; {:?} -> {:?}: {:?}",
-            s.excluded_targets, s.target_node, s.message
-        );
-        assert_eq!(s.excluded_targets, vec![lost.clone()]);
-        assert!(s.target_node.as_deref().is_some_and(|t| t != lost && t != "node-a"));
-        let after = running_pods_in(ns, 1).await?;
-        assert_eq!(Some(node_of(&after[0])), s.target_node);
-        let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
-        assert!(line.starts_with("restored from checkpoint image"), "{line}");
-        assert_eq!(
-            field(&line, "memory_sha256"),
-            Some(sha.as_str()),
-            "memory intact: {line}"
-        );
-        anyhow::Ok(())
+        restored_without(ns, &lost, &sha, Duration::from_secs(240)).await
     }
     .await;
     local_cluster(&["power-on", &lost]);
     must(&["uncordon", "node-a"]);
     result?;
     must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// Scenario 20: the target node dies and its Node is deleted while the migration is `Restoring` (its
+/// replacement pinned there and not yet scheduled: the target was tainted `NoSchedule` once
+/// chosen). The migration gives the target up, sends the archives still held on the source
+/// node to the other node and restores there with the memory checksum. Before, it waited for
+/// the lost node until its Restoring deadline and the replacement started fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s20_a_target_node_deleted_while_restoring_is_replaced() -> anyhow::Result<()> {
+    let ns = "e2e-deleted-target";
+    fresh_namespace(ns);
+    let before = start_on_node_a(
+        ns,
+        &opted_in_deployment(ns, "nomad", "deleted-target", 256 << 20, ""),
+        1,
+    )
+    .await?;
+    let line = eventually("first log line", Duration::from_secs(60), || async {
+        Ok(first_log_line(ns, &before[0].name_any(), "app"))
+    })
+    .await?;
+    let sha = field(&line, "memory_sha256").unwrap().to_string();
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let deleter = {
+        let pms = pms.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            let mut tainted = None;
+            loop {
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "never waited in Restoring");
+                let list = pms.list(&ListParams::default()).await?.items;
+                let Some(s) = list.into_iter().find_map(|m| m.status) else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                match (&tainted, s.phase, s.target_node) {
+                    (None, phase, Some(target)) if phase != Phase::Pending => {
+                        must(&["taint", "node", &target, "e2e-block=true:NoSchedule", "--overwrite"]);
+                        tainted = Some(target);
+                    }
+                    (Some(target), Phase::Restoring, _)
+                        if s.message.as_deref().is_some_and(|m| m.contains("not scheduled")) =>
+                    {
+                        // The node dies and the operator deletes it (a live test kubelet
+                        // would register it again at once; a real one would not).
+                        let t = target.clone();
+                        tokio::task::spawn_blocking(move || local_cluster(&["power-off", &t])).await?;
+                        must(&["delete", "node", target]);
+                        return anyhow::Ok(target.clone());
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+    };
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=deleted-target")).await?;
+    let lost = deleter.await?;
+    let result = async {
+        let lost = lost.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        assert!(drain.ok, "drain must complete:\n{}", drain.all());
+        restored_without(ns, lost, &sha, Duration::from_secs(120)).await
+    }
+    .await;
+    // The deleted node comes back with its kubelet (it registers anew, untainted).
+    if let Ok(lost) = &lost {
+        local_cluster(&["power-on", lost]);
+    }
+    must(&["uncordon", "node-a"]);
+    result?;
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// The one migration of `ns` succeeded after giving up `lost` (and only it), on a node other
+/// than the source, and its replacement runs there with the memory checksum `sha`.
+async fn restored_without(ns: &str, lost: &str, sha: &str, timeout: Duration) -> anyhow::Result<()> {
+    let done = migrations_succeeded(ns, 1, timeout, |_| true).await?;
+    let s = done[0].status.clone().unwrap_or_default();
+    println!(
+        "lost {lost}; {:?} -> {:?}: {:?}",
+        s.excluded_targets, s.target_node, s.message
+    );
+    assert_eq!(s.excluded_targets, vec![lost.to_string()]);
+    assert!(s.target_node.as_deref().is_some_and(|t| t != lost && t != "node-a"));
+    let after = running_pods_in(ns, 1).await?;
+    assert_eq!(Some(node_of(&after[0])), s.target_node);
+    let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    assert_eq!(field(&line, "memory_sha256"), Some(sha), "memory intact: {line}");
     Ok(())
 }

@@ -33,6 +33,8 @@ use crate::{
 };
 
 pub struct WebhookState {
+    /// The username the controller acts as (its own evictions carry `STOP_SOURCE_OF`).
+    pub controller_user: String,
     pub client: Client,
     pub pods: Store<Pod>,
     pub nodes: Store<Node>,
@@ -188,11 +190,21 @@ async fn eviction_response(
         .and_then(|e| e.delete_options.as_ref())
         .and_then(|o| o.dry_run.as_ref())
         .is_some_and(|d| !d.is_empty());
-    let stop_source_of = eviction
+    let marked = eviction
         .as_ref()
         .and_then(|e| e.metadata.annotations.as_ref())
         .and_then(|a| a.get(STOP_SOURCE_OF))
         .cloned();
+    // The mark lets an eviction through: honoured from the controller's identity only, or
+    // anyone able to evict could stop an opted-in pod without migrating it.
+    let user = request.user_info.username.as_deref().unwrap_or_default();
+    let stop_source_of = marked.filter(|m| {
+        let ours = user == state.controller_user;
+        if !ours {
+            tracing::warn!(%user, migration = %m, "ignoring {STOP_SOURCE_OF} on an eviction not made by the controller");
+        }
+        ours
+    });
     let preconditions = eviction
         .as_ref()
         .and_then(|e| e.delete_options.as_ref())

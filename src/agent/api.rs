@@ -116,12 +116,26 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// Container names are DNS labels.
-pub fn valid_container(name: &str) -> bool {
+/// An RFC 1123 label (container and namespace names): what may go into a kubelet URL.
+pub fn valid_label(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
+        && !name.ends_with('-')
 }
+
+/// Container names are DNS labels.
+pub fn valid_container(name: &str) -> bool {
+    valid_label(name)
+}
+
+/// Pod names are RFC 1123 subdomains: labels joined by dots, 253 bytes at most.
+pub fn valid_pod_name(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(valid_label)
+}
+
+/// Longest kubelet checkpoint timeout an agent accepts (the controller's default is 300 s).
+pub const MAX_CHECKPOINT_TIMEOUT_SECONDS: u64 = 3600;

@@ -35,7 +35,12 @@ pub enum ClientError {
         source: hyper_util::client::legacy::Error,
     },
     #[error("reading the answer of {url}: {source}")]
-    Body { url: String, source: hyper::Error },
+    Body {
+        url: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{url} answered more than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
     #[error("{url} answered {status}: {reason}: {message}")]
     Status {
         url: String,
@@ -55,7 +60,7 @@ impl ClientError {
         match self {
             ClientError::Connect { .. } | ClientError::Body { .. } | ClientError::Timeout { .. } => true,
             ClientError::Status { status, .. } => status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS,
-            ClientError::Url(_) | ClientError::Decode { .. } => false,
+            ClientError::Url(_) | ClientError::Decode { .. } | ClientError::TooLarge { .. } => false,
         }
     }
 
@@ -64,7 +69,7 @@ impl ClientError {
             ClientError::Url(_) => "invalid_url",
             ClientError::Connect { .. } | ClientError::Body { .. } => "unreachable",
             ClientError::Status { .. } => "error_status",
-            ClientError::Decode { .. } => "bad_answer",
+            ClientError::Decode { .. } | ClientError::TooLarge { .. } => "bad_answer",
             ClientError::Timeout { .. } => "timeout",
         }
     }
@@ -104,6 +109,9 @@ pub async fn file_body(file: tokio::fs::File) -> Body {
     BodyExt::boxed(StreamBody::new(stream))
 }
 
+/// Largest answer read from an agent or a kubelet (they are small JSON documents).
+pub const MAX_ANSWER: usize = 4 << 20;
+
 /// Send a request and decode a JSON answer; error answers become [`ClientError::Status`].
 pub async fn send<T: DeserializeOwned>(
     client: &HttpsClient,
@@ -111,11 +119,32 @@ pub async fn send<T: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<T, ClientError> {
     let url = request.uri().to_string();
-    let response = match tokio::time::timeout(timeout, client.request(request)).await {
-        Ok(r) => r.map_err(|source| ClientError::Connect {
+    // One deadline for the answer and its body: a peer that trickles bytes is a timeout too.
+    let answer = async {
+        let response = client.request(request).await.map_err(|source| ClientError::Connect {
             url: url.clone(),
             source,
-        })?,
+        })?;
+        let status = response.status();
+        // Every answer of an agent or a kubelet here is a small JSON document.
+        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|source| match source.downcast::<http_body_util::LengthLimitError>() {
+                Ok(_) => ClientError::TooLarge {
+                    url: url.clone(),
+                    limit: MAX_ANSWER,
+                },
+                Err(source) => ClientError::Body {
+                    url: url.clone(),
+                    source,
+                },
+            })?
+            .to_bytes();
+        Ok::<_, ClientError>((status, body))
+    };
+    let (status, body) = match tokio::time::timeout(timeout, answer).await {
+        Ok(r) => r?,
         Err(_) => {
             return Err(ClientError::Timeout {
                 url,
@@ -123,16 +152,6 @@ pub async fn send<T: DeserializeOwned>(
             });
         }
     };
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|source| ClientError::Body {
-            url: url.clone(),
-            source,
-        })?
-        .to_bytes();
     if !status.is_success() {
         let (reason, message) = match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(e) => (e.reason, e.message),

@@ -152,19 +152,20 @@ impl KubeletClient {
             .body(empty_body())
             .map_err(|_| ClientError::Url(url.clone()))?;
         // Give the kubelet its own timeout plus a margin to answer.
-        let answer: CheckpointAnswer = match send(&self.http, request, timeout + Duration::from_secs(15)).await {
-            Ok(a) => a,
-            Err(ClientError::Status { status, message, .. }) if status == 404 => {
-                return Err(KubeletError::NotFound(message));
-            }
-            Err(ClientError::Status { status, message, .. }) if status == 401 || status == 403 => {
-                return Err(KubeletError::Forbidden(message));
-            }
-            Err(ClientError::Status { status, message, .. }) if status.is_server_error() => {
-                return Err(KubeletError::Runtime(message));
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let answer: CheckpointAnswer =
+            match send(&self.http, request, timeout.saturating_add(Duration::from_secs(15))).await {
+                Ok(a) => a,
+                Err(ClientError::Status { status, message, .. }) if status == 404 => {
+                    return Err(KubeletError::NotFound(message));
+                }
+                Err(ClientError::Status { status, message, .. }) if status == 401 || status == 403 => {
+                    return Err(KubeletError::Forbidden(message));
+                }
+                Err(ClientError::Status { status, message, .. }) if status.is_server_error() => {
+                    return Err(KubeletError::Runtime(message));
+                }
+                Err(e) => return Err(e.into()),
+            };
         answer
             .items
             .into_iter()

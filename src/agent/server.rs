@@ -207,6 +207,14 @@ async fn do_checkpoint(
             req.containers
         )));
     }
+    // Names go into the kubelet's URL path: nothing but what Kubernetes allows in them.
+    if !api::valid_label(&req.namespace) || !api::valid_pod_name(&req.pod) {
+        return Err(AgentError::BadRequest(format!(
+            "invalid pod {:?}/{:?}",
+            req.namespace, req.pod
+        )));
+    }
+    let timeout = Duration::from_secs(req.timeout_seconds.clamp(1, api::MAX_CHECKPOINT_TIMEOUT_SECONDS));
     let _guard = state.lock(id).await;
     let mut record = state.store.load(id)?.unwrap_or_else(|| Record {
         namespace: req.namespace.clone(),
@@ -222,12 +230,7 @@ async fn do_checkpoint(
         let started = Instant::now();
         let path = state
             .kubelet
-            .checkpoint(
-                &req.namespace,
-                &req.pod,
-                container,
-                Duration::from_secs(req.timeout_seconds),
-            )
+            .checkpoint(&req.namespace, &req.pod, container, timeout)
             .await?;
         let info = validate_blocking(path.clone()).await?;
         let seconds = started.elapsed().as_secs_f64();

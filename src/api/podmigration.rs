@@ -214,7 +214,7 @@ pub struct PodMigrationStatus {
     /// The agents were told to drop this migration's archives that are no longer needed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub archives_released: bool,
-    /// Targets given up on (their agent stopped answering mid-migration); never chosen again
+    /// Targets given up on (their agent stopped answering or their Node was lost mid-migration); never chosen again
     /// for this migration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_targets: Vec<String>,

@@ -45,11 +45,18 @@ pub struct Options {
     /// The kubelet of this node (`https://$(NODE_IP):10250`).
     #[arg(long, env = "KM_KUBELET_URL")]
     pub kubelet_url: String,
-    /// CA of the kubelet's serving certificate.
-    #[arg(long, env = "KM_KUBELET_CA")]
-    pub kubelet_ca: Option<PathBuf>,
-    /// Do not verify the kubelet's serving certificate (many kubelets self-sign it).
-    #[arg(long, env = "KM_KUBELET_INSECURE_TLS", conflicts_with = "kubelet_ca")]
+    /// CA of the kubelet's serving certificate. The default, the cluster CA, fits kubelets
+    /// whose serving certificates the cluster signs (`serverTLSBootstrap`); a kubelet that
+    /// self-signs needs its own CA here, or `--kubelet-insecure-tls`.
+    #[arg(
+        long,
+        env = "KM_KUBELET_CA",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kubelet_ca: PathBuf,
+    /// Do not verify the kubelet's serving certificate: an explicit opt-in, never the default
+    /// (the agent sends a token that may checkpoint any pod of the node).
+    #[arg(long, env = "KM_KUBELET_INSECURE_TLS")]
     pub kubelet_insecure_tls: bool,
     /// ServiceAccount token presented to the kubelet (re-read on every call).
     #[arg(
@@ -89,8 +96,6 @@ pub enum RunError {
     Store(#[from] crate::agent::store::StoreError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("either --kubelet-ca or --kubelet-insecure-tls is required")]
-    KubeletTrust,
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
@@ -105,10 +110,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
     certs.spawn_poll(Duration::from_secs(10));
 
-    let kubelet_tls = match (&opts.kubelet_ca, opts.kubelet_insecure_tls) {
-        (Some(ca), _) => kubelet_tls(Some(ca))?,
-        (None, true) => kubelet_tls(None)?,
-        (None, false) => return Err(RunError::KubeletTrust),
+    let kubelet_tls = if opts.kubelet_insecure_tls {
+        tracing::warn!("--kubelet-insecure-tls: the kubelet's serving certificate is not verified");
+        kubelet_tls(None)?
+    } else {
+        kubelet_tls(Some(&opts.kubelet_ca))?
     };
     let store = Store::open(&opts.state_dir)?;
     let registry_host = opts

@@ -128,6 +128,8 @@ impl DeadlineArgs {
 pub enum RunError {
     #[error("Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the API server's SelfSubjectReview named no user")]
+    NoIdentity,
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("listening on {addr}: {source}")]
@@ -155,6 +157,20 @@ where
         }
     });
     store
+}
+
+/// This process's username as the API server authenticates it (a SelfSubjectReview, allowed
+/// to every authenticated user): the controller's own evictions come from it.
+async fn whoami(client: &Client) -> Result<String, RunError> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&Default::default(), &SelfSubjectReview::default())
+        .await?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .ok_or(RunError::NoIdentity)
 }
 
 pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -198,7 +214,10 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         admin_router(Arc::clone(&metrics), health.clone()),
         shutdown.clone(),
     );
+    let controller_user = whoami(&client).await?;
+    tracing::info!(user = %controller_user, "own identity (evictions marked as stopping a source are honoured only from it)");
     let state = Arc::new(WebhookState {
+        controller_user,
         client: client.clone(),
         pods: pods.clone(),
         nodes: nodes.clone(),

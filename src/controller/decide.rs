@@ -5,7 +5,10 @@
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::{core::v1::Pod, policy::v1::PodDisruptionBudget},
+    api::{
+        core::v1::{Node, Pod},
+        policy::v1::PodDisruptionBudget,
+    },
     jiff::Timestamp,
 };
 use kube::{
@@ -242,6 +245,41 @@ pub fn restore_trouble(pod: &Pod) -> Option<String> {
                 )
             })
         })
+}
+
+/// Why the target of a migration in `Restoring` must be given up, if it must: its Node was
+/// deleted, or it is not Ready and no replacement container ever started there (so no copy
+/// can be running: once one started, a NotReady node may be a partition, and a second
+/// restore elsewhere could make two live copies; the deadline decides then).
+pub fn target_lost(node: Option<&Node>, replacements: &[&Pod]) -> Option<String> {
+    let Some(node) = node else {
+        return Some("its Node was deleted".into());
+    };
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    let ready = ready.filter(|c| c.status != "True")?;
+    let started = replacements.iter().any(|p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.state
+                        .as_ref()
+                        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                        || c.last_state.as_ref().is_some_and(|s| s.terminated.is_some())
+                })
+            })
+    });
+    (!started).then(|| {
+        format!(
+            "it is not Ready ({}) and nothing was restored there",
+            ready.reason.as_deref().unwrap_or(&ready.status)
+        )
+    })
 }
 
 /// What the replacement waits for, when it is not Ready and not in trouble: the scheduler's

@@ -239,3 +239,34 @@ fn a_pod_wakes_the_migration_it_restores_and_the_one_it_is_the_source_of() {
         serde_json::from_value(json!({ "metadata": { "name": "web", "namespace": "shop", "uid": "u" } })).unwrap();
     assert!(migrations_of_pod(&plain).is_empty());
 }
+
+#[test]
+fn a_target_is_lost_when_deleted_or_not_ready_with_nothing_restored_there() {
+    let node = |ready: &str| -> Node {
+        serde_json::from_value(json!({
+            "metadata": { "name": "node-b" },
+            "status": { "conditions": [{ "type": "Ready", "status": ready, "reason": "NodeStatusUnknown" }] }
+        }))
+        .unwrap()
+    };
+    let replacement = |state: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": "db-0" },
+            "status": { "containerStatuses": [{ "name": "app", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": state }] }
+        }))
+        .unwrap()
+    };
+    let waiting = replacement(json!({ "waiting": { "reason": "ContainerCreating" } }));
+    let running = replacement(json!({ "running": {} }));
+    let gated: Pod = serde_json::from_value(json!({ "metadata": { "name": "db-0" } })).unwrap();
+
+    assert_eq!(target_lost(None, &[&running]).as_deref(), Some("its Node was deleted"));
+    assert_eq!(target_lost(Some(&node("True")), &[&waiting]), None);
+    assert_eq!(
+        target_lost(Some(&node("Unknown")), &[&waiting, &gated]).as_deref(),
+        Some("it is not Ready (NodeStatusUnknown) and nothing was restored there")
+    );
+    // A copy may be running behind a partition: never restore a second one.
+    assert_eq!(target_lost(Some(&node("Unknown")), &[&running]), None);
+}

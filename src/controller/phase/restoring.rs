@@ -11,7 +11,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{hold, retry_after_stop};
+use super::{hold, retry_after_stop, transferring};
 use crate::{
     api::{self, Mode, PodMigration, PodMigrationStatus, PodRef},
     controller::{
@@ -29,6 +29,18 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     if pm.spec.mode == Mode::Migrate && !hold::settle(ctx, pm, status).await? {
         status.message = Some("waiting for the source to stop before releasing the replacement".into());
         return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if let Some(target) = status.target_node.clone() {
+        let node = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(&target));
+        let bound = bound_to(pm, ctx);
+        let on_target: Vec<&Pod> = bound
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|p| placed_on(p).as_deref() == Some(&target))
+            .collect();
+        if let Some(why) = decide::target_lost(node.as_deref(), &on_target) {
+            return transferring::replace_target(pm, status, ctx, &target, &why).await;
+        }
     }
     let Some(pod) = find_replacement(pm, status, ctx, &pods).await? else {
         status.message = Some("waiting for the replacement pod".into());
@@ -97,13 +109,13 @@ async fn find_replacement(
     let ns = pm.namespace().unwrap_or_default();
     let mut bound = bound_to(pm, ctx);
     bound.sort_by_key(|p| p.metadata.creation_timestamp.clone());
-    // Pinned to a target this migration gave up on, and never scheduled: its pin cannot be
-    // lifted, so it goes; its owner (or this step, for a bare pod) makes a new one.
+    // Pinned to (or bound on) a target this migration gave up on: a gated pod's pin cannot be
+    // lifted, so it goes; its owner (or this step, for a bare pod) makes a new one. Nothing was
+    // restored there (see `decide::target_lost`).
     let target = status.target_node.as_deref();
-    let (misplaced, bound): (Vec<_>, Vec<_>) = bound.into_iter().partition(|p| {
-        p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none()
-            && replacement::pinned_to(p).is_some_and(|n| Some(n.as_str()) != target)
-    });
+    let (misplaced, bound): (Vec<_>, Vec<_>) = bound
+        .into_iter()
+        .partition(|p| placed_on(p).is_some_and(|n| Some(n.as_str()) != target));
     for pod in &misplaced {
         tracing::info!(migration = %pm.name_any(), pod = %pod.name_any(), "deleting a replacement pinned to a lost target");
         let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
@@ -167,6 +179,14 @@ async fn find_replacement(
             }
         }
     }
+}
+
+/// The node a replacement runs on, or is pinned to.
+fn placed_on(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .or_else(|| replacement::pinned_to(pod))
 }
 
 /// Pods bound to this migration by annotation (never the source itself).

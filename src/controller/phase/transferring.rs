@@ -153,10 +153,13 @@ pub async fn replace_target(
     ctx.warn(
         pm,
         "TargetChanged",
-        format!("target {target} stopped answering ({why}); sending the checkpoint to {next} instead"),
+        format!("target {target} is lost ({why}); sending the checkpoint to {next} instead"),
     )
     .await;
     status.target_node = Some(next.clone());
+    // A replacement pinned to the lost target is deleted in `Restoring`; its owner's next pod
+    // must find this migration waiting for one (see `admission::pod`).
+    status.replacement = None;
     status.transferred_bytes = None;
     for c in &mut status.containers {
         c.image = None;

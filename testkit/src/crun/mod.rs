@@ -18,7 +18,6 @@
 //!   hierarchy (CRIU also creates them in cgroup2's `unified`, which crun never removes).
 
 use std::{
-    collections::BTreeMap,
     io,
     path::{Path, PathBuf},
     process::Stdio,
@@ -26,11 +25,17 @@ use std::{
 };
 
 use k8s_openapi::jiff::Timestamp;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::checkpoint::{archive_file_name, rfc3339, write_atomically};
+use crate::checkpoint::{archive_file_name, rfc3339};
+
+mod archive;
+mod config;
+
+use archive::{apply_rootfs_diff, tar_dir};
+use config::runtime_config;
+pub use config::{ConfigDump, ImageConfig, process_args, restored_config};
 
 /// Images under this prefix are local root filesystems run with crun.
 pub const LOCAL_IMAGE_PREFIX: &str = "kube-migrate.test/";
@@ -40,7 +45,6 @@ pub const RUNTIME: &str = "crun";
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// After TERM, how long a container gets before KILL.
 const TERM_GRACE: Duration = Duration::from_millis(500);
-const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrunError {
@@ -94,34 +98,12 @@ pub struct CrunConfig {
     pub cgroup_parent: String,
 }
 
-/// The parts of an OCI image config that `image.json` holds.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ImageConfig {
-    #[serde(default)]
-    pub entrypoint: Vec<String>,
-    #[serde(default)]
-    pub cmd: Vec<String>,
-    #[serde(default)]
-    pub env: Vec<String>,
-}
-
 /// The `<name>` of a local image reference (`kube-migrate.test/<name>[:tag|@digest]`).
 pub fn local_image_name(image: &str) -> Option<&str> {
     let rest = image.strip_prefix(LOCAL_IMAGE_PREFIX)?;
     let name = rest.split('@').next().unwrap_or(rest);
     let name = name.split(':').next().unwrap_or(name);
     (!name.is_empty() && !name.contains('/') && name != "." && name != "..").then_some(name)
-}
-
-/// The process a container runs, by Kubernetes' rules: `command` replaces the entrypoint (and
-/// drops the image's cmd), `args` replaces the cmd.
-pub fn process_args(image: &ImageConfig, command: &[String], args: &[String]) -> Vec<String> {
-    match (command.is_empty(), args.is_empty()) {
-        (false, false) => command.iter().chain(args).cloned().collect(),
-        (false, true) => command.to_vec(),
-        (true, false) => image.entrypoint.iter().chain(args).cloned().collect(),
-        (true, true) => image.entrypoint.iter().chain(&image.cmd).cloned().collect(),
-    }
 }
 
 /// What to run.
@@ -172,85 +154,6 @@ impl Handle {
 #[derive(Debug, Clone)]
 pub struct Crun {
     config: CrunConfig,
-}
-
-/// An OCI runtime config for a container of this test kubelet (what `crun spec` gives, with
-/// the changes criu/README.md explains: no terminal, a cgroup path per container, a tmpfs
-/// `/tmp`, a read-only rootfs, so nothing but CRIU's images carries state).
-fn runtime_config(spec: &RunSpec, image: &ImageConfig, cgroup: &str) -> Value {
-    let mut env = vec![PATH_ENV.to_string(), "TERM=xterm".to_string()];
-    env.extend(image.env.iter().cloned());
-    env.extend(spec.env.iter().cloned());
-    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
-    json!({
-        "ociVersion": "1.0.0",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": process_args(image, &spec.command, &spec.args),
-            "env": env,
-            "cwd": "/",
-            "capabilities": {"bounding": caps, "effective": caps, "inheritable": [], "permitted": caps, "ambient": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": true},
-        "hostname": spec.pod,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=16m"]}
-        ],
-        "annotations": {
-            "io.kubernetes.pod.name": spec.pod,
-            "io.kubernetes.pod.namespace": spec.namespace,
-            "io.kubernetes.pod.uid": spec.pod_uid,
-            "io.kubernetes.container.name": spec.container,
-            "io.kubernetes.cri-o.ImageName": spec.image,
-        },
-        "linux": {
-            "cgroupsPath": cgroup,
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                            "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-        }
-    })
-}
-
-/// `spec.dump` made into the config of a restored container: same process, mounts and
-/// namespaces (CRIU restores into exactly those), this pod's cgroup and annotations.
-pub fn restored_config(spec_dump: &Value, spec: &RunSpec, cgroup: &str) -> Result<Value, CrunError> {
-    let mut config = spec_dump.clone();
-    if config.get("process").is_none() || config.get("root").is_none() {
-        return Err(CrunError::Checkpoint("spec.dump has no process or root".into()));
-    }
-    config["root"]["path"] = json!("rootfs");
-    config["linux"]["cgroupsPath"] = json!(cgroup);
-    for (key, value) in [
-        ("io.kubernetes.pod.name", &spec.pod),
-        ("io.kubernetes.pod.namespace", &spec.namespace),
-        ("io.kubernetes.pod.uid", &spec.pod_uid),
-        ("io.kubernetes.container.name", &spec.container),
-    ] {
-        config["annotations"][key] = json!(value);
-    }
-    Ok(config)
-}
-
-/// `config.dump` of a checkpoint (the fields CRI-O writes and kube-migrate reads).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ConfigDump {
-    #[serde(default)]
-    pub runtime: String,
-    #[serde(default)]
-    pub rootfs_image_name: String,
 }
 
 impl Crun {
@@ -655,191 +558,5 @@ fn remove_cgroup_tree(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Apply `rootfs-diff.tar` (changed files) and `deleted.files` (a JSON list of paths) of a
-/// checkpoint to a fresh copy of the base image's rootfs.
-fn apply_rootfs_diff(dir: &Path, rootfs: &Path) -> Result<(), CrunError> {
-    let diff = dir.join("rootfs-diff.tar");
-    if diff.is_file() {
-        let file = std::fs::File::open(&diff).map_err(io_error("opening rootfs-diff.tar"))?;
-        let mut archive = tar::Archive::new(file);
-        archive.set_preserve_permissions(true);
-        // `unpack` refuses entries that would land outside `rootfs` (`..`, absolute paths).
-        archive
-            .unpack(rootfs)
-            .map_err(|e| CrunError::Checkpoint(format!("rootfs-diff.tar: {e}")))?;
-    }
-    if let Ok(bytes) = std::fs::read(dir.join("deleted.files")) {
-        let deleted: Vec<String> =
-            serde_json::from_slice(&bytes).map_err(|e| CrunError::Checkpoint(format!("deleted.files: {e}")))?;
-        for path in deleted {
-            let relative = Path::new(&path).strip_prefix("/").unwrap_or(Path::new(&path));
-            if relative
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            {
-                return Err(CrunError::Checkpoint(format!("deleted.files: invalid path {path:?}")));
-            }
-            let _ = std::fs::remove_file(rootfs.join(relative));
-        }
-    }
-    Ok(())
-}
-
-/// Tar the contents of `work` (entries at the archive root, uncompressed, as the kubelet
-/// leaves them) into `dir/name`, atomically, readable by the owner only.
-fn tar_dir(work: &Path, dir: &Path, name: &str) -> Result<PathBuf, CrunError> {
-    std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
-    let path = dir.join(name);
-    write_atomically(&path, |out| {
-        let mut tar = tar::Builder::new(out);
-        tar.follow_symlinks(false);
-        let mut entries: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for entry in std::fs::read_dir(work)? {
-            let entry = entry?;
-            entries.insert(entry.file_name().to_string_lossy().into_owned(), entry.path());
-        }
-        for (name, path) in entries {
-            if path.is_dir() {
-                tar.append_dir_all(&name, &path)?;
-            } else {
-                tar.append_path_with_name(&path, &name)?;
-            }
-        }
-        tar.finish()
-    })
-    .map_err(|source| CrunError::Io {
-        what: format!("writing {}", path.display()),
-        source,
-    })?;
-    Ok(path)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> RunSpec {
-        RunSpec {
-            id: "0123456789abcdef0123".into(),
-            pod_uid: "uid-1".into(),
-            namespace: "ns".into(),
-            pod: "counter-0".into(),
-            container: "app".into(),
-            image: "kube-migrate.test/counter:1".into(),
-            command: vec![],
-            args: vec![],
-            env: vec!["START=5".into()],
-        }
-    }
-
-    #[test]
-    fn local_image_names() {
-        assert_eq!(local_image_name("kube-migrate.test/counter"), Some("counter"));
-        assert_eq!(local_image_name("kube-migrate.test/memory:1"), Some("memory"));
-        assert_eq!(local_image_name("kube-migrate.test/memory@sha256:ab"), Some("memory"));
-        assert_eq!(local_image_name("kube-migrate.test/a/b"), None);
-        assert_eq!(local_image_name("kube-migrate.test/.."), None);
-        assert_eq!(local_image_name("registry.local/counter:1"), None);
-    }
-
-    #[test]
-    fn process_args_follow_kubernetes_rules() {
-        let image = ImageConfig {
-            entrypoint: vec!["/bin/sh".into()],
-            cmd: vec!["/counter.sh".into()],
-            env: vec![],
-        };
-        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(process_args(&image, &[], &[]), s(&["/bin/sh", "/counter.sh"]));
-        assert_eq!(process_args(&image, &[], &s(&["-c", "x"])), s(&["/bin/sh", "-c", "x"]));
-        assert_eq!(process_args(&image, &s(&["/bin/memhog"]), &[]), s(&["/bin/memhog"]));
-        assert_eq!(
-            process_args(&image, &s(&["/bin/echo"]), &s(&["hi"])),
-            s(&["/bin/echo", "hi"])
-        );
-    }
-
-    #[test]
-    fn runtime_config_is_checkpointable() {
-        let image = ImageConfig {
-            entrypoint: vec!["/bin/sh".into(), "/counter.sh".into()],
-            cmd: vec![],
-            env: vec!["A=1".into()],
-        };
-        let c = runtime_config(&spec(), &image, "/km-node-a/uid-1/0123");
-        assert_eq!(
-            c["process"]["terminal"], false,
-            "CRIU cannot dump a pty without a console socket"
-        );
-        assert_eq!(c["root"]["readonly"], true);
-        assert_eq!(c["linux"]["cgroupsPath"], "/km-node-a/uid-1/0123");
-        let env: Vec<&str> = c["process"]["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
-        assert!(env.starts_with(&[PATH_ENV]));
-        assert!(env.ends_with(&["A=1", "START=5"]), "pod env after image env: {env:?}");
-        assert!(
-            c["mounts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["destination"] == "/tmp")
-        );
-    }
-
-    #[test]
-    fn restored_config_takes_the_new_pods_cgroup_and_identity() {
-        let dump = runtime_config(&spec(), &ImageConfig::default(), "/km-node-a/uid-1/0123");
-        let mut target = spec();
-        target.pod_uid = "uid-2".into();
-        target.pod = "counter-1".into();
-        let c = restored_config(&dump, &target, "/km-node-b/uid-2/4567").unwrap();
-        assert_eq!(c["linux"]["cgroupsPath"], "/km-node-b/uid-2/4567");
-        assert_eq!(c["annotations"]["io.kubernetes.pod.uid"], "uid-2");
-        assert_eq!(
-            c["process"], dump["process"],
-            "the process is CRIU's to restore, unchanged"
-        );
-        assert!(restored_config(&json!({}), &target, "/x").is_err());
-    }
-
-    #[test]
-    fn archives_have_entries_at_the_root() {
-        let work = tempfile::tempdir().unwrap();
-        let out = tempfile::tempdir().unwrap();
-        std::fs::create_dir(work.path().join("checkpoint")).unwrap();
-        std::fs::write(work.path().join("checkpoint/inventory.img"), b"inv").unwrap();
-        std::fs::write(work.path().join("config.dump"), b"{}").unwrap();
-        let path = tar_dir(work.path(), out.path(), "a.tar").unwrap();
-        let mut names: Vec<String> = tar::Archive::new(std::fs::File::open(&path).unwrap())
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["checkpoint/", "checkpoint/inventory.img", "config.dump"]);
-        assert!(!out.path().join(".a.tar.tmp").exists());
-    }
-
-    #[test]
-    fn rootfs_diff_is_applied_and_deleted_files_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let rootfs = tempfile::tempdir().unwrap();
-        std::fs::write(rootfs.path().join("old"), b"x").unwrap();
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(3);
-        h.set_mode(0o644);
-        tar.append_data(&mut h, "etc/new", &b"new"[..]).unwrap();
-        std::fs::write(dir.path().join("rootfs-diff.tar"), tar.into_inner().unwrap()).unwrap();
-        std::fs::write(dir.path().join("deleted.files"), br#"["/old"]"#).unwrap();
-        apply_rootfs_diff(dir.path(), rootfs.path()).unwrap();
-        assert_eq!(std::fs::read(rootfs.path().join("etc/new")).unwrap(), b"new");
-        assert!(!rootfs.path().join("old").exists());
-        std::fs::write(dir.path().join("deleted.files"), br#"["/../../etc/passwd"]"#).unwrap();
-        assert!(apply_rootfs_diff(dir.path(), rootfs.path()).is_err());
-    }
-}
+mod tests;

@@ -1,10 +1,14 @@
 //! Choosing the target node: the scheduler's hard rules that matter for a single pod
-//! (cordon, readiness, nodeSelector, required node affinity, taints, resource requests),
+//! (cordon, readiness, nodeSelector, required node affinity, taints, resource requests,
+//! required pod (anti-)affinity, hard topology spread),
 //! then the least loaded node. Pure: nodes and pods in, a choice or every node's reason out.
+
+mod node_rules;
+mod pod_rules;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Toleration};
+use k8s_openapi::api::core::v1::{Node, Pod};
 
 use super::quantity::Resources;
 
@@ -20,6 +24,11 @@ pub enum Unfit {
     NodeAffinity,
     Taint(String),
     Insufficient(&'static str),
+    /// Required pod anti-affinity (the pod's or the named pod's) rules the node out.
+    PodAntiAffinity(String),
+    PodAffinity,
+    /// Placing the pod here would exceed `maxSkew` over this topology key.
+    TopologySpread(String),
     /// This migration gave up on the node (its agent stopped answering).
     GaveUp,
 }
@@ -36,7 +45,10 @@ impl std::fmt::Display for Unfit {
             Unfit::NodeAffinity => f.write_str("does not match the pod's required node affinity"),
             Unfit::Taint(t) => write!(f, "has untolerated taint {t}"),
             Unfit::Insufficient(r) => write!(f, "has insufficient {r}"),
-            Unfit::GaveUp => f.write_str("stopped answering during this migration"),
+            Unfit::PodAntiAffinity(p) => write!(f, "is ruled out by pod anti-affinity with pod {p}"),
+            Unfit::PodAffinity => f.write_str("has no pod the pod's required pod affinity asks for"),
+            Unfit::TopologySpread(k) => write!(f, "would exceed the pod's topology spread maxSkew over {k}"),
+            Unfit::GaveUp => f.write_str("was lost during this migration"),
         }
     }
 }
@@ -137,7 +149,6 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
     if name == input.source_node {
         return Err(Unfit::IsSource);
     }
-    let spec = node.spec.clone().unwrap_or_default();
     if let Some(unfit) = node_unfit(node) {
         return Err(unfit);
     }
@@ -148,41 +159,11 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
         return Err(Unfit::NoAgent);
     }
     let pod_spec = input.pod.spec.clone().unwrap_or_default();
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    if let Some(selector) = &pod_spec.node_selector
-        && !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-    {
-        return Err(Unfit::NodeSelector);
+    node_rules::matches_pod(&pod_spec, node)?;
+    if let Some(taint) = node_rules::untolerated_taint(&pod_spec, node) {
+        return Err(Unfit::Taint(taint));
     }
-    if let Some(required) = pod_spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
-        && !required
-            .node_selector_terms
-            .iter()
-            .any(|t| term_matches(t, name, &labels))
-    {
-        return Err(Unfit::NodeAffinity);
-    }
-    let tolerations = pod_spec.tolerations.unwrap_or_default();
-    for taint in spec.taints.unwrap_or_default() {
-        if taint.effect == "PreferNoSchedule" {
-            continue;
-        }
-        if !tolerations
-            .iter()
-            .any(|t| tolerates(t, &taint.key, taint.value.as_deref(), &taint.effect))
-        {
-            return Err(Unfit::Taint(format!(
-                "{}={}:{}",
-                taint.key,
-                taint.value.unwrap_or_default(),
-                taint.effect
-            )));
-        }
-    }
+    pod_rules::check(input, node)?;
     let allocatable = node
         .status
         .as_ref()
@@ -194,53 +175,6 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
     after.pods += 1.0;
     after.fits_in(&allocatable).map_err(Unfit::Insufficient)?;
     Ok(after.load(&allocatable))
-}
-
-fn term_matches(term: &NodeSelectorTerm, name: &str, labels: &BTreeMap<String, String>) -> bool {
-    let exprs = term.match_expressions.as_deref().unwrap_or_default();
-    let fields = term.match_fields.as_deref().unwrap_or_default();
-    if exprs.is_empty() && fields.is_empty() {
-        return false; // an empty term matches nothing (as in the scheduler)
-    }
-    exprs
-        .iter()
-        .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
-        && fields
-            .iter()
-            .all(|r| r.key == "metadata.name" && requirement_matches(r, Some(name)))
-}
-
-fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = r.values.as_deref().unwrap_or_default();
-    match r.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (
-                value.and_then(|v| v.parse::<i64>().ok()),
-                values.first().and_then(|b| b.parse::<i64>().ok()),
-            ) else {
-                return false;
-            };
-            if r.operator == "Gt" { v > bound } else { v < bound }
-        }
-        _ => false,
-    }
-}
-
-fn tolerates(t: &Toleration, key: &str, value: Option<&str>, effect: &str) -> bool {
-    if let Some(e) = t.effect.as_deref()
-        && !e.is_empty()
-        && e != effect
-    {
-        return false;
-    }
-    match t.operator.as_deref().unwrap_or("Equal") {
-        "Exists" => t.key.as_deref().is_none_or(|k| k.is_empty() || k == key),
-        _ => t.key.as_deref() == Some(key) && t.value.as_deref().unwrap_or("") == value.unwrap_or(""),
-    }
 }
 
 /// Effective requests of a pod: the larger of the sum of its containers and its largest

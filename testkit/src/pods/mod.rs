@@ -21,7 +21,6 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    checkpoint::rfc3339,
     container::{
         Container, ContainerError, ContainerSpec, Memory, Mount, Origin, STATE_BYTES_ENV, STATE_SEED_ENV, default_seed,
         parse_state_bytes, parse_state_seed,
@@ -29,6 +28,10 @@ use crate::{
     crun::{Crun, CrunError, RunSpec},
     restore::{ImageRef, Puller, REASON_CREATE, RestoreError},
 };
+
+mod status;
+
+use status::{ContainerView, StatusTracker, fake_image_id};
 
 /// The address every pod and the node have.
 pub const POD_IP: &str = "127.0.0.1";
@@ -117,159 +120,6 @@ fn backoff(attempts: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
-/// What the status of one container is built from.
-enum ContainerView<'a> {
-    Creating,
-    Failed(&'a Failure),
-    Running(&'a Container),
-    Terminated(&'a Container),
-}
-
-/// Remembers what was reported, so transitions keep their times and nothing is sent twice.
-struct StatusTracker {
-    start_time: String,
-    transitions: HashMap<String, (String, String)>,
-    last_sent: Option<Value>,
-}
-
-impl StatusTracker {
-    fn new(pod: &Pod) -> Self {
-        let status = pod.status.as_ref();
-        let start_time = status
-            .and_then(|s| s.start_time.as_ref())
-            .map(|t| rfc3339(t.0))
-            .unwrap_or_else(|| rfc3339(Timestamp::now()));
-        let transitions = status
-            .and_then(|s| s.conditions.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|c| {
-                let time = c.last_transition_time.as_ref()?;
-                Some((c.type_.clone(), (c.status.clone(), rfc3339(time.0))))
-            })
-            .collect();
-        Self {
-            start_time,
-            transitions,
-            last_sent: None,
-        }
-    }
-
-    fn condition(&mut self, kind: &str, ok: bool, reason: Option<&str>, message: Option<String>) -> Value {
-        let status = if ok { "True" } else { "False" };
-        let entry = self
-            .transitions
-            .entry(kind.to_string())
-            .or_insert_with(|| (status.to_string(), rfc3339(Timestamp::now())));
-        if entry.0 != status {
-            *entry = (status.to_string(), rfc3339(Timestamp::now()));
-        }
-        let mut c = json!({
-            "type": kind,
-            "status": status,
-            "lastProbeTime": null,
-            "lastTransitionTime": entry.1,
-        });
-        if let Some(reason) = reason {
-            c["reason"] = json!(reason);
-        }
-        if let Some(message) = message {
-            c["message"] = json!(message);
-        }
-        c
-    }
-
-    /// The full status of `pod` with `views` for its containers (in spec order).
-    fn status(&mut self, pod: &Pod, views: &[(String, String, ContainerView<'_>)], terminal: bool) -> Value {
-        let all_running = views.iter().all(|(_, _, v)| matches!(v, ContainerView::Running(_)));
-        let unready: Vec<&str> = views
-            .iter()
-            .filter(|(_, _, v)| !matches!(v, ContainerView::Running(_)))
-            .map(|(n, _, _)| n.as_str())
-            .collect();
-        let phase = if terminal {
-            "Succeeded"
-        } else if all_running {
-            "Running"
-        } else {
-            "Pending"
-        };
-        let (ready_reason, ready_message) = if terminal {
-            (Some("PodCompleted"), None)
-        } else if all_running {
-            (None, None)
-        } else {
-            (
-                Some("ContainersNotReady"),
-                Some(format!("containers with unready status: [{}]", unready.join(" "))),
-            )
-        };
-        let mut conditions = vec![
-            self.condition("PodReadyToStartContainers", !terminal, None, None),
-            self.condition("Initialized", true, None, None),
-            self.condition("Ready", all_running && !terminal, ready_reason, ready_message.clone()),
-            self.condition("ContainersReady", all_running && !terminal, ready_reason, ready_message),
-            self.condition("PodScheduled", true, None, None),
-        ];
-        // Conditions owned by others (DisruptionTarget, readiness gates) are kept as they are.
-        let ours = [
-            "PodReadyToStartContainers",
-            "Initialized",
-            "Ready",
-            "ContainersReady",
-            "PodScheduled",
-        ];
-        for c in pod.status.iter().flat_map(|s| s.conditions.iter().flatten()) {
-            if !ours.contains(&c.type_.as_str())
-                && let Ok(v) = serde_json::to_value(c)
-            {
-                conditions.push(v);
-            }
-        }
-        let container_statuses: Vec<Value> = views
-            .iter()
-            .map(|(name, image, view)| container_status(name, image, view))
-            .collect();
-        let init_statuses: Vec<Value> = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.init_containers.iter().flatten())
-            .map(|c| {
-                json!({
-                    "name": c.name,
-                    "image": c.image.clone().unwrap_or_default(),
-                    "imageID": fake_image_id(c.image.as_deref().unwrap_or_default()),
-                    "containerID": format!("test-kubelet://{}", hex::encode(Sha256::digest(format!("{}/{}", pod.uid().unwrap_or_default(), c.name)))),
-                    "ready": true,
-                    "started": false,
-                    "restartCount": 0,
-                    "state": {"terminated": {
-                        "exitCode": 0,
-                        "reason": "Completed",
-                        "startedAt": self.start_time,
-                        "finishedAt": self.start_time,
-                    }},
-                })
-            })
-            .collect();
-        let mut status = json!({
-            "phase": phase,
-            "conditions": conditions,
-            "hostIP": POD_IP,
-            "hostIPs": [{"ip": POD_IP}],
-            "podIP": POD_IP,
-            "podIPs": [{"ip": POD_IP}],
-            "startTime": self.start_time,
-            "containerStatuses": container_statuses,
-        });
-        if !init_statuses.is_empty() {
-            status["initContainerStatuses"] = json!(init_statuses);
-        }
-        status
-    }
-}
-
-/// The imageID of an image that was not really pulled: `<name>@sha256:<hash of the name>`.
 /// A new container id: 64 hex characters, like a runtime's.
 fn container_id(spec: &ContainerSpec) -> String {
     hex::encode(Sha256::digest(format!(
@@ -278,44 +128,6 @@ fn container_id(spec: &ContainerSpec) -> String {
         spec.name,
         Timestamp::now().as_nanosecond()
     )))
-}
-
-fn fake_image_id(image: &str) -> String {
-    let name = image.split('@').next().unwrap_or(image);
-    let name = match name.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => repo,
-        _ => name,
-    };
-    format!("{name}@sha256:{}", hex::encode(Sha256::digest(image.as_bytes())))
-}
-
-fn container_status(name: &str, image: &str, view: &ContainerView<'_>) -> Value {
-    match view {
-        ContainerView::Creating => json!({
-            "name": name, "image": image, "imageID": "", "ready": false, "started": false, "restartCount": 0,
-            "state": {"waiting": {"reason": "ContainerCreating"}},
-        }),
-        ContainerView::Failed(f) => json!({
-            "name": name, "image": image, "imageID": "", "ready": false, "started": false, "restartCount": 0,
-            "state": {"waiting": {"reason": f.reason, "message": f.message}},
-        }),
-        ContainerView::Running(c) => json!({
-            "name": name, "image": image, "imageID": c.image_id, "containerID": format!("test-kubelet://{}", c.id),
-            "ready": true, "started": true, "restartCount": 0,
-            "state": {"running": {"startedAt": rfc3339(c.started_at)}},
-        }),
-        ContainerView::Terminated(c) => json!({
-            "name": name, "image": image, "imageID": c.image_id, "containerID": format!("test-kubelet://{}", c.id),
-            "ready": false, "started": false, "restartCount": 0,
-            "state": {"terminated": {
-                "exitCode": 0,
-                "reason": "Completed",
-                "startedAt": rfc3339(c.started_at),
-                "finishedAt": rfc3339(c.finished_at().unwrap_or_else(Timestamp::now)),
-                "containerID": format!("test-kubelet://{}", c.id),
-            }},
-        }),
-    }
 }
 
 /// Why a pod worker stops running its pod.
@@ -755,127 +567,4 @@ impl PodManager {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(3), Duration::from_secs(4));
-        assert_eq!(backoff(10), BACKOFF_MAX);
-    }
-
-    #[test]
-    fn fake_image_ids_look_like_digests() {
-        let id = fake_image_id("registry.local/counter:1");
-        assert!(id.starts_with("registry.local/counter@sha256:"), "{id}");
-        assert!(fake_image_id("localhost:5000/x").starts_with("localhost:5000/x@sha256:"));
-    }
-
-    fn pod() -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
-            "spec": {
-                "nodeName": "node-a",
-                "initContainers": [{"name": "init", "image": "busybox"}],
-                "containers": [{"name": "a", "image": "img:1"}, {"name": "b", "image": "img:2"}]
-            },
-            "status": {"conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-                {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
-            ]}
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn pending_status_names_unready_containers_and_keeps_foreign_conditions() {
-        let pod = pod();
-        let mut tracker = StatusTracker::new(&pod);
-        let failure = Failure {
-            reason: "ErrImagePull",
-            message: "boom".into(),
-            attempts: 1,
-            retry_at: Instant::now(),
-        };
-        let views = vec![
-            ("a".to_string(), "img:1".to_string(), ContainerView::Creating),
-            ("b".to_string(), "img:2".to_string(), ContainerView::Failed(&failure)),
-        ];
-        let status = tracker.status(&pod, &views, false);
-        assert_eq!(status["phase"], "Pending");
-        let conditions = status["conditions"].as_array().unwrap();
-        let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["message"], "containers with unready status: [a b]");
-        let scheduled = conditions.iter().find(|c| c["type"] == "PodScheduled").unwrap();
-        assert_eq!(scheduled["lastTransitionTime"], "2026-01-01T00:00:00Z");
-        assert!(conditions.iter().any(|c| c["type"] == "DisruptionTarget"));
-        assert_eq!(
-            status["containerStatuses"][0]["state"]["waiting"]["reason"],
-            "ContainerCreating"
-        );
-        assert_eq!(
-            status["containerStatuses"][1]["state"]["waiting"]["reason"],
-            "ErrImagePull"
-        );
-        assert_eq!(status["containerStatuses"][1]["state"]["waiting"]["message"], "boom");
-        assert_eq!(
-            status["initContainerStatuses"][0]["state"]["terminated"]["reason"],
-            "Completed"
-        );
-        // The typed API accepts it.
-        let _: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(status).unwrap();
-    }
-
-    #[tokio::test]
-    async fn running_then_terminal_status() {
-        let pod = pod();
-        let mut tracker = StatusTracker::new(&pod);
-        let spec = |n: &str| ContainerSpec {
-            namespace: "ns".into(),
-            pod: "p".into(),
-            pod_uid: "u1".into(),
-            name: n.into(),
-            image: "img".into(),
-            mounts: vec![],
-        };
-        let a = Container::start(
-            spec("a"),
-            "img@sha256:1".into(),
-            Memory::from_vec(vec![]),
-            Origin::Fresh,
-        );
-        let b = Container::start(
-            spec("b"),
-            "img@sha256:2".into(),
-            Memory::from_vec(vec![]),
-            Origin::Fresh,
-        );
-        let views = vec![
-            ("a".to_string(), "img:1".to_string(), ContainerView::Running(&a)),
-            ("b".to_string(), "img:2".to_string(), ContainerView::Running(&b)),
-        ];
-        let status = tracker.status(&pod, &views, false);
-        assert_eq!(status["phase"], "Running");
-        assert_eq!(status["podIP"], POD_IP);
-        assert_eq!(status["containerStatuses"][0]["ready"], true);
-        assert_eq!(status["containerStatuses"][0]["imageID"], "img@sha256:1");
-        for c in status["conditions"].as_array().unwrap() {
-            if c["type"] != "DisruptionTarget" {
-                assert_eq!(c["status"], "True", "{c}");
-            }
-        }
-        a.stop();
-        b.stop();
-        let views = vec![
-            ("a".to_string(), "img:1".to_string(), ContainerView::Terminated(&a)),
-            ("b".to_string(), "img:2".to_string(), ContainerView::Terminated(&b)),
-        ];
-        let status = tracker.status(&pod, &views, true);
-        assert_eq!(status["phase"], "Succeeded");
-        assert_eq!(status["containerStatuses"][1]["state"]["terminated"]["exitCode"], 0);
-        let _: k8s_openapi::api::core::v1::PodStatus = serde_json::from_value(status).unwrap();
-    }
-}
+mod tests;
