@@ -512,6 +512,7 @@ async fn agent_run(
         namespace: "bench".into(),
         pod: "app".into(),
         archives: vec![reference.clone()],
+        pull_digest: None,
     };
     let images = client.build_image(url, id, &request).await.unwrap();
     let image_seconds = start.elapsed().as_secs_f64();

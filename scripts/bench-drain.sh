@@ -93,6 +93,15 @@ wait_running() { # n [node]
   done
 }
 
+wait_ended() { # n: PodMigrations Succeeded or Failed
+  local n=$1 deadline=$((SECONDS + 300))
+  until [[ $(kubectl -n "$NS" get podmigrations -o json |
+    jq '[.items[] | select(.status.phase == "Succeeded" or .status.phase == "Failed")] | length') -ge $n ]]; do
+    ((SECONDS < deadline)) || { log "timed out waiting for $n migrations to end"; return 0; }
+    sleep 0.5
+  done
+}
+
 # setup N ANNOTATE — fresh namespace, N apps all Running on node-a.
 setup() {
   kubectl delete namespace "$NS" --wait=true --timeout=300s >/dev/null 2>&1 || true
@@ -118,6 +127,9 @@ for n in $PODS; do
   setup "$n" true
   t0=$(now); drain; t_km=$(elapsed "$t0")
   wait_running "$n"
+  # A replacement is Running a moment before it is Ready and its migration Succeeded: read
+  # the PodMigrations once every one has ended (a loaded machine showed the gap).
+  wait_ended "$n"
   kubectl -n "$NS" get podmigrations -o json > "$KM_OUT/pm.json"
   ok=$(jq '[.items[] | select(.status.phase == "Succeeded")] | length' "$KM_OUT/pm.json")
   [[ $ok -eq $n ]] || { log "only $ok of $n migrations succeeded"; jq -r '.items[] | "\(.metadata.name) \(.status.phase) \(.status.message)"' "$KM_OUT/pm.json" >&2; exit 1; }

@@ -42,6 +42,9 @@ results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 cargo test --workspace --locked 2>&1 | tee -a "$results"
 
+step "image writer unit tests (scripts/test_oci_image.py)"
+python3 -m unittest discover -s scripts -p 'test_*.py'
+
 if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
   echo "end-to-end scenarios skipped (KUBE_MIGRATE_SKIP_E2E=1)"
 else

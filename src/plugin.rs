@@ -105,6 +105,8 @@ pub fn check_target(
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
         .unwrap_or_default();
+    // A restored pod's pin to its current node is kube-migrate's, not the user's.
+    let pod = &crate::replacement::without_restore(pod);
     match placement::choose(&PlacementInput {
         pod,
         source_node: source,

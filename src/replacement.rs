@@ -41,6 +41,20 @@ fn set_annotation(pod: &mut Pod, key: &str, value: &str) {
         .insert(key.to_string(), value.to_string());
 }
 
+/// List the pull Secrets of `migrations` in a new replacement's `imagePullSecrets` (the field
+/// is immutable once the pod exists: only its creation can carry them; see
+/// `controller::pull`). The kubelet tries each for the registry it pulls from.
+pub fn add_pull_secrets<'a>(pod: &mut Pod, migrations: impl IntoIterator<Item = &'a str>) {
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let secrets = spec.image_pull_secrets.get_or_insert_with(Vec::new);
+    for m in migrations {
+        let name = api::pull_secret_name(m);
+        if !secrets.iter().any(|s| s.name == name) {
+            secrets.push(k8s_openapi::api::core::v1::LocalObjectReference { name });
+        }
+    }
+}
+
 /// Gate a pod for the controller to bind later (several candidate migrations).
 pub fn gate_for_owner(pod: &mut Pod, owner_uid: &str) {
     set_annotation(pod, api::RESTORE_OWNER, owner_uid);

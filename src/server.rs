@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, tls::PeerIdentity};
 
 /// Bounds of a TLS listener: a peer that connects and stays silent, or opens connections by
 /// the thousand, must not hold the server's memory or tasks.
@@ -91,7 +91,15 @@ pub async fn serve_tls_with(
                     return;
                 }
             };
-            let service = TowerToHyperService::new(router);
+            // Who the client proved to be (mTLS listeners), for handlers that authorise.
+            let peer_identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| PeerIdentity::from_certificate(c))
+                .unwrap_or_default();
+            let service = TowerToHyperService::new(router.layer(axum::Extension(Arc::new(peer_identity))));
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -270,3 +270,36 @@ pub fn agent_client_config(
         .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
         .with_client_cert_resolver(identity))
 }
+
+/// The names a TLS client proved with its certificate (DNS SANs and the common name), for
+/// handlers that authorise by caller. Empty when the client showed no certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub names: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// The identity in a client's (already verified) leaf certificate.
+    pub fn from_certificate(der: &[u8]) -> Self {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return Self::default();
+        };
+        let mut names: Vec<String> = cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+            .collect();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            names.extend(san.value.general_names.iter().filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            }));
+        }
+        Self { names }
+    }
+
+    pub fn is(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+}

@@ -15,7 +15,7 @@ use axum::{
 use http_body_util::BodyExt;
 use kube_migrate::{
     agent::{
-        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest},
+        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest, pull_digest},
         client::{AgentClient, ClientError, empty_body, https_client},
         kubelet::{KubeletClient, kubelet_tls},
         registry,
@@ -125,8 +125,9 @@ async fn setup() -> (Env, Agent, Agent, AgentClient) {
     install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
+    // No extra SANs: the runtime dials the registry on 127.0.0.1, which the agent
+    // certificate must name by default (the pull below verifies it).
     let request = certs::Request {
-        extra_sans: vec!["127.0.0.1".into()],
         days: 1,
         ..Default::default()
     };
@@ -232,6 +233,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
                 namespace: "shop".into(),
                 pod: "db-0".into(),
                 archives: refs,
+                pull_digest: Some(pull_digest("s3cret")),
             },
         )
         .await
@@ -244,14 +246,17 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
 
     // Pull through the registry endpoint like a runtime would.
     let http = https_client(client_config(&env.certs.join("ca.crt"), None).unwrap());
-    let get = |path: String| {
+    let get_as = |path: String, password: Option<&'static str>| {
         let http = http.clone();
         async move {
             let uri = format!("https://127.0.0.1:{}{path}", target.registry.port());
-            let response = http
-                .request(hyper::Request::get(uri).body(empty_body()).unwrap())
-                .await
-                .unwrap();
+            let mut request = hyper::Request::get(uri);
+            if let Some(password) = password {
+                use base64::Engine;
+                let basic = base64::engine::general_purpose::STANDARD.encode(format!("kube-migrate:{password}"));
+                request = request.header("authorization", format!("Basic {basic}"));
+            }
+            let response = http.request(request.body(empty_body()).unwrap()).await.unwrap();
             let status = response.status();
             let digest = response
                 .headers()
@@ -260,7 +265,17 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
             (status, digest, response.into_body().collect().await.unwrap().to_bytes())
         }
     };
-    let (status, digest, body) = get(format!("/v2/kube-migrate/{ID}/manifests/app")).await;
+    // Only the pull that holds this migration's credential is served (the runtime, given
+    // the replacement's pull Secret by the kubelet); a local process without it is not.
+    let manifest_path = format!("/v2/kube-migrate/{ID}/manifests/app");
+    let (status, _, _) = get_as("/v2/".into(), None).await;
+    assert_eq!(status, 401, "the ping asks for credentials");
+    let (status, _, body) = get_as(manifest_path.clone(), None).await;
+    assert_eq!(status, 401, "anonymous: {}", String::from_utf8_lossy(&body));
+    let (status, _, _) = get_as(manifest_path.clone(), Some("guess")).await;
+    assert_eq!(status, 403, "wrong password");
+    let get = |path: String| get_as(path, Some("s3cret"));
+    let (status, digest, body) = get(manifest_path).await;
     assert_eq!(status, 200);
     assert_eq!(digest.as_deref(), Some(images.images[0].manifest_digest.as_str()));
     let manifest: Value = serde_json::from_slice(&body).unwrap();
@@ -276,11 +291,34 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
     let (status, _, _) = get(format!("/v2/kube-migrate/{ID}/manifests/nope")).await;
     assert_eq!(status, 404);
 
+    // Checkpoint memory at rest: every file 0600, every directory 0700, on both nodes.
+    for agent in [&source, &target] {
+        let mut seen = 0;
+        assert_private(&agent.state_dir, &mut seen);
+        assert!(seen >= 1, "{:?} holds the migration's record", agent.state_dir);
+    }
+
     // Deleting forgets everything, the kubelet's archives included.
     controller.delete(&source.url, ID).await.unwrap();
     controller.delete(&target.url, ID).await.unwrap();
     assert!(!std::path::Path::new(&app.path).exists());
     assert!(!target.state_dir.join("migrations").join(ID).exists());
+}
+
+fn assert_private(dir: &std::path::Path, seen: &mut usize) {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(dir).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{dir:?} is {mode:o}");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            assert_private(&path, seen);
+        } else {
+            let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{path:?} is {mode:o}");
+            *seen += 1;
+        }
+    }
 }
 
 #[tokio::test]
@@ -480,6 +518,56 @@ async fn hostile_checkpoint_requests_are_refused_not_panicked_on() {
         .await
         .expect("a huge timeout is clamped, not a panic");
     assert_eq!(answer.archives.len(), 1);
+}
+
+/// An agent certificate (what root on any node holds) cannot drive another agent, and the
+/// controller's cannot hand it archives: each caller may do only its own part.
+#[tokio::test]
+async fn each_caller_may_do_only_its_own_part() {
+    let (env, source, target, controller) = setup().await;
+    let agent_identity = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let rogue = AgentClient::new(
+        agent_client_config(&env.certs.join("ca.crt"), agent_identity, "kube-migrate-agent").unwrap(),
+        Duration::from_secs(30),
+    );
+    let forbidden = |err: ClientError| {
+        assert!(
+            matches!(&err, ClientError::Status { status, reason, .. } if status.as_u16() == 403 && reason == "forbidden"),
+            "{err}"
+        );
+    };
+    forbidden(
+        rogue
+            .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        std::fs::read_dir(&env.kubelet_dir).unwrap().next().is_none(),
+        "no checkpoint was taken"
+    );
+    // The controller checkpoints; an agent identity still may not push it anywhere.
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let push = PushRequest {
+        target_id: None,
+        target: target.url.clone(),
+        archives: refs_of(&answer),
+    };
+    forbidden(rogue.push(&source.url, ID, &push).await.unwrap_err());
+    forbidden(rogue.delete(&source.url, ID).await.unwrap_err());
+    // The controller may not write archives into an agent either: only agents send them.
+    let file = tokio::fs::File::open(&answer.archives[0].path).await.unwrap();
+    forbidden(
+        controller
+            .upload(&target.url, ID, &refs_of(&answer)[0], file)
+            .await
+            .unwrap_err(),
+    );
+    // The real path still works end to end.
+    controller.push(&source.url, ID, &push).await.unwrap();
 }
 
 #[tokio::test]

@@ -12,6 +12,58 @@ use kube_migrate_e2e::{
     must, node_of, plugin, running_pods_in,
 };
 
+/// HTTP status of an anonymous (or `user:password`) manifest request for `image` at the
+/// registry it names, as any local process could make it.
+fn registry_status(image: &str, credential: Option<&str>) -> u16 {
+    let (host, rest) = image.split_once('/').expect("host/repository:tag");
+    let (repository, tag) = rest.rsplit_once(':').expect("a tag");
+    let ca = format!(
+        "{}/km/certs/ca.crt",
+        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
+    );
+    let url = format!("https://{host}/v2/{repository}/manifests/{tag}");
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &ca, &url]);
+    if let Some(c) = credential {
+        curl.args(["-u", c]);
+    }
+    let out = curl.output().expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// `user:password` from a dockerconfigjson pull Secret.
+fn pull_password(ns: &str, secret: &str) -> String {
+    let run = kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        ns,
+        secret,
+        "-o",
+        "jsonpath={.data.\\.dockerconfigjson}",
+    ]);
+    assert!(run.ok, "pull Secret {secret}: {}", run.all());
+    let config = base64_decode(run.stdout.trim());
+    let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    let auth = config["auths"].as_object().unwrap().values().next().unwrap()["auth"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    String::from_utf8(base64_decode(&auth)).unwrap()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
 /// The memory checksum and counter a container started with, from its first log line.
 fn start_line(ns: &str, pod: &str, container: &str) -> Option<String> {
     first_log_line(ns, pod, container)
@@ -165,6 +217,22 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
                 .all(|c| c.digest.as_deref().is_some_and(|d| d.starts_with("sha256:")) && c.size_bytes > Some(0))
         );
         assert_ne!(s.target_node.as_deref(), Some("node-a"));
+        // The checkpoint image holds the pod's memory: the target's registry serves it only
+        // to the pull holding this migration's credential (the replacement's pull Secret).
+        let image = s.containers[0].image.clone().unwrap_or_default();
+        let secret = format!("{}-pull", m.name_any());
+        assert_eq!(registry_status(&image, None), 401, "anonymous pull of {image}");
+        assert_eq!(
+            registry_status(&image, Some("kube-migrate:guess")),
+            403,
+            "wrong password"
+        );
+        let password = pull_password(ns, &secret);
+        assert_eq!(
+            registry_status(&image, Some(&password)),
+            200,
+            "the pull Secret's credential"
+        );
         println!(
             "{:<16} {} -> {}  {}  downtime {:.2}s  source window {:.2}s",
             m.spec.pod_name,

@@ -456,3 +456,64 @@ async fn restored_without(ns: &str, lost: &str, sha: &str, timeout: Duration) ->
     assert_eq!(field(&line, "memory_sha256"), Some(sha), "memory intact: {line}");
     Ok(())
 }
+
+/// Scenario 21: a pod migrated once migrates again. The replacement carries kube-migrate's pin
+/// to the node it was restored on; its next drain used to find no node but that one ("does not
+/// match the pod's required node affinity") and evicted it without its state. Two hops, the
+/// memory checksum equal after both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s21_a_restored_pod_migrates_again() -> anyhow::Result<()> {
+    let ns = "e2e-hops";
+    fresh_namespace(ns);
+    let before = start_on_node_a(ns, &opted_in_deployment(ns, "hopper", "hops", 64 << 20, ""), 1).await?;
+    let line = eventually("first log line", Duration::from_secs(60), || async {
+        Ok(first_log_line(ns, &before[0].name_any(), "app"))
+    })
+    .await?;
+    let sha = field(&line, "memory_sha256").unwrap().to_string();
+    let drain = tokio::task::spawn_blocking(|| drain_a("e2e=hops")).await?;
+    must(&["uncordon", "node-a"]);
+    assert!(drain.ok, "first drain:\n{}", drain.all());
+    let first = migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await?;
+    let hop1 = first[0].target_node().unwrap_or_default().to_string();
+    let after1 = running_pods_in(ns, 1).await?;
+    assert_eq!(node_of(&after1[0]), hop1);
+
+    let node = hop1.clone();
+    let second = tokio::task::spawn_blocking(move || {
+        kubectl(&[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--force",
+            "--timeout=300s",
+            "--pod-selector",
+            "e2e=hops",
+        ])
+    })
+    .await?;
+    must(&["uncordon", &hop1]);
+    assert!(second.ok, "second drain:\n{}", second.all());
+    let both = migrations_succeeded(ns, 2, Duration::from_secs(120), |_| true).await?;
+    let hop2 = both
+        .iter()
+        .find(|m| m.spec.source_node == hop1)
+        .and_then(|m| m.target_node())
+        .expect("the second migration starts from the first target")
+        .to_string();
+    assert_ne!(hop2, hop1);
+    let after2 = running_pods_in(ns, 1).await?;
+    assert_eq!(node_of(&after2[0]), hop2);
+    assert_ne!(after2[0].metadata.uid, after1[0].metadata.uid);
+    let line = first_log_line(ns, &after2[0].name_any(), "app").unwrap_or_default();
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    assert_eq!(
+        field(&line, "memory_sha256"),
+        Some(sha.as_str()),
+        "memory intact after two hops: {line}"
+    );
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}

@@ -86,6 +86,19 @@ pub struct ImageRequest {
     pub namespace: String,
     pub pod: String,
     pub archives: Vec<ArchiveRef>,
+    /// `sha256:<hex>` of the password the runtime must present to pull these images (see
+    /// [`pull_digest`]); the agent keeps only this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_digest: Option<String>,
+}
+
+/// Username of every checkpoint image pull credential.
+pub const PULL_USER: &str = "kube-migrate";
+
+/// What the agent stores of a pull password.
+pub fn pull_digest(password: &str) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(password.as_bytes())))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -64,11 +64,7 @@ pub fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     Ok(layout.join("blobs").join("sha256").join(hex))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
-}
+use super::private::{self, write_atomic};
 
 fn write_blob(layout: &Path, bytes: &[u8]) -> Result<(String, u64), ImageError> {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
@@ -98,7 +94,7 @@ pub fn build(
     info: &ArchiveInfo,
     created: &str,
 ) -> Result<BuiltImage, ImageError> {
-    std::fs::create_dir_all(layout.join("blobs").join("sha256"))?;
+    private::dir_all(&layout.join("blobs").join("sha256"))?;
     write_atomic(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
 
     let layer = blob_path(layout, &info.digest)?;

@@ -4,10 +4,12 @@
 
 pub mod api;
 pub mod archive;
+pub mod authz;
 pub mod chunks;
 pub mod client;
 pub mod image;
 pub mod kubelet;
+pub mod private;
 pub mod receive;
 pub mod registry;
 pub mod server;

@@ -167,7 +167,7 @@ fn validate_chunks(mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> 
 /// The writer thread. Once the archive is known to be invalid it only drains (the validator
 /// still needs every byte for the digest).
 fn write_chunks(path: &Path, mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Result<File, ReceiveError> {
-    let mut file = File::create(path).map_err(io_err(path))?;
+    let mut file = super::private::create(path).map_err(io_err(path))?;
     while let Some(chunk) = rx.blocking_recv() {
         if !invalid.load(Ordering::Relaxed) {
             file.write_all(&chunk).map_err(io_err(path))?;

@@ -3,8 +3,11 @@
 //! `/v2/kube-migrate/<id>/blobs/<digest>`).
 //!
 //! Checkpoint images hold the full memory of a container, secrets included, so the agent
-//! listens for this on loopback only (the DaemonSet uses the host network): only the node
-//! itself can pull.
+//! listens for this on loopback only (the DaemonSet uses the host network), and serves a
+//! migration's images only to a pull that presents its credential: HTTP Basic with the
+//! password whose digest the controller gave with the image build (the kubelet hands the
+//! runtime that password from the replacement pod's `imagePullSecrets`). Anonymous requests
+//! get 401 with a Basic challenge (what makes a client send its credentials), wrong ones 403.
 
 use axum::{
     Router,
@@ -16,19 +19,59 @@ use axum::{
 };
 use serde_json::json;
 
-use super::{chunks, image, store::Store};
+use super::{api, chunks, image, store::Store};
 
 /// Repository prefix of every checkpoint image.
 pub const REPOSITORY_PREFIX: &str = "kube-migrate";
 
 pub fn router(store: Store) -> Router {
     Router::new()
-        .route(
-            "/v2/",
-            get(|| async { ([("docker-distribution-api-version", "registry/2.0")], "{}") }),
-        )
+        .route("/v2/", get(ping))
         .route("/v2/{*path}", get(serve).head(serve))
         .with_state(store)
+}
+
+/// The API version check: clients learn here that credentials are needed.
+async fn ping(headers: HeaderMap) -> Response {
+    if basic_password(&headers).is_none() {
+        return challenge("credentials required".into());
+    }
+    ([("docker-distribution-api-version", "registry/2.0")], "{}").into_response()
+}
+
+fn challenge(message: String) -> Response {
+    let mut response = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"kube-migrate\""),
+    );
+    response
+}
+
+/// The password of an `Authorization: Basic` header for [`api::PULL_USER`].
+fn basic_password(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    (user == api::PULL_USER).then(|| password.to_string())
+}
+
+/// May this request read migration `id`'s images? `None`: yes; else the refusal to send.
+fn refusal(store: &Store, id: &str, headers: &HeaderMap) -> Option<Response> {
+    let Some(password) = basic_password(headers) else {
+        return Some(challenge(format!("credentials required for migration {id}")));
+    };
+    let expected = store.load(id).ok().flatten().and_then(|r| r.pull_digest);
+    match expected {
+        Some(digest) if digest == api::pull_digest(&password) => None,
+        _ => Some(oci_error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("these credentials may not pull migration {id}"),
+        )),
+    }
 }
 
 fn oci_error(status: StatusCode, code: &str, message: String) -> Response {
@@ -48,7 +91,7 @@ fn parse(path: &str) -> Option<(&str, &str, &str)> {
     (matches!(kind, "manifests" | "blobs") && !reference.contains('/')).then_some((id, kind, reference))
 }
 
-async fn serve(State(store): State<Store>, method: Method, Path(path): Path<String>) -> Response {
+async fn serve(State(store): State<Store>, method: Method, headers: HeaderMap, Path(path): Path<String>) -> Response {
     let Some((id, kind, reference)) = parse(&path) else {
         return oci_error(
             StatusCode::NOT_FOUND,
@@ -56,6 +99,9 @@ async fn serve(State(store): State<Store>, method: Method, Path(path): Path<Stri
             format!("no repository at {path}"),
         );
     };
+    if let Some(denied) = refusal(&store, id, &headers) {
+        return denied;
+    }
     let layout = match store.layout(id) {
         Ok(l) => l,
         Err(e) => return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string()),

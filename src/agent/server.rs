@@ -23,6 +23,7 @@ use super::{
         ImageResponse, PushRequest, PushResponse, ReceiveResponse,
     },
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
+    authz::{self, Callers},
     client::{AgentClient, ClientError},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
@@ -56,6 +57,8 @@ pub enum AgentError {
     Corrupt(String),
     #[error(transparent)]
     Receive(#[from] ReceiveError),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl AgentError {
@@ -71,6 +74,7 @@ impl AgentError {
             AgentError::Io(_) => "io",
             AgentError::Corrupt(_) => "archive_corrupt",
             AgentError::Receive(e) => e.metric_label(),
+            AgentError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -79,6 +83,7 @@ impl AgentError {
             AgentError::BadRequest(_)
             | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::Archive(ArchiveError::Io(_))
             | AgentError::Receive(ReceiveError::Archive(ArchiveError::Io(_)) | ReceiveError::Io { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -116,6 +121,8 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     /// `host:port` under which this node's runtime reaches the registry endpoint.
     pub registry_host: String,
+    /// The certificate names of the controller and of agents (see [`super::authz`]).
+    pub callers: Callers,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -135,8 +142,16 @@ impl AgentState {
             peers,
             metrics,
             registry_host,
+            callers: Callers::default(),
             locks: Default::default(),
         })
+    }
+
+    /// The same state with other certificate names for the controller and the agents.
+    pub fn with_callers(self: Arc<Self>, callers: Callers) -> Arc<Self> {
+        let mut state = Arc::into_inner(self).expect("configured before it is shared");
+        state.callers = callers;
+        Arc::new(state)
     }
 
     /// One operation per migration at a time: a controller that retries after a restart
@@ -181,6 +196,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/migrations/{id}/archives/{container}", put(receive).get(held))
         .route("/v1/migrations/{id}/image", post(build_image))
         .route("/v1/migrations/{id}", delete(forget))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authz::authorise,
+        ))
         .with_state(state)
 }
 
@@ -396,6 +415,9 @@ async fn do_receive(
     // Hashed, validated and written in one pass; the part file is gone on any error.
     let info = receive::receive(body, &part, &expected).await?;
     tokio::fs::rename(&part, &final_path).await?;
+    if let Some(dir) = final_path.parent() {
+        crate::agent::private::sync_dir(dir)?;
+    }
     let mut record = state.store.load(id)?.unwrap_or_default();
     record.received.insert(
         container.to_string(),
@@ -459,6 +481,9 @@ async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Res
         .ok_or_else(|| AgentError::NotFound(format!("no archives for migration {id}")))?;
     record.namespace.clone_from(&req.namespace);
     record.pod.clone_from(&req.pod);
+    if req.pull_digest.is_some() {
+        record.pull_digest.clone_from(&req.pull_digest);
+    }
     state.store.save(id, &record)?;
     let layout = state.store.layout(id)?;
     let created = k8s_openapi::jiff::Timestamp::now().to_string();

@@ -17,7 +17,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::api::{self, ArchiveRecord};
+use super::{
+    api::{self, ArchiveRecord},
+    private,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,6 +63,9 @@ pub struct Record {
     /// Archives received (and validated) here, by container.
     #[serde(default)]
     pub received: BTreeMap<String, ArchiveRecord>,
+    /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_digest: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,7 +77,8 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         let migrations = root.join("migrations");
-        std::fs::create_dir_all(&migrations).map_err(io_err(&migrations))?;
+        private::dir_all(&migrations).map_err(io_err(&migrations))?;
+        private::dir_all(&root).map_err(io_err(&root))?;
         Ok(Self { root })
     }
 
@@ -89,7 +96,7 @@ impl Store {
     pub fn create_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         let dir = self.dir(id)?;
         let archives = dir.join("archives");
-        std::fs::create_dir_all(&archives).map_err(io_err(&archives))?;
+        private::dir_all(&archives).map_err(io_err(&archives))?;
         Ok(dir)
     }
 
@@ -118,13 +125,11 @@ impl Store {
     pub fn save(&self, id: &str, record: &Record) -> Result<(), StoreError> {
         let dir = self.create_dir(id)?;
         let path = dir.join("record.json");
-        let tmp = dir.join("record.json.tmp");
         let bytes = serde_json::to_vec_pretty(record).map_err(|source| StoreError::Record {
             path: path.clone(),
             source,
         })?;
-        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        private::write_atomic(&path, &bytes).map_err(io_err(&path))
     }
 
     /// Remove everything held for `id`, including the kubelet archives it checkpointed.

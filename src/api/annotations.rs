@@ -163,6 +163,12 @@ pub fn migration_name(pod_name: &str, pod_uid: &str) -> String {
     format!("{}-{}", prefix.trim_end_matches(['-', '.']), short)
 }
 
+/// The Secret holding the pull credential of migration `migration` (see
+/// `controller::pull`), listed in its replacement's `imagePullSecrets`.
+pub fn pull_secret_name(migration: &str) -> String {
+    format!("{migration}-pull")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    agent::authz::Callers,
     agent::{
         client::AgentClient,
         kubelet::{KubeletClient, kubelet_tls},
@@ -75,9 +76,13 @@ pub struct Options {
     /// CA of every kube-migrate certificate: clients must present one signed by it.
     #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
     pub ca: PathBuf,
-    /// Name in the other agents' certificates.
+    /// Name in the other agents' certificates (the only callers that may push archives here).
     #[arg(long, env = "KM_AGENT_SERVER_NAME", default_value = "kube-migrate-agent")]
     pub agent_server_name: String,
+    /// Name in the controller's certificate (the only caller that may checkpoint, push,
+    /// build images and delete here).
+    #[arg(long, env = "KM_CONTROLLER_NAME", default_value = "kube-migrate-webhook")]
+    pub controller_name: String,
     /// Remove a migration's files this long after they were last touched.
     #[arg(long, env = "KM_RETENTION_SECONDS", default_value_t = 86_400)]
     pub retention_seconds: u64,
@@ -131,7 +136,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         ),
         Arc::clone(&metrics),
         registry_host,
-    );
+    )
+    .with_callers(Callers {
+        controller: opts.controller_name.clone(),
+        agent: opts.agent_server_name.clone(),
+    });
     spawn_gc(
         Arc::clone(&state),
         Duration::from_secs(opts.retention_seconds),

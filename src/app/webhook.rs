@@ -72,6 +72,11 @@ pub struct Options {
     /// Run only the webhooks, never the controller.
     #[arg(long, env = "KM_WEBHOOK_ONLY")]
     pub webhook_only: bool,
+    /// After SIGTERM, keep answering admission reviews this long (not Ready meanwhile): the
+    /// API server may still call this replica until its endpoint is removed, and a drain
+    /// that evicts a replica must not get `EOF` for the eviction it sends at the same moment.
+    #[arg(long, env = "KM_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
     /// Active migrations per source node.
     #[arg(long, env = "KM_MAX_PER_NODE", default_value_t = 2)]
     pub max_per_node: usize,
@@ -232,7 +237,22 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             source,
         })?;
     tracing::info!(addr = %opts.listen, "admission webhooks listening");
-    let webhooks = serve_tls(listener, tls, router(state), shutdown.clone());
+    let serving = CancellationToken::new();
+    {
+        let (shutdown, serving, health) = (shutdown.clone(), serving.clone(), health.clone());
+        let delay = Duration::from_secs(opts.shutdown_delay_seconds);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health.set_ready(false);
+            tracing::info!(
+                seconds = delay.as_secs(),
+                "still answering admission reviews before stopping"
+            );
+            tokio::time::sleep(delay).await;
+            serving.cancel();
+        });
+    }
+    let webhooks = serve_tls(listener, tls, router(state), serving);
 
     // Ready once every cache has its first full list: answers before that would be guesses.
     let readiness = {
@@ -265,6 +285,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
             deadlines: opts.deadlines.deadlines(),
             agent_address_override: opts.agent_address_override.clone(),
+            pull_key_file: Some(opts.tls_key.clone()),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
         let recorder = Arc::new(controller::events::Recorder::new(

@@ -50,6 +50,8 @@ pub enum Error {
     /// The status changed under us (another writer, or a stale cache): re-read and retry.
     #[error("PodMigration {0} changed since it was read")]
     Conflict(String),
+    #[error("reading the pull credential key: {0}")]
+    PullKey(String),
 }
 
 impl Error {
@@ -64,6 +66,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Missing(_) => "invalid_object",
             Error::Conflict(_) => "conflict",
+            Error::PullKey(_) => "pull_key",
         }
     }
 
@@ -101,6 +104,9 @@ pub struct Config {
     /// Dial agents at this host instead of their EndpointSlice address (see
     /// [`agents::endpoint_for`]).
     pub agent_address_override: Option<String>,
+    /// Key of the per-migration pull credentials (see [`super::pull`]); the controller's own
+    /// TLS key. None: images are built without a credential, and no runtime may pull them.
+    pub pull_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -114,6 +120,7 @@ impl Default for Config {
             restore_deadline: Duration::from_secs(600),
             deadlines: decide::Deadlines::default(),
             agent_address_override: None,
+            pull_key_file: None,
         }
     }
 }

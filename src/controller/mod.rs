@@ -13,6 +13,7 @@ pub mod events;
 pub mod leader;
 mod phase;
 pub mod placement;
+pub mod pull;
 pub mod quantity;
 pub mod reconcile;
 pub mod state;

@@ -11,6 +11,7 @@
 //! * [`crun`]: real containers with crun and CRIU (`kube-migrate.test/*` images).
 //! * [`checkpoint`]: checkpoint archives (writer).
 //! * [`restore`]: pulling checkpoint images and reading the state back.
+//! * [`pull_secrets`]: registry credentials from a pod's `imagePullSecrets`.
 //! * [`auth`]: TokenReview + SubjectAccessReview.
 //! * [`node`]: Node registration, Lease, heartbeat.
 //! * [`pods`]: the pod watch and the pods' lifecycle.
@@ -24,5 +25,6 @@ pub mod container;
 pub mod crun;
 pub mod node;
 pub mod pods;
+pub mod pull_secrets;
 pub mod restore;
 pub mod server;

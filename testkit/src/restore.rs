@@ -103,6 +103,8 @@ pub struct ImageRef {
     pub repository: String,
     /// Tag or digest.
     pub reference: String,
+    /// `Authorization` header value for this registry (from the pod's pull Secrets).
+    pub auth: Option<String>,
 }
 
 impl ImageRef {
@@ -128,6 +130,7 @@ impl ImageRef {
             registry: registry.to_string(),
             repository: repository.to_string(),
             reference,
+            auth: None,
         })
     }
 
@@ -171,17 +174,17 @@ async fn get(
     http: &HttpsClient,
     url: &str,
     accept: &str,
+    auth: Option<&str>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, RestoreError> {
     let fetch = |message: String| RestoreError::Fetch {
         url: url.to_string(),
         message,
     };
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri(url)
-        .header("accept", accept)
-        .body(empty_body())
-        .map_err(|e| fetch(e.to_string()))?;
+    let mut request = Request::builder().method(Method::GET).uri(url).header("accept", accept);
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    let request = request.body(empty_body()).map_err(|e| fetch(e.to_string()))?;
     let response = tokio::time::timeout(REQUEST_TIMEOUT, http.request(request))
         .await
         .map_err(|_| fetch(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())))?
@@ -265,7 +268,7 @@ impl Puller {
     /// Fetch and check the manifest of checkpoint image `reference`.
     pub async fn manifest(&self, reference: &ImageRef) -> Result<Manifest, RestoreError> {
         let url = reference.url("manifests", &reference.reference);
-        let response = get(&self.http, &url, MANIFEST_MEDIA_TYPE).await?;
+        let response = get(&self.http, &url, MANIFEST_MEDIA_TYPE, reference.auth.as_deref()).await?;
         let header_digest = response
             .headers()
             .get("docker-content-digest")
@@ -307,7 +310,13 @@ impl Puller {
         manifest: &Manifest,
     ) -> Result<impl Read + Send + 'static, RestoreError> {
         let blob_url = reference.url("blobs", &manifest.layer_digest);
-        let response = get(&self.http, &blob_url, "application/octet-stream").await?;
+        let response = get(
+            &self.http,
+            &blob_url,
+            "application/octet-stream",
+            reference.auth.as_deref(),
+        )
+        .await?;
         let stream = BodyDataStream::new(response.into_body()).map_err(io::Error::other);
         Ok(tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
             stream,
@@ -472,6 +481,7 @@ mod tests {
                 registry: "127.0.0.1:15444".into(),
                 repository: "kube-migrate/3f2a-11".into(),
                 reference: "app".into(),
+                auth: None,
             })
         );
         let by_digest = ImageRef::parse("localhost:5443/kube-migrate/x@sha256:ab").unwrap();

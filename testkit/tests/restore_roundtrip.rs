@@ -49,6 +49,13 @@ fn build_image(store: &Store, tag: &str, archive_path: &Path) -> image::BuiltIma
     image::build(&layout, tag, "app", archive_path, &info, "2026-11-23T10:05:00Z").unwrap()
 }
 
+/// A reference carrying the pull credential the registry below expects for `ID`.
+fn authed(image: &str) -> Option<ImageRef> {
+    let mut reference = ImageRef::parse(image)?;
+    reference.auth = Some("Basic a3ViZS1taWdyYXRlOnB3".into()); // kube-migrate:pw
+    Some(reference)
+}
+
 struct Registry {
     host: String,
     ca: std::path::PathBuf,
@@ -72,6 +79,11 @@ async fn registry() -> Registry {
     )
     .unwrap();
     let store = Store::open(dir.path().join("agent")).unwrap();
+    let record = kube_migrate::agent::store::Record {
+        pull_digest: Some(kube_migrate::agent::api::pull_digest("pw")),
+        ..Default::default()
+    };
+    store.save(ID, &record).unwrap();
     let reloader = CertReloader::new(certs.join("agent.crt"), certs.join("agent.key")).unwrap();
     let config = server_config(Arc::clone(&reloader), None).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -101,7 +113,7 @@ async fn a_checkpoint_image_restores_the_exact_counter_and_memory() {
     let built = build_image(&registry.store, "app", &archive_path);
 
     let image = format!("{}/kube-migrate/{ID}:app", registry.host);
-    let reference = ImageRef::parse(&image).expect("a checkpoint image reference");
+    let reference = authed(&image).expect("a checkpoint image reference");
     let restored = Puller::new(&registry.ca).unwrap().pull(&reference).await.unwrap();
     assert_eq!(restored.counter, 4242);
     assert_eq!(restored.memory.len(), memory.len());
@@ -114,7 +126,7 @@ async fn a_checkpoint_image_restores_the_exact_counter_and_memory() {
     );
 
     // By digest too.
-    let by_digest = ImageRef::parse(&format!(
+    let by_digest = authed(&format!(
         "{}/kube-migrate/{ID}@{}",
         registry.host, built.manifest_digest
     ))
@@ -131,13 +143,13 @@ async fn pull_and_checkpoint_failures_have_the_kubelets_reasons() {
     let puller = Puller::new(&registry.ca).unwrap();
 
     // Unknown image: 404 from the registry.
-    let missing = ImageRef::parse(&format!("{}/kube-migrate/{ID}:nope", registry.host)).unwrap();
+    let missing = authed(&format!("{}/kube-migrate/{ID}:nope", registry.host)).unwrap();
     let err = puller.pull(&missing).await.unwrap_err();
     assert!(matches!(err, RestoreError::Status { status: 404, .. }), "{err}");
     assert_eq!(err.reason(), REASON_PULL);
 
     // Nothing listening.
-    let closed = ImageRef::parse(&format!("127.0.0.1:1/kube-migrate/{ID}:app")).unwrap();
+    let closed = authed(&format!("127.0.0.1:1/kube-migrate/{ID}:app")).unwrap();
     let err = puller.pull(&closed).await.unwrap_err();
     assert_eq!(err.reason(), REASON_PULL, "{err}");
 
@@ -157,7 +169,7 @@ async fn pull_and_checkpoint_failures_have_the_kubelets_reasons() {
     let memory = Memory::generate(1000, 1).unwrap();
     let good = write_archive(work.path(), &snapshot(memory.clone(), 7)).unwrap();
     build_image(&registry.store, "good", &good);
-    let good_ref = ImageRef::parse(&format!("{}/kube-migrate/{ID}:good", registry.host)).unwrap();
+    let good_ref = authed(&format!("{}/kube-migrate/{ID}:good", registry.host)).unwrap();
     let err = Puller::new(&other.path().join("ca.crt"))
         .unwrap()
         .pull(&good_ref)
@@ -171,7 +183,7 @@ async fn pull_and_checkpoint_failures_have_the_kubelets_reasons() {
     let bad_dir = work.path().join("bad");
     let bad = write_archive(&bad_dir, &lying).unwrap();
     build_image(&registry.store, "bad", &bad);
-    let bad_ref = ImageRef::parse(&format!("{}/kube-migrate/{ID}:bad", registry.host)).unwrap();
+    let bad_ref = authed(&format!("{}/kube-migrate/{ID}:bad", registry.host)).unwrap();
     let err = puller.pull(&bad_ref).await.unwrap_err();
     assert!(matches!(err, RestoreError::MemoryDigest { .. }), "{err}");
     assert_eq!(err.reason(), REASON_CREATE);

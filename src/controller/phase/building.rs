@@ -3,16 +3,21 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::{ResourceExt, runtime::controller::Action};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::controller::Action,
+};
 
 use super::{hold, retry_after_stop, transferring, transition};
 use crate::{
     agent::api::ImageRequest,
-    api::{Mode, Phase, PodMigration, PodMigrationStatus},
+    api::{self, Mode, Phase, PodMigration, PodMigrationStatus},
     controller::{
         context::{Context, Error},
-        decide, state,
+        decide, pull, state,
     },
 };
 
@@ -25,10 +30,15 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
     let Some(agent) = ctx.agent(&target) else {
         return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}")).await;
     };
+    let password = match &ctx.config.pull_key_file {
+        Some(key) => Some(pull::password_of(key, pm).map_err(|e| Error::PullKey(e.to_string()))?),
+        None => None,
+    };
     let request = ImageRequest {
         namespace: pm.namespace().unwrap_or_default(),
         pod: pm.spec.pod_name.clone(),
         archives: decide::archive_refs(status),
+        pull_digest: password.as_deref().map(pull::digest),
     };
     let answer = match ctx.agent_client.build_image(&agent, &id, &request).await {
         Ok(answer) => answer,
@@ -38,6 +48,21 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
         }
         Err(e) => return retry_after_stop(pm, status, ctx, format!("image build on {target} failed: {e}")).await,
     };
+    // The credential the target's runtime will present, as a Secret the replacement lists.
+    if let (Some(password), Some(registry)) = (
+        &password,
+        answer.images.first().and_then(|i| pull::registry_of(&i.image)),
+    ) {
+        let secret = pull::secret(pm, registry, password);
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+        secrets
+            .patch(
+                secret.metadata.name.as_deref().unwrap_or_default(),
+                &PatchParams::apply(api::FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+    }
     for image in answer.images {
         if let Some(c) = status.containers.iter_mut().find(|c| c.name == image.container) {
             c.image = Some(image.image);

@@ -178,6 +178,9 @@ pub fn target_or_reason(
     reserved: &[Pod],
     excluded: &[String],
 ) -> Result<String, String> {
+    // A pod restored before still carries the pin to the node it was restored on: placed as
+    // its owner made it, or its next migration could only go where it already is.
+    let pod = &crate::replacement::without_restore(pod);
     let nodes = ctx.nodes.state();
     let node_refs: Vec<&Node> = nodes.iter().map(AsRef::as_ref).collect();
     let pods = ctx.pods.state();

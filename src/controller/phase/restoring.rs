@@ -163,6 +163,7 @@ async fn find_replacement(
                 .ok_or(Error::Missing("status.podTemplate"))?;
             let mut pod: Pod = serde_json::from_value(template)?;
             replacement::apply_restore(&mut pod, &with_status(pm, status));
+            replacement::add_pull_secrets(&mut pod, [pm.name_any().as_str()]);
             match pods
                 .create(
                     &PostParams {

@@ -311,7 +311,8 @@ impl PodManager {
                 .collect(),
         };
         let target = format!("{}/{}", spec.namespace, spec.pod);
-        if let Some(reference) = ImageRef::parse(&image) {
+        if let Some(mut reference) = ImageRef::parse(&image) {
+            reference.auth = crate::pull_secrets::basic_auth(&self.client, pod, &reference.registry).await;
             let manifest = self.puller.manifest(&reference).await?;
             if let (Some(crun), Some(base)) = (&self.crun, manifest.base_image.as_deref())
                 && crun.handles(base)
