@@ -23,6 +23,12 @@
 #   KUBE_MIGRATE_NODES                     node names to make credentials for ["node-a node-b node-c"]
 #   KUBE_MIGRATE_UP_TIMEOUT                seconds to wait for readiness [120]
 #   KUBE_MIGRATE_CERT_KEY_TYPE             key type of the CA and certificates: ecdsa (P-256) or rsa (2048) [ecdsa]
+#   KUBE_MIGRATE_APISERVER_NODE_ADDRESS    [unset] an address of this machine that real nodes (own network
+#                                          namespaces, nodes/up.sh) reach the apiserver at: it then also
+#                                          serves there (binds 0.0.0.0), advertises it (the `kubernetes`
+#                                          Service endpoints point at it), has it in its certificate, and
+#                                          calls webhook/aggregated Services by endpoint IP
+#                                          (--enable-aggregator-routing: no kube-proxy on this machine)
 #   KUBE_MIGRATE_APISERVER_ARGS, KUBE_MIGRATE_CONTROLLER_MANAGER_ARGS,
 #   KUBE_MIGRATE_SCHEDULER_ARGS, KUBE_MIGRATE_ETCD_ARGS
 #                                          extra flags (word-split) for that component
@@ -44,6 +50,7 @@ KEY_TYPE=${KUBE_MIGRATE_CERT_KEY_TYPE:-ecdsa}
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_IP=10.96.0.1 # first address of SERVICE_CIDR: the `kubernetes` Service
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
+NODE_ADDRESS=${KUBE_MIGRATE_APISERVER_NODE_ADDRESS:-}
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
 start_ms=$(( $(date +%s%N) / 1000000 ))
@@ -143,6 +150,11 @@ core_pki_complete() {
   # Regenerate well before the leaf certificates expire.
   openssl x509 -checkend 86400 -noout -in "$PKI/apiserver.crt" > /dev/null
 }
+APISERVER_SANS="DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:$SERVICE_IP${NODE_ADDRESS:+,IP:$NODE_ADDRESS}"
+apiserver_cert_has_node_address() {
+  [[ -z $NODE_ADDRESS ]] || openssl x509 -noout -ext subjectAltName -in "$PKI/apiserver.crt" 2> /dev/null |
+    grep -qE "IP Address:${NODE_ADDRESS//./\\.}(,|\$)"
+}
 
 if core_pki_complete; then
   log "reusing certificates in $PKI"
@@ -158,8 +170,7 @@ else
 
   # kube-apiserver serving cert: every name a client inside or outside the
   # cluster may use, including the `kubernetes` Service ClusterIP.
-  sign apiserver "/CN=kube-apiserver" serverAuth \
-    "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:$SERVICE_IP"
+  sign apiserver "/CN=kube-apiserver" serverAuth "$APISERVER_SANS"
   # The apiserver's client cert towards kubelets (logs/exec/port-forward proxy).
   sign apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client/O=system:masters" clientAuth
   # etcd: one cert for its client and peer listeners; the apiserver's client cert.
@@ -173,6 +184,14 @@ else
   # every JWT library accepts.
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$PKI/sa.key" 2> /dev/null
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2> /dev/null
+fi
+
+# A state dir made without KUBE_MIGRATE_APISERVER_NODE_ADDRESS (or with another one): re-sign only
+# the apiserver's serving certificate, with the same CA.
+if ! apiserver_cert_has_node_address; then
+  (( ${#running[@]} == 0 )) || die "the running apiserver's certificate lacks $NODE_ADDRESS; run $here/down.sh first"
+  log "re-signing the apiserver certificate with IP:$NODE_ADDRESS"
+  sign apiserver "/CN=kube-apiserver" serverAuth "$APISERVER_SANS"
 fi
 
 # Per node (made for any node in KUBE_MIGRATE_NODES that has none yet): the
@@ -307,10 +326,20 @@ if (( ${#running[@]} == 0 )); then
   #   projected tokens and TokenReview work; the default API audience is the issuer.
   # Webhooks given by clientConfig.url (https://127.0.0.1:<port>/...) need no
   #   flag: the apiserver calls them directly (no egress selector is configured).
+  # With KUBE_MIGRATE_APISERVER_NODE_ADDRESS the apiserver is reachable from the nodes' network
+  #   namespaces: it advertises that address (the default "lease" reconciler then keeps the
+  #   `kubernetes` Endpoints on it), and --enable-aggregator-routing makes it call admission/conversion
+  #   webhooks and aggregated APIs by a Service's endpoint IP instead of its ClusterIP, which only the
+  #   nodes' kube-proxy can route (cmd/kube-apiserver/app/server.go, buildServiceResolver, gives the
+  #   same resolver to the webhook admission plugins).
+  if [[ -n $NODE_ADDRESS ]]; then
+    apiserver_net=(--bind-address=0.0.0.0 --advertise-address="$NODE_ADDRESS" --enable-aggregator-routing=true)
+  else
+    apiserver_net=(--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
+  fi
   # shellcheck disable=SC2086
   start kube-apiserver "$BIN_K8S/kube-apiserver" \
-    --bind-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-    --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
+    "${apiserver_net[@]}" --secure-port="$APISERVER_PORT" \
     --cert-dir="$STATE/apiserver-certs" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
@@ -380,6 +409,7 @@ cat > "$STATE/cluster.env" << EOF
 KUBE_MIGRATE_CLUSTER_DIR=$STATE
 KUBE_MIGRATE_APISERVER_URL=https://127.0.0.1:$APISERVER_PORT
 KUBE_MIGRATE_APISERVER_PORT=$APISERVER_PORT
+KUBE_MIGRATE_APISERVER_NODE_URL=${NODE_ADDRESS:+https://$NODE_ADDRESS:$APISERVER_PORT}
 KUBE_MIGRATE_ETCD_PORT=$ETCD_PORT
 KUBE_MIGRATE_ETCD_PEER_PORT=$ETCD_PEER_PORT
 KUBE_MIGRATE_CONTROLLER_MANAGER_PORT=$KCM_PORT

@@ -13,6 +13,10 @@
 #
 # Environment:
 #   KUBE_MIGRATE_CACHE          cache directory (default $HOME/.cache/kube-migrate)
+#   KUBE_MIGRATE_ROOT_EXTRA_PACKAGES
+#                               comma-separated packages added to the list (nodes/make-root.sh: CRI-O's
+#                               conmon, CNI plugins, skopeo, ...); part of the cache key, so the plain
+#                               CRIU root and a root with extras are separate cached directories
 #   KUBE_MIGRATE_DEBIAN_MIRROR  Debian mirror (default: the one in this machine's apt sources,
 #                               else http://deb.debian.org/debian)
 set -euo pipefail
@@ -22,6 +26,10 @@ SUITE=trixie
 # address/route dump (ip) inside the container's network namespace. busybox-static: the
 # container images (criu/images.sh copies it). libcriu2: crun loads libcriu.so.2 to checkpoint.
 PACKAGES=criu,crun,libcriu2,iptables,iproute2,busybox-static,procps
+EXTRA=${KUBE_MIGRATE_ROOT_EXTRA_PACKAGES:-}
+[[ $EXTRA =~ ^[a-z0-9.+,-]*$ ]] || { echo "make-root: bad KUBE_MIGRATE_ROOT_EXTRA_PACKAGES: $EXTRA" >&2; exit 2; }
+# Without extras the key (and so the cached root) is exactly what it was before extras existed.
+PACKAGES+=${EXTRA:+,$EXTRA}
 RECIPE_VERSION=1
 KEY=$(printf '%s\n' "$SUITE" "$PACKAGES" "$RECIPE_VERSION" "$(uname -m)" | sha256sum | cut -c1-12)
 
@@ -96,8 +104,9 @@ rm -f "$TMP"/var/cache/apt/archives/*.deb
 mkdir -p "$TMP"/proc "$TMP"/sys "$TMP"/dev/pts "$TMP"/run "$TMP"/tmp "$TMP"/mnt "$TMP"/.oldroot
 
 # Record what is inside.
-chroot "$TMP" /bin/sh -c 'dpkg-query -W -f "\${Package} \${Version}\n" criu crun libcriu2 iptables iproute2 busybox-static' \
-    >"$TMP"/.kube-migrate-versions
+# shellcheck disable=SC2016,SC2086 # $@ is the inner shell's; EXTRA is split into package names
+chroot "$TMP" /bin/sh -c 'dpkg-query -W -f "\${Package} \${Version}\n" "$@"' versions \
+    criu crun libcriu2 iptables iproute2 busybox-static ${EXTRA//,/ } >"$TMP"/.kube-migrate-versions
 printf 'suite=%s\nkey=%s\nmirror=%s\nbuilt=%s\n' "$SUITE" "$KEY" "$MIRROR" "$(date -u +%FT%TZ)" \
     >>"$TMP"/.kube-migrate-versions
 touch "$TMP"/.kube-migrate-root-ok
