@@ -53,6 +53,8 @@ if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
 else
   step "end-to-end scenarios (scripts/e2e.sh)"
   scripts/e2e.sh 2>&1 | tee -a "$results"
+  step "end-to-end on real nodes: kubelet + CRI-O + CRIU (scripts/e2e-real.sh)"
+  scripts/e2e-real.sh 2>&1 | tee -a "$results"
   step "benchmarks, short versions (figures: docs/benchmarks.md)"
   scripts/bench.sh --quick
   scripts/bench-drain.sh --quick
