@@ -339,7 +339,8 @@ async fn s15_crossing_drains_never_target_a_node_being_drained() -> anyhow::Resu
 }
 
 /// Scenario 16: two controller replicas; the leader stalls (SIGSTOP) in the middle of a
-/// 512 MiB migration, past its Lease. The standby takes over only once it has seen no renewal
+/// 1 GiB migration, past its Lease (512 MiB went over in 1.2 s on a quiet machine, sometimes
+/// before the stall landed). The standby takes over only once it has seen no renewal
 /// for a full term, resumes the migration without sending the verified archive again, and
 /// finishes it; when the old leader wakes up it stops acting and the migration never moves
 /// backwards.
@@ -349,7 +350,7 @@ async fn s16_a_stalled_leader_is_fenced_and_the_standby_resumes() -> anyhow::Res
     let ns = "e2e-fence";
     fresh_namespace(ns);
     local_cluster(&["start-webhook", "1"]);
-    start_on_node_a(ns, &opted_in_pod(ns, "ledger", "fence", 512 << 20, None), 1).await?;
+    start_on_node_a(ns, &opted_in_pod(ns, "ledger", "fence", 1 << 30, None), 1).await?;
     let run = plugin(&["pod", "ledger", "-n", ns, "--to", "node-b", "--no-wait"]);
     assert!(run.ok, "{}", run.all());
     let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
