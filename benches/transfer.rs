@@ -336,9 +336,16 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(up, "the agent did not start listening on 127.0.0.1:{api}");
+        // Two callers, as in a migration: an agent sends the archive, the controller builds
+        // the image and deletes (the agent authorises each by its certificate).
         let identity = CertReloader::new(certs_dir.join("webhook.crt"), certs_dir.join("webhook.key")).unwrap();
         let tls = agent_client_config(&certs_dir.join("ca.crt"), identity, "kube-migrate-agent").unwrap();
         let client = AgentClient::new(tls.clone(), Duration::from_secs(3600));
+        let peer = CertReloader::new(certs_dir.join("agent.crt"), certs_dir.join("agent.key")).unwrap();
+        let sender = AgentClient::new(
+            agent_client_config(&certs_dir.join("ca.crt"), peer, "kube-migrate-agent").unwrap(),
+            Duration::from_secs(3600),
+        );
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
         println!(
             "agent idle: RSS {:.1} MiB; {} run(s) per size; files in {}; load average {}",
@@ -390,7 +397,7 @@ fn main() {
                 for agent_turn in if run % 2 == 0 { [false, true] } else { [true, false] } {
                     if agent_turn {
                         let id = format!("bench-{i}-{run}");
-                        let a = agent_run(&client, &agent_url, agent_pid, &state_dir, &id, &archive, &reference).await;
+                        let a = agent_run((&sender, &client), &agent_url, agent_pid, &state_dir, &id, &archive, &reference).await;
                         m.agent = m.agent.min(a.seconds);
                         m.agent_cpu = m.agent_cpu.min(a.cpu);
                         m.agent_send_cpu = m.agent_send_cpu.min(a.send_cpu);
@@ -482,10 +489,11 @@ struct AgentRun {
     layer_is_archive: bool,
 }
 
-/// Upload `archive` into the agent as migration `id`, build its image, check that the layer
-/// is the received file itself, then delete the migration.
+/// Upload `archive` into the agent as migration `id` (as another agent: `sender`), build its
+/// image, check that the layer is the received file itself, then delete the migration (as the
+/// controller: `client`).
 async fn agent_run(
-    client: &AgentClient,
+    (sender, client): (&AgentClient, &AgentClient),
     url: &str,
     pid: u32,
     state_dir: &Path,
@@ -497,7 +505,7 @@ async fn agent_run(
     let (cpu, send_cpu) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let start = Instant::now();
     let file = tokio::fs::File::open(archive).await.unwrap();
-    let received = client.upload(url, id, reference, file).await.unwrap();
+    let received = sender.upload(url, id, reference, file).await.unwrap();
     let seconds = start.elapsed().as_secs_f64();
     let (cpu, send_cpu) = (cpu_seconds(pid) - cpu, cpu_seconds(std::process::id()) - send_cpu);
     let peak_mib = peak_rss_mib(pid);
