@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use kube_migrate::{
     agent::{
         api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest, pull_digest},
+        authz::Callers,
         client::{AgentClient, ClientError, empty_body, https_client},
         kubelet::{KubeletClient, kubelet_tls},
         registry,
@@ -101,6 +102,7 @@ async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
         ),
         Arc::new(Metrics::new()),
         registry_addr.to_string(),
+        Callers::default(),
     );
     tokio::spawn(serve_tls(
         reg_listener,

@@ -53,15 +53,8 @@ fn pull_password(ns: &str, secret: &str) -> String {
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("base64")
-        .arg("-d")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    child.wait_with_output().unwrap().stdout
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
 }
 
 /// The memory checksum and counter a container started with, from its first log line.

@@ -414,11 +414,11 @@ fn pod_response(state: &WebhookState, request: &AdmissionRequest<DynamicObject>)
                 return ("untouched", review::allow(request, None));
             };
             podmut::apply_restore(&mut mutated, m);
-            crate::replacement::add_pull_secrets(&mut mutated, [migration.as_str()]);
+            podmut::add_pull_secrets(&mut mutated, [migration.as_str()]);
         }
         PodDecision::GateForOwner { owner_uid, candidates } => {
             podmut::gate_for_owner(&mut mutated, owner_uid);
-            crate::replacement::add_pull_secrets(&mut mutated, candidates.iter().map(String::as_str));
+            podmut::add_pull_secrets(&mut mutated, candidates.iter().map(String::as_str));
         }
     }
     let response = podmut::patch(&pod, &mutated)

@@ -134,6 +134,7 @@ impl AgentState {
         peers: AgentClient,
         metrics: Arc<Metrics>,
         registry_host: String,
+        callers: Callers,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -142,16 +143,9 @@ impl AgentState {
             peers,
             metrics,
             registry_host,
-            callers: Callers::default(),
+            callers,
             locks: Default::default(),
         })
-    }
-
-    /// The same state with other certificate names for the controller and the agents.
-    pub fn with_callers(self: Arc<Self>, callers: Callers) -> Arc<Self> {
-        let mut state = Arc::into_inner(self).expect("configured before it is shared");
-        state.callers = callers;
-        Arc::new(state)
     }
 
     /// One operation per migration at a time: a controller that retries after a restart

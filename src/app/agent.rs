@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agent::authz::Callers,
     agent::{
+        authz::Callers,
         client::AgentClient,
         kubelet::{KubeletClient, kubelet_tls},
         registry,
@@ -136,11 +136,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         ),
         Arc::clone(&metrics),
         registry_host,
-    )
-    .with_callers(Callers {
-        controller: opts.controller_name.clone(),
-        agent: opts.agent_server_name.clone(),
-    });
+        Callers {
+            controller: opts.controller_name.clone(),
+            agent: opts.agent_server_name.clone(),
+        },
+    );
     spawn_gc(
         Arc::clone(&state),
         Duration::from_secs(opts.retention_seconds),

@@ -255,12 +255,7 @@ pub fn target_lost(node: Option<&Node>, replacements: &[&Pod]) -> Option<String>
     let Some(node) = node else {
         return Some("its Node was deleted".into());
     };
-    let ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
-    let ready = ready.filter(|c| c.status != "True")?;
+    let ready = super::placement::ready_condition(node).filter(|c| c.status != "True")?;
     let started = replacements.iter().any(|p| {
         p.status
             .as_ref()

@@ -11,15 +11,11 @@
 use std::path::Path;
 
 use base64::Engine;
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
-};
+use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Resource, ResourceExt};
 
 use crate::{
-    agent::api::{PULL_USER, pull_digest},
+    agent::api::PULL_USER,
     api::{self, PodMigration},
 };
 
@@ -36,11 +32,6 @@ pub fn password_of(key_file: &Path, pm: &PodMigration) -> std::io::Result<String
     Ok(password(&key, pm.uid().as_deref().unwrap_or_default()))
 }
 
-/// What the agent is told: the digest, never the password.
-pub fn digest(password: &str) -> String {
-    pull_digest(password)
-}
-
 /// The `kubernetes.io/dockerconfigjson` Secret holding `password` for `registry` (the
 /// `host:port` the runtime pulls from), owned by the PodMigration.
 pub fn secret(pm: &PodMigration, registry: &str, password: &str) -> Secret {
@@ -51,7 +42,7 @@ pub fn secret(pm: &PodMigration, registry: &str, password: &str) -> Secret {
             name: Some(api::pull_secret_name(&pm.name_any())),
             namespace: pm.namespace(),
             labels: Some([("app.kubernetes.io/managed-by".to_string(), "kube-migrate".to_string())].into()),
-            owner_references: pm.controller_owner_ref(&()).map(|o| vec![OwnerReference { ..o }]),
+            owner_references: pm.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         type_: Some("kubernetes.io/dockerconfigjson".into()),

@@ -38,7 +38,8 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
         namespace: pm.namespace().unwrap_or_default(),
         pod: pm.spec.pod_name.clone(),
         archives: decide::archive_refs(status),
-        pull_digest: password.as_deref().map(pull::digest),
+        // The agent is told the digest, never the password.
+        pull_digest: password.as_deref().map(crate::agent::api::pull_digest),
     };
     let answer = match ctx.agent_client.build_image(&agent, &id, &request).await {
         Ok(answer) => answer,

@@ -30,9 +30,9 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         status.message = Some("waiting for the source to stop before releasing the replacement".into());
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    let bound = bound_to(pm, ctx);
     if let Some(target) = status.target_node.clone() {
         let node = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(&target));
-        let bound = bound_to(pm, ctx);
         let on_target: Vec<&Pod> = bound
             .iter()
             .map(AsRef::as_ref)
@@ -42,7 +42,7 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
             return transferring::replace_target(pm, status, ctx, &target, &why).await;
         }
     }
-    let Some(pod) = find_replacement(pm, status, ctx, &pods).await? else {
+    let Some(pod) = find_replacement(pm, status, ctx, &pods, bound).await? else {
         status.message = Some("waiting for the replacement pod".into());
         return Ok(Action::requeue(Duration::from_secs(1)));
     };
@@ -98,16 +98,16 @@ fn with_status(pm: &PodMigration, status: &PodMigrationStatus) -> PodMigration {
     }
 }
 
-/// The pod that restores this migration: bound by annotation, or gated for the owner and
-/// bound now, or (bare pod) created now.
+/// The pod that restores this migration: one of `bound` (bound by annotation), or gated for
+/// the owner and bound now, or (bare pod) created now.
 async fn find_replacement(
     pm: &PodMigration,
     status: &PodMigrationStatus,
     ctx: &Context,
     pods: &Api<Pod>,
+    mut bound: Vec<Arc<Pod>>,
 ) -> Result<Option<Arc<Pod>>, Error> {
     let ns = pm.namespace().unwrap_or_default();
-    let mut bound = bound_to(pm, ctx);
     bound.sort_by_key(|p| p.metadata.creation_timestamp.clone());
     // Pinned to (or bound on) a target this migration gave up on: a gated pod's pin cannot be
     // lifted, so it goes; its owner (or this step, for a bare pod) makes a new one. Nothing was

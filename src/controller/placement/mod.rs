@@ -8,7 +8,7 @@ mod pod_rules;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod};
 
 use super::quantity::Resources;
 
@@ -106,11 +106,12 @@ pub fn choose(input: &PlacementInput<'_>) -> Placement {
         },
         None => input.nodes.to_vec(),
     };
+    let rules = pod_rules::PodRules::new(input);
     let mut best: Option<(f64, &str)> = None;
     let mut reasons = Vec::new();
     for node in candidates {
         let name = node.metadata.name.as_deref().unwrap_or_default();
-        match fit(input, node, &request, used.get(name)) {
+        match fit(input, &rules, node, &request, used.get(name)) {
             Ok(load) => {
                 if best.is_none_or(|(l, n)| load < l || (load == l && name < n)) {
                     best = Some((load, name));
@@ -134,17 +135,28 @@ pub fn node_unfit(node: &Node) -> Option<Unfit> {
     if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
         return Some(Unfit::Cordoned);
     }
-    let ready = node
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_some_and(|c| c.status == "True");
+    let ready = ready_condition(node).is_some_and(|c| c.status == "True");
     (!ready).then_some(Unfit::NotReady)
 }
 
+/// The node's `Ready` condition, if it reports one.
+pub fn ready_condition(node: &Node) -> Option<&NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
 /// Ok(load after placement, 0..=1+) or why not.
-fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Option<&Resources>) -> Result<f64, Unfit> {
+fn fit(
+    input: &PlacementInput<'_>,
+    rules: &pod_rules::PodRules<'_>,
+    node: &Node,
+    request: &Resources,
+    used: Option<&Resources>,
+) -> Result<f64, Unfit> {
     let name = node.metadata.name.as_deref().unwrap_or_default();
     if name == input.source_node {
         return Err(Unfit::IsSource);
@@ -158,12 +170,11 @@ fn fit(input: &PlacementInput<'_>, node: &Node, request: &Resources, used: Optio
     if !(input.has_agent)(name) {
         return Err(Unfit::NoAgent);
     }
-    let pod_spec = input.pod.spec.clone().unwrap_or_default();
-    node_rules::matches_pod(&pod_spec, node)?;
-    if let Some(taint) = node_rules::untolerated_taint(&pod_spec, node) {
+    node_rules::matches_pod(&rules.spec, node)?;
+    if let Some(taint) = node_rules::untolerated_taint(&rules.spec, node) {
         return Err(Unfit::Taint(taint));
     }
-    pod_rules::check(input, node)?;
+    rules.check(node)?;
     let allocatable = node
         .status
         .as_ref()

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{Node, Pod, PodAffinityTerm, TopologySpreadConstraint},
+    api::core::v1::{Node, Pod, PodAffinityTerm, PodSpec, TopologySpreadConstraint},
     apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
 };
 use kube::{
@@ -20,73 +20,117 @@ use super::{PlacementInput, Unfit, node_rules, node_unfit};
 
 type Labels = BTreeMap<String, String>;
 
-pub(super) fn check(input: &PlacementInput<'_>, node: &Node) -> Result<(), Unfit> {
-    let others = others(input);
-    let labels_of = node_labels(input.nodes);
-    let here = node.labels();
-    let spec = input.pod.spec.clone().unwrap_or_default();
-    let ns = input.pod.namespace().unwrap_or_default();
-    let affinity = spec.affinity.as_ref();
+/// What the inter-pod rules need, computed once per placement: the other pods and their
+/// nodes, the nodes' labels, and each hard spread constraint's pod counts per domain (they do
+/// not depend on the candidate node).
+pub(super) struct PodRules<'a> {
+    pod: &'a Pod,
+    ns: String,
+    /// The pod's spec (also what the node-level rules check).
+    pub(super) spec: PodSpec,
+    others: Vec<(&'a Pod, &'a str)>,
+    labels_of: BTreeMap<&'a str, &'a Labels>,
+    spreads: Vec<Spread<'a>>,
+}
 
-    let anti = affinity
-        .and_then(|a| a.pod_anti_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
-        .unwrap_or_default();
-    for term in anti {
-        if let Some(p) = others
-            .iter()
-            .find(|(p, n)| selects(term, &ns, p) && same_domain(here, labels_of.get(n), &term.topology_key))
-        {
-            return Err(Unfit::PodAntiAffinity(p.0.name_any()));
-        }
-    }
-    // Symmetry: an existing pod's anti-affinity keeps the replacement away too.
-    for (p, n) in &others {
-        let terms = p
+/// One `DoNotSchedule` constraint, counted.
+struct Spread<'a> {
+    key: &'a str,
+    max_skew: i32,
+    counts: BTreeMap<&'a str, i32>,
+    /// The smallest count over the eligible domains (0 below `minDomains`).
+    min: i32,
+    /// 1 when the pod matches its own selector.
+    own: i32,
+}
+
+impl<'a> PodRules<'a> {
+    pub(super) fn new(input: &PlacementInput<'a>) -> Self {
+        let pod = input.pod;
+        let spec = pod.spec.clone().unwrap_or_default();
+        let others = others(input);
+        let spreads = pod
             .spec
             .as_ref()
-            .and_then(|s| s.affinity.as_ref())
+            .and_then(|s| s.topology_spread_constraints.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c.when_unsatisfiable == "DoNotSchedule")
+            .map(|c| Spread::new(input, c, &spec, &others))
+            .collect();
+        Self {
+            pod,
+            ns: pod.namespace().unwrap_or_default(),
+            spec,
+            labels_of: node_labels(input.nodes),
+            others,
+            spreads,
+        }
+    }
+
+    pub(super) fn check(&self, node: &Node) -> Result<(), Unfit> {
+        let (ns, others, labels_of) = (&self.ns, &self.others, &self.labels_of);
+        let here = node.labels();
+        let affinity = self.spec.affinity.as_ref();
+
+        let anti = affinity
             .and_then(|a| a.pod_anti_affinity.as_ref())
             .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
             .unwrap_or_default();
-        let p_ns = p.namespace().unwrap_or_default();
-        if terms
-            .iter()
-            .any(|t| selects(t, &p_ns, input.pod) && same_domain(here, labels_of.get(n), &t.topology_key))
-        {
-            return Err(Unfit::PodAntiAffinity(p.name_any()));
+        for term in anti {
+            if let Some(p) = others
+                .iter()
+                .find(|(p, n)| selects(term, ns, p) && same_domain(here, labels_of.get(n), &term.topology_key))
+            {
+                return Err(Unfit::PodAntiAffinity(p.0.name_any()));
+            }
         }
-    }
+        // Symmetry: an existing pod's anti-affinity keeps the replacement away too.
+        for (p, n) in others {
+            let terms = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.affinity.as_ref())
+                .and_then(|a| a.pod_anti_affinity.as_ref())
+                .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
+                .unwrap_or_default();
+            let p_ns = p.namespace().unwrap_or_default();
+            if terms
+                .iter()
+                .any(|t| selects(t, &p_ns, self.pod) && same_domain(here, labels_of.get(n), &t.topology_key))
+            {
+                return Err(Unfit::PodAntiAffinity(p.name_any()));
+            }
+        }
 
-    let required = affinity
-        .and_then(|a| a.pod_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
-        .unwrap_or_default();
-    for term in required {
-        let matching: Vec<&str> = others
-            .iter()
-            .filter(|(p, _)| selects(term, &ns, p))
-            .map(|(_, n)| *n)
-            .collect();
-        // As in the scheduler: the first pod of a group that matches its own term may go
-        // anywhere, or it could never start.
-        if matching.is_empty() && selects(term, &ns, input.pod) {
-            continue;
+        let required = affinity
+            .and_then(|a| a.pod_affinity.as_ref())
+            .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_deref())
+            .unwrap_or_default();
+        for term in required {
+            let matching: Vec<&str> = others
+                .iter()
+                .filter(|(p, _)| selects(term, ns, p))
+                .map(|(_, n)| *n)
+                .collect();
+            // As in the scheduler: the first pod of a group that matches its own term may go
+            // anywhere, or it could never start.
+            if matching.is_empty() && selects(term, ns, self.pod) {
+                continue;
+            }
+            if !matching
+                .iter()
+                .any(|n| same_domain(here, labels_of.get(n), &term.topology_key))
+            {
+                return Err(Unfit::PodAffinity);
+            }
         }
-        if !matching
-            .iter()
-            .any(|n| same_domain(here, labels_of.get(n), &term.topology_key))
-        {
-            return Err(Unfit::PodAffinity);
-        }
-    }
 
-    for c in spec.topology_spread_constraints.as_deref().unwrap_or_default() {
-        if c.when_unsatisfiable == "DoNotSchedule" {
-            spread_allows(input, c, node, &others)?;
+        for spread in &self.spreads {
+            spread.allows(node)?;
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The other pods and their nodes: bound, not terminating, not the pod being placed (its
@@ -134,58 +178,67 @@ fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
     Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
-/// `maxSkew` after placing the pod on `node`, over the domains of the nodes that could take
-/// it. Nodes that take no new pods (cordoned, which includes every node being drained, or not
-/// Ready) are left out, as `nodeTaintsPolicy: Honor` would: a drain would otherwise count the
-/// emptied node as a domain with no pods and refuse every target.
-fn spread_allows(
-    input: &PlacementInput<'_>,
-    c: &TopologySpreadConstraint,
-    node: &Node,
-    others: &[(&Pod, &str)],
-) -> Result<(), Unfit> {
-    let unfit = || Unfit::TopologySpread(c.topology_key.clone());
-    let Some(domain) = node.labels().get(&c.topology_key) else {
-        return Err(unfit());
-    };
-    let spec = input.pod.spec.clone().unwrap_or_default();
-    let honor_taints = c.node_taints_policy.as_deref() == Some("Honor");
-    let ignore_affinity = c.node_affinity_policy.as_deref() == Some("Ignore");
-    let mut counts: BTreeMap<&str, i32> = BTreeMap::new();
-    let mut domain_of: BTreeMap<&str, &str> = BTreeMap::new();
-    for n in input.nodes {
-        let name = n.metadata.name.as_deref().unwrap_or_default();
-        let eligible = name != input.source_node
-            && node_unfit(n).is_none()
-            && (ignore_affinity || node_rules::matches_pod(&spec, n).is_ok())
-            && (!honor_taints || node_rules::untolerated_taint(&spec, n).is_none());
-        if let (true, Some(d)) = (eligible, n.labels().get(&c.topology_key)) {
-            counts.entry(d.as_str()).or_default();
-            domain_of.insert(name, d.as_str());
+impl<'a> Spread<'a> {
+    /// Count the pods the constraint selects per domain of the nodes that could take the pod.
+    /// Nodes that take no new pods (cordoned, which includes every node being drained, or not
+    /// Ready) are left out, as `nodeTaintsPolicy: Honor` would: a drain would otherwise count
+    /// the emptied node as a domain with no pods and refuse every target.
+    fn new(
+        input: &PlacementInput<'a>,
+        c: &'a TopologySpreadConstraint,
+        spec: &PodSpec,
+        others: &[(&'a Pod, &'a str)],
+    ) -> Self {
+        let honor_taints = c.node_taints_policy.as_deref() == Some("Honor");
+        let ignore_affinity = c.node_affinity_policy.as_deref() == Some("Ignore");
+        let mut counts: BTreeMap<&str, i32> = BTreeMap::new();
+        let mut domain_of: BTreeMap<&str, &str> = BTreeMap::new();
+        for n in input.nodes {
+            let name = n.metadata.name.as_deref().unwrap_or_default();
+            let eligible = name != input.source_node
+                && node_unfit(n).is_none()
+                && (ignore_affinity || node_rules::matches_pod(spec, n).is_ok())
+                && (!honor_taints || node_rules::untolerated_taint(spec, n).is_none());
+            if let (true, Some(d)) = (eligible, n.labels().get(&c.topology_key)) {
+                counts.entry(d.as_str()).or_default();
+                domain_of.insert(name, d.as_str());
+            }
+        }
+        let selector = spread_selector(c, input.pod);
+        let ns = input.pod.namespace().unwrap_or_default();
+        for (p, n) in others {
+            if p.namespace().unwrap_or_default() == ns
+                && selector.as_ref().is_some_and(|s| matches(s, p.labels()))
+                && let Some(count) = domain_of.get(n).and_then(|d| counts.get_mut(d))
+            {
+                *count += 1;
+            }
+        }
+        let min_domains = c.min_domains.unwrap_or(1).max(1) as usize;
+        let min = if counts.len() < min_domains {
+            0
+        } else {
+            counts.values().copied().min().unwrap_or(0)
+        };
+        Self {
+            key: &c.topology_key,
+            max_skew: c.max_skew,
+            counts,
+            min,
+            own: i32::from(selector.as_ref().is_some_and(|s| matches(s, input.pod.labels()))),
         }
     }
-    let selector = spread_selector(c, input.pod);
-    let ns = input.pod.namespace().unwrap_or_default();
-    for (p, n) in others {
-        if p.namespace().unwrap_or_default() == ns
-            && selector.as_ref().is_some_and(|s| matches(s, p.labels()))
-            && let Some(count) = domain_of.get(n).and_then(|d| counts.get_mut(d))
-        {
-            *count += 1;
+
+    /// `maxSkew` after placing the pod on `node`.
+    fn allows(&self, node: &Node) -> Result<(), Unfit> {
+        let unfit = || Unfit::TopologySpread(self.key.to_string());
+        let domain = node.labels().get(self.key).ok_or_else(unfit)?;
+        let here = self.counts.get(domain.as_str()).copied().unwrap_or(0);
+        if here + self.own - self.min > self.max_skew {
+            return Err(unfit());
         }
+        Ok(())
     }
-    let min_domains = c.min_domains.unwrap_or(1).max(1) as usize;
-    let min = if counts.len() < min_domains {
-        0
-    } else {
-        counts.values().copied().min().unwrap_or(0)
-    };
-    let own = i32::from(selector.as_ref().is_some_and(|s| matches(s, input.pod.labels())));
-    let here = counts.get(domain.as_str()).copied().unwrap_or(0);
-    if here + own - min > c.max_skew {
-        return Err(unfit());
-    }
-    Ok(())
 }
 
 /// The constraint's selector with its `matchLabelKeys` bound to the pod's own values.
