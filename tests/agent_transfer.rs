@@ -561,13 +561,16 @@ async fn each_caller_may_do_only_its_own_part() {
     forbidden(rogue.push(&source.url, ID, &push).await.unwrap_err());
     forbidden(rogue.delete(&source.url, ID).await.unwrap_err());
     // The controller may not write archives into an agent either: only agents send them.
-    let file = tokio::fs::File::open(&answer.archives[0].path).await.unwrap();
-    forbidden(
-        controller
-            .upload(&target.url, ID, &refs_of(&answer)[0], file)
-            .await
-            .unwrap_err(),
-    );
+    // An empty body: the refusal comes before any byte is read, and a body still streaming
+    // when the 403 closes the exchange would end the client with a send error instead.
+    let empty = env.kubelet_dir.with_file_name("empty.tar");
+    std::fs::write(&empty, b"").unwrap();
+    let nothing = ArchiveRef {
+        size_bytes: 0,
+        ..refs_of(&answer)[0].clone()
+    };
+    let file = tokio::fs::File::open(&empty).await.unwrap();
+    forbidden(controller.upload(&target.url, ID, &nothing, file).await.unwrap_err());
     // The real path still works end to end.
     controller.push(&source.url, ID, &push).await.unwrap();
 }
