@@ -90,7 +90,7 @@ start_node() {
     --listen "127.0.0.1:$(kubelet_port "$i")" \
     --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
     --registry-ca "$KM/certs/ca.crt" \
-    --checkpoint-dir "$KM/$n/checkpoints" "${crun[@]}"
+    --checkpoint-dir "$KM/$n/checkpoints" --cgroup-root "$KM/$n/cgroup" "${crun[@]}"
   start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
     --listen "127.0.0.1:$(agent_port "$i")" \
     --registry-listen "127.0.0.1:$(registry_port "$i")" \
@@ -98,6 +98,7 @@ start_node() {
     --kubelet-url "https://127.0.0.1:$(kubelet_port "$i")" --kubelet-ca "$STATE/nodes/ca.crt" \
     --token-file "$KM/agent.token" --state-dir "$KM/$n/agent" \
     --tls-cert "$KM/certs/agent.crt" --tls-key "$KM/certs/agent.key" --ca "$KM/certs/ca.crt" \
+    --cgroup-root "$KM/$n/cgroup" --hold-dir "$KM/$n/holds" \
     --retention-seconds 3600 --log-format plain
 }
 

@@ -94,7 +94,7 @@ for i in "${!NODES[@]}"; do
   start "kubelet-$n" "$BIN/test-kubelet" --node-name "$n" \
     --kubeconfig "$STATE/nodes/$n.kubeconfig" --listen "127.0.0.1:$((BASE + i))" \
     --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
-    --registry-ca "$TK/certs/ca.crt" --checkpoint-dir "$TK/$n/checkpoints"
+    --registry-ca "$TK/certs/ca.crt" --checkpoint-dir "$TK/$n/checkpoints" --cgroup-root "$TK/$n/cgroup"
 done
 
 log "1. nodes register and stay Ready"

@@ -18,6 +18,7 @@ use kube_migrate::{
         api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest, pull_digest},
         authz::Callers,
         client::{AgentClient, ClientError, empty_body, https_client},
+        freezer::Freezer,
         kubelet::{KubeletClient, kubelet_tls},
         registry,
         server::{AgentState, router},
@@ -91,10 +92,13 @@ async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
     let state = AgentState::new(
         name.into(),
         store.clone(),
-        KubeletClient::new(
-            kubelet_tls(Some(&env.certs.join("ca.crt"))).unwrap(),
-            format!("https://127.0.0.1:{}", kubelet.port()),
-            token,
+        (
+            KubeletClient::new(
+                kubelet_tls(Some(&env.certs.join("ca.crt"))).unwrap(),
+                format!("https://127.0.0.1:{}", kubelet.port()),
+                token,
+            ),
+            Freezer::new(state_dir.join("cgroup"), state_dir.join("holds")),
         ),
         AgentClient::new(
             agent_client_config(&env.certs.join("ca.crt"), Arc::clone(&cert), "kube-migrate-agent").unwrap(),
@@ -169,6 +173,7 @@ fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
         pod: "db-0".into(),
         containers: containers.iter().map(|c| c.to_string()).collect(),
         timeout_seconds: 30,
+        freeze: None,
     }
 }
 
@@ -485,20 +490,23 @@ async fn kubelet_errors_are_explained() {
 #[tokio::test]
 async fn hostile_checkpoint_requests_are_refused_not_panicked_on() {
     let (_env, source, _target, controller) = setup().await;
+    let with = |change: &dyn Fn(&mut CheckpointRequest)| {
+        let mut req = checkpoint_request(&["app"]);
+        change(&mut req);
+        req
+    };
     let hostile = [
-        CheckpointRequest {
-            pod: "db-0/../../../pods".into(),
-            ..checkpoint_request(&["app"])
-        },
-        CheckpointRequest {
-            namespace: "shop?x=1".into(),
-            ..checkpoint_request(&["app"])
-        },
-        CheckpointRequest {
-            pod: "DB-0".into(),
-            ..checkpoint_request(&["app"])
-        },
+        with(&|r| r.pod = "db-0/../../../pods".into()),
+        with(&|r| r.namespace = "shop?x=1".into()),
+        with(&|r| r.pod = "DB-0".into()),
         checkpoint_request(&["app-"]),
+        // Container IDs go into cgroup and hold-file paths.
+        with(&|r| {
+            r.freeze = Some(kube_migrate::agent::api::FreezeSpec {
+                container_ids: [("app".into(), "cri-o://../../../etc".into())].into(),
+                hold_seconds: 60,
+            })
+        }),
     ];
     for req in &hostile {
         let err = controller.checkpoint(&source.url, ID, req).await.unwrap_err();

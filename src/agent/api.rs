@@ -1,6 +1,8 @@
 //! The agent's HTTP API (mTLS), shared by the agent server and its clients.
 //!
 //! * `POST   /v1/migrations/{id}/checkpoint`            checkpoint containers via the kubelet
+//! * `POST   /v1/migrations/{id}/source/thaw`           resume frozen source containers (rollback)
+//! * `POST   /v1/migrations/{id}/source/kill`           kill frozen source containers for good
 //! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
 //! * `GET    /v1/migrations/{id}/archives/{container}`  the verified archive held, if any
@@ -23,6 +25,41 @@ pub struct CheckpointRequest {
     pub containers: Vec<String>,
     /// Passed to the kubelet as `?timeout=`.
     pub timeout_seconds: u64,
+    /// Freeze the containers before their checkpoint and keep them frozen after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<FreezeSpec>,
+}
+
+/// Which containers to freeze, and for how long at most: past `hold_seconds` the agent thaws
+/// them by itself (a controller that vanished must not leave the workload frozen for ever).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeSpec {
+    /// Container name → runtime container ID (`cri-o://<hex>`), from the pod's status.
+    pub container_ids: std::collections::BTreeMap<String, String>,
+    pub hold_seconds: u64,
+}
+
+/// Whether the source stayed frozen through its checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeOutcome {
+    /// Frozen before the checkpoint and still frozen after it: the source has not executed
+    /// since, and is resumable (thaw) or killable (kill).
+    pub held: bool,
+    /// When the last container was frozen (RFC 3339), if they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_at: Option<String>,
+    /// Why not held (no freezer for this runtime, the runtime resumed the container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The source containers to thaw or kill, by runtime ID.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceRequest {
+    pub container_ids: Vec<String>,
 }
 
 /// One checkpointed container.
@@ -40,6 +77,9 @@ pub struct ArchiveRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointResponse {
     pub archives: Vec<ArchiveRecord>,
+    /// Present when a freeze was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<FreezeOutcome>,
 }
 
 /// An archive by container and digest.

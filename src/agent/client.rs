@@ -17,7 +17,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{
     api::{
         self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, PushRequest,
-        PushResponse, ReceiveResponse,
+        PushResponse, ReceiveResponse, SourceRequest,
     },
     chunks,
 };
@@ -208,6 +208,18 @@ impl AgentClient {
             self.long_timeout,
         )
         .await
+    }
+
+    /// Thaw (`"thaw"`) or kill (`"kill"`) the frozen source containers of migration `id`.
+    pub async fn source(&self, base: &str, id: &str, action: &str, req: &SourceRequest) -> Result<(), ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/source/{action}");
+        send::<serde_json::Value>(
+            &self.http,
+            request(Method::POST, &url, json_body(req))?,
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {

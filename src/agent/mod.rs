@@ -5,12 +5,15 @@
 pub mod api;
 pub mod archive;
 pub mod authz;
+pub mod checkpoint;
 pub mod chunks;
 pub mod client;
+pub mod freezer;
 pub mod image;
 pub mod kubelet;
 pub mod private;
 pub mod receive;
 pub mod registry;
 pub mod server;
+pub mod source;
 pub mod store;

@@ -19,17 +19,20 @@ use tracing::instrument;
 
 use super::{
     api::{
-        self, ArchiveRecord, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRecord, ImageRequest,
-        ImageResponse, PushRequest, PushResponse, ReceiveResponse,
+        self, ArchiveRecord, ErrorBody, ImageRecord, ImageRequest, ImageResponse, PushRequest, PushResponse,
+        ReceiveResponse,
     },
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
     authz::{self, Callers},
+    checkpoint,
     client::{AgentClient, ClientError},
+    freezer::{FreezeError, Freezer},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
     receive::{self, ReceiveError},
     registry::REPOSITORY_PREFIX,
-    store::{Record, Store, StoreError},
+    source,
+    store::{Store, StoreError},
 };
 use crate::metrics::{Metrics, OperationLabels, PhaseLabels};
 
@@ -59,6 +62,8 @@ pub enum AgentError {
     Receive(#[from] ReceiveError),
     #[error("forbidden: {0}")]
     Forbidden(String),
+    #[error("freezer: {0}")]
+    Freeze(#[from] FreezeError),
 }
 
 impl AgentError {
@@ -75,6 +80,7 @@ impl AgentError {
             AgentError::Corrupt(_) => "archive_corrupt",
             AgentError::Receive(e) => e.metric_label(),
             AgentError::Forbidden(_) => "forbidden",
+            AgentError::Freeze(e) => e.metric_label(),
         }
     }
 
@@ -84,6 +90,8 @@ impl AgentError {
             | AgentError::Store(StoreError::InvalidId(_) | StoreError::InvalidContainer(_)) => StatusCode::BAD_REQUEST,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AgentError::Freeze(FreezeError::InvalidId(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Freeze(FreezeError::NotHeld(_)) => StatusCode::CONFLICT,
             AgentError::Archive(ArchiveError::Io(_))
             | AgentError::Receive(ReceiveError::Archive(ArchiveError::Io(_)) | ReceiveError::Io { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -117,6 +125,8 @@ pub struct AgentState {
     pub node: String,
     pub store: Store,
     pub kubelet: KubeletClient,
+    /// Freezes source containers around their checkpoint (see [`super::source`]).
+    pub freezer: Freezer,
     pub peers: AgentClient,
     pub metrics: Arc<Metrics>,
     /// `host:port` under which this node's runtime reaches the registry endpoint.
@@ -130,7 +140,7 @@ impl AgentState {
     pub fn new(
         node: String,
         store: Store,
-        kubelet: KubeletClient,
+        (kubelet, freezer): (KubeletClient, Freezer),
         peers: AgentClient,
         metrics: Arc<Metrics>,
         registry_host: String,
@@ -140,6 +150,7 @@ impl AgentState {
             node,
             store,
             kubelet,
+            freezer,
             peers,
             metrics,
             registry_host,
@@ -150,7 +161,7 @@ impl AgentState {
 
     /// One operation per migration at a time: a controller that retries after a restart
     /// waits for the running operation and then sees its result.
-    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(super) async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.locks.lock().expect("lock map poisoned");
             locks.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
@@ -159,7 +170,7 @@ impl AgentState {
         lock.lock_owned().await
     }
 
-    fn record_op<T>(&self, operation: &'static str, started: Instant, result: &Result<T, AgentError>) {
+    pub(super) fn record_op<T>(&self, operation: &'static str, started: Instant, result: &Result<T, AgentError>) {
         let label = match result {
             Ok(_) => "ok",
             Err(e) => {
@@ -185,7 +196,9 @@ impl AgentState {
 
 pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
-        .route("/v1/migrations/{id}/checkpoint", post(checkpoint))
+        .route("/v1/migrations/{id}/checkpoint", post(checkpoint::checkpoint))
+        .route("/v1/migrations/{id}/source/thaw", post(source::thaw))
+        .route("/v1/migrations/{id}/source/kill", post(source::kill))
         .route("/v1/migrations/{id}/push", post(push))
         .route("/v1/migrations/{id}/archives/{container}", put(receive).get(held))
         .route("/v1/migrations/{id}/image", post(build_image))
@@ -197,85 +210,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .with_state(state)
 }
 
-#[instrument(skip_all, fields(id = %id, pod = %req.pod, namespace = %req.namespace))]
-async fn checkpoint(
-    State(state): State<Arc<AgentState>>,
-    Path(id): Path<String>,
-    Json(req): Json<CheckpointRequest>,
-) -> Result<Json<CheckpointResponse>, AgentError> {
-    let started = Instant::now();
-    let result = do_checkpoint(&state, &id, &req).await;
-    state.record_op("checkpoint", started, &result);
-    result.map(Json)
-}
-
-async fn do_checkpoint(
-    state: &AgentState,
-    id: &str,
-    req: &CheckpointRequest,
-) -> Result<CheckpointResponse, AgentError> {
-    if req.containers.is_empty() || !req.containers.iter().all(|c| api::valid_container(c)) {
-        return Err(AgentError::BadRequest(format!(
-            "invalid container list {:?}",
-            req.containers
-        )));
-    }
-    // Names go into the kubelet's URL path: nothing but what Kubernetes allows in them.
-    if !api::valid_label(&req.namespace) || !api::valid_pod_name(&req.pod) {
-        return Err(AgentError::BadRequest(format!(
-            "invalid pod {:?}/{:?}",
-            req.namespace, req.pod
-        )));
-    }
-    let timeout = Duration::from_secs(req.timeout_seconds.clamp(1, api::MAX_CHECKPOINT_TIMEOUT_SECONDS));
-    let _guard = state.lock(id).await;
-    let mut record = state.store.load(id)?.unwrap_or_else(|| Record {
-        namespace: req.namespace.clone(),
-        pod: req.pod.clone(),
-        ..Default::default()
-    });
-    for container in &req.containers {
-        if let Some(done) = record.checkpointed.get(container)
-            && std::path::Path::new(&done.path).exists()
-        {
-            continue; // a retry after a controller restart: keep the checkpoint already taken
-        }
-        let started = Instant::now();
-        let path = state
-            .kubelet
-            .checkpoint(&req.namespace, &req.pod, container, timeout)
-            .await?;
-        let info = validate_blocking(path.clone()).await?;
-        let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(container, path = %path.display(), bytes = info.size, seconds, "checkpointed");
-        state.metrics.archive_bytes.observe(info.size as f64);
-        state
-            .metrics
-            .agent_bytes
-            .get_or_create(&PhaseLabels { phase: "checkpoint" })
-            .inc_by(info.size);
-        record.checkpointed.insert(
-            container.clone(),
-            ArchiveRecord {
-                container: container.clone(),
-                path: path.display().to_string(),
-                digest: info.digest,
-                size_bytes: info.size,
-                base_image: base_image(&info.config),
-                seconds,
-            },
-        );
-        state.store.save(id, &record)?;
-    }
-    let archives = req
-        .containers
-        .iter()
-        .filter_map(|c| record.checkpointed.get(c).cloned())
-        .collect();
-    Ok(CheckpointResponse { archives })
-}
-
-fn base_image(config: &ContainerConfig) -> String {
+pub(super) fn base_image(config: &ContainerConfig) -> String {
     if config.rootfs_image_name.is_empty() {
         config.rootfs_image_ref.clone()
     } else {
@@ -283,7 +218,7 @@ fn base_image(config: &ContainerConfig) -> String {
     }
 }
 
-async fn validate_blocking(path: PathBuf) -> Result<ArchiveInfo, AgentError> {
+pub(super) async fn validate_blocking(path: PathBuf) -> Result<ArchiveInfo, AgentError> {
     tokio::task::spawn_blocking(move || archive::validate_file(&path))
         .await
         .map_err(|e| AgentError::Io(std::io::Error::other(e)))?

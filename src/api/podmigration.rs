@@ -192,6 +192,15 @@ pub struct PodMigrationStatus {
     /// checkpoint). Measured from the kubelet's `finishedAt`; goal 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_window_seconds: Option<f64>,
+    /// When the source's containers were frozen, before their checkpoint. Set only when the
+    /// freeze held through the checkpoint: the source has not executed since, is resumed
+    /// (thawed) on any failure before its state is verified on the target, and killed after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_frozen_at: Option<Time>,
+    /// Why the source could not be kept frozen (no freezer for its runtime, the runtime
+    /// resumed it): it was then stopped right after its checkpoint, see `sourceWindowSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_note: Option<String>,
     /// When the source pod was confirmed stopping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_stopped_at: Option<Time>,
@@ -201,7 +210,7 @@ pub struct PodMigrationStatus {
     /// Bytes moved from the source node to the target node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transferred_bytes: Option<u64>,
-    /// Seconds from the source stop to the replacement being Ready.
+    /// Seconds from the source stop (its freeze, when frozen) to the replacement being Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_seconds: Option<f64>,
     /// Start and end of each phase.
@@ -283,6 +292,9 @@ pub struct ContainerCheckpoint {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Runtime ID of the source container (`cri-o://<hex>`), which the agent froze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     /// Image the container had; the checkpoint image restores on top of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_image: Option<String>,

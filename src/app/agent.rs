@@ -8,9 +8,11 @@ use crate::{
     agent::{
         authz::Callers,
         client::AgentClient,
+        freezer::Freezer,
         kubelet::{KubeletClient, kubelet_tls},
         registry,
         server::{AgentState, router, spawn_gc},
+        source::spawn_expiry,
         store::Store,
     },
     metrics::Metrics,
@@ -83,6 +85,15 @@ pub struct Options {
     /// build images and delete here).
     #[arg(long, env = "KM_CONTROLLER_NAME", default_value = "kube-migrate-webhook")]
     pub controller_name: String,
+    /// The node's cgroup file system (v1 with a freezer hierarchy, or v2): source containers
+    /// are frozen there around their checkpoint.
+    #[arg(long, env = "KM_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Hold files of frozen containers, read by the node's runtime wrapper
+    /// (docs/install-cri-o.md): while one exists, the runtime's resume of that container is
+    /// a no-op. Must be the same host directory the wrapper reads.
+    #[arg(long, env = "KM_HOLD_DIR", default_value = "/run/kube-migrate/holds")]
+    pub hold_dir: PathBuf,
     /// Remove a migration's files this long after they were last touched.
     #[arg(long, env = "KM_RETENTION_SECONDS", default_value_t = 86_400)]
     pub retention_seconds: u64,
@@ -129,7 +140,10 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     let state = AgentState::new(
         opts.node_name.clone(),
         store.clone(),
-        KubeletClient::new(kubelet_tls, opts.kubelet_url.clone(), opts.token_file.clone()),
+        (
+            KubeletClient::new(kubelet_tls, opts.kubelet_url.clone(), opts.token_file.clone()),
+            Freezer::new(&opts.cgroup_root, &opts.hold_dir),
+        ),
         AgentClient::new(
             agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?,
             Duration::from_secs(opts.transfer_timeout_seconds),
@@ -141,6 +155,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             agent: opts.agent_server_name.clone(),
         },
     );
+    spawn_expiry(Arc::clone(&state), Duration::from_secs(10));
     spawn_gc(
         Arc::clone(&state),
         Duration::from_secs(opts.retention_seconds),

@@ -88,6 +88,12 @@ pub struct Options {
     /// Grace period of the source pod's eviction after its checkpoint.
     #[arg(long, env = "KM_SOURCE_GRACE_PERIOD_SECONDS", default_value_t = 1)]
     pub source_grace_period_seconds: i64,
+    /// Freeze the source before its checkpoint and keep it frozen until its state is verified
+    /// on the target, so that it never runs after its checkpoint and can resume on any failure
+    /// (needs the node's runtime wrapper on CRI-O: docs/install-cri-o.md; where the agent
+    /// cannot keep the freeze, the source is stopped right after the checkpoint as before).
+    #[arg(long, env = "KM_FREEZE_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub freeze_source: bool,
     /// How long to retry after the source stopped before the replacement starts fresh.
     #[arg(long, env = "KM_RESTORE_DEADLINE_SECONDS", default_value_t = 600)]
     pub restore_deadline_seconds: u64,
@@ -281,6 +287,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             max_total: opts.max_total,
             checkpoint_timeout: Duration::from_secs(opts.checkpoint_timeout_seconds),
             source_grace_period_seconds: opts.source_grace_period_seconds,
+            freeze_source: opts.freeze_source,
             max_attempts: 3,
             restore_deadline: Duration::from_secs(opts.restore_deadline_seconds),
             deadlines: opts.deadlines.deadlines(),

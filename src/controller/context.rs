@@ -94,6 +94,9 @@ pub struct Config {
     /// Grace period of the source pod's deletion after the checkpoint: the shorter, the less
     /// the source can diverge from the checkpoint.
     pub source_grace_period_seconds: i64,
+    /// Freeze the source's containers before their checkpoint and keep them frozen until the
+    /// state is verified on the target (where the node's agent can: see `agent::source`).
+    pub freeze_source: bool,
     /// Retries of transient failures before the source stopped.
     pub max_attempts: u32,
     /// How long after the source stopped the controller keeps retrying before it gives up
@@ -116,6 +119,7 @@ impl Default for Config {
             max_total: 10,
             checkpoint_timeout: Duration::from_secs(300),
             source_grace_period_seconds: 1,
+            freeze_source: true,
             max_attempts: 3,
             restore_deadline: Duration::from_secs(600),
             deadlines: decide::Deadlines::default(),

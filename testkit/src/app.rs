@@ -51,6 +51,9 @@ pub struct Options {
     /// Where checkpoint archives are written.
     #[arg(long, env = "TEST_KUBELET_CHECKPOINT_DIR")]
     pub checkpoint_dir: PathBuf,
+    /// Stand-in cgroup v2 tree of the simulated containers (the node agent's `--cgroup-root`).
+    #[arg(long, env = "TEST_KUBELET_CGROUP_ROOT")]
+    pub cgroup_root: PathBuf,
     /// Node capacity: CPUs.
     #[arg(long, env = "TEST_KUBELET_CPU", default_value = "4")]
     pub cpu: String,
@@ -198,7 +201,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     };
     let pods = Arc::new(
         PodManager::new(client, opts.node_name.clone(), runtime, puller, crun)
-            .with_checkpoint_dir(opts.checkpoint_dir.clone()),
+            .with_checkpoint_dir(opts.checkpoint_dir.clone())
+            .with_cgroup_root(opts.cgroup_root.clone()),
     );
     pods.run(shutdown.clone()).await;
     let _ = server.await;

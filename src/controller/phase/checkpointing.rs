@@ -1,6 +1,8 @@
-//! `Checkpointing`: the source agent checkpoints every container through its kubelet; the
-//! result is persisted; then (migrations only) the source pod is held, the target re-checked
-//! against the API server, and the source stopped through the Eviction API.
+//! `Checkpointing`: the source agent freezes and checkpoints every container through its
+//! kubelet; the result is persisted; then (migrations only) the source pod is held and the
+//! target re-checked against the API server. A source that stayed frozen goes on to
+//! `Transferring` as it is (killed once its state is verified there, see `frozen`); one that
+//! could not be kept frozen is stopped at once through the Eviction API.
 
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time, 
 use kube::{Api, ResourceExt, runtime::controller::Action};
 use serde_json::json;
 
-use super::{hold, rollback, transition};
+use super::{frozen, hold, rollback, transition};
 use crate::{
     agent::api::CheckpointRequest,
     api::{Mode, Phase, PodMigration, PodMigrationStatus, STOP_SOURCE_OF},
@@ -22,8 +24,11 @@ use crate::{
 };
 
 pub async fn checkpointing(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
-    if status.source_stop_requested_at.is_none() {
+    if status.checkpointed_at.is_none() {
         return checkpoint(pm, status, ctx).await;
+    }
+    if status.source_stop_requested_at.is_none() {
+        return keep_frozen(pm, status, ctx).await;
     }
     stop_source(pm, status, ctx).await
 }
@@ -41,7 +46,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         )
         .await;
     };
-    if ctx.source_pod(pm).is_none() {
+    let Some(pod) = ctx.source_pod(pm) else {
         return rollback(
             pm,
             status,
@@ -50,8 +55,14 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
             "the pod vanished before it was stopped".into(),
         )
         .await;
-    }
+    };
+    // Backups leave the pod running: nothing to freeze.
+    let freeze = match pm.spec.mode {
+        Mode::Migrate => frozen::spec(ctx, &pod, status),
+        _ => None,
+    };
     let request = CheckpointRequest {
+        freeze,
         namespace: ns,
         pod: pm.spec.pod_name.clone(),
         containers: status.containers.iter().map(|c| c.name.clone()).collect(),
@@ -85,6 +96,19 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         .await;
     }
     let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    let now = Time(Timestamp::now());
+    match answer.freeze {
+        Some(f) if f.held => {
+            let at = f
+                .frozen_at
+                .and_then(|t| t.parse::<Timestamp>().ok())
+                .map_or(now.clone(), Time);
+            status.source_frozen_at = Some(at);
+            status.freeze_note = None;
+        }
+        Some(f) => status.freeze_note = f.note,
+        None => {}
+    }
     if pm.spec.mode == Mode::Checkpoint {
         // A backup: the pod keeps running; the image is built where the archives are.
         transition(
@@ -97,15 +121,49 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         .await;
         return Ok(Action::requeue(Duration::ZERO));
     }
-    // Persist before stopping anything: the webhook lets our eviction through only once it
-    // sees this, and a new leader must not checkpoint twice.
-    let now = Time(Timestamp::now());
     status.checkpointed_at = Some(now.clone());
+    if status.source_frozen_at.is_some() {
+        // Persisted before anything else, so a new leader neither checkpoints twice nor
+        // forgets to thaw.
+        status.message = Some(format!(
+            "checkpoint taken ({}); the source stays frozen until its state is verified on the target",
+            human_bytes(bytes)
+        ));
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    // Not frozen: persist before stopping anything: the webhook lets our eviction through only
+    // once it sees this, and a new leader must not checkpoint twice.
     status.source_stop_requested_at = Some(now);
     status.message = Some(format!(
         "checkpoint taken ({}); stopping the source pod",
         human_bytes(bytes)
     ));
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// The source stayed frozen through its checkpoint: hold its pod object (the drain waits for
+/// it) and send the archives while it stays frozen; it is killed only once they are verified
+/// on the target (`Transferring`).
+async fn keep_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    if let Some(why) = target_unfit(ctx, status.target_node.as_deref()).await? {
+        return back_to_pending(pm, status, ctx, format!("target {why}")).await;
+    }
+    if !hold::add(ctx, pm).await? {
+        return rollback(pm, status, ctx, "PodGone", "the frozen source pod vanished".into()).await;
+    }
+    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Transferring,
+        format!(
+            "source frozen since its checkpoint; sending {} to {}",
+            human_bytes(bytes),
+            status.target_node.as_deref().unwrap_or("?")
+        ),
+    )
+    .await;
     Ok(Action::requeue(Duration::ZERO))
 }
 
@@ -171,12 +229,13 @@ async fn target_unfit(ctx: &Context, target: Option<&str>) -> Result<Option<Stri
 }
 
 /// Drop the checkpoint (the source keeps running, so it goes stale) and queue again.
-async fn back_to_pending(
+pub(super) async fn back_to_pending(
     pm: &PodMigration,
     status: &mut PodMigrationStatus,
     ctx: &Context,
     why: String,
 ) -> Result<Action, Error> {
+    let thaw = frozen::resume(ctx, pm, status).await.unwrap_or_default();
     release_archives(ctx, pm, status).await;
     hold::release(ctx, pm).await?;
     ctx.release_slot(pm);
@@ -188,13 +247,20 @@ async fn back_to_pending(
         c.size_bytes = None;
     }
     status.archives_released = false;
-    transition(pm, status, ctx, Phase::Pending, format!("{why}; retrying from Pending")).await;
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::Pending,
+        format!("{why}; retrying from Pending{thaw}"),
+    )
+    .await;
     Ok(Action::requeue(Duration::from_secs(5)))
 }
 
 /// Evict the source pod through the Eviction API (so PodDisruptionBudgets hold), marked as
 /// ours for the webhook, with a short grace period and the pod's UID as precondition.
-async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
+pub(super) async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
     let ns = pm.namespace().unwrap_or_default();
     let body = json!({
         "apiVersion": "policy/v1",

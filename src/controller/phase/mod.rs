@@ -4,6 +4,7 @@
 mod building;
 mod checkpointing;
 mod finished;
+mod frozen;
 mod hold;
 mod pending;
 mod restore;
@@ -107,8 +108,9 @@ async fn fail(
     Action::requeue(Duration::ZERO)
 }
 
-/// Give up before the source stopped: drop the archives, release the source pod, fail. The
-/// eviction then follows the pod's `on-failure` policy.
+/// Give up before the source stopped: thaw it if it was frozen (it carries on from where it
+/// was), drop the archives, release the source pod, fail. The eviction then follows the pod's
+/// `on-failure` policy.
 async fn rollback(
     pm: &PodMigration,
     status: &mut PodMigrationStatus,
@@ -116,16 +118,16 @@ async fn rollback(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
+    let was_frozen = status.source_frozen_at.is_some();
+    let thaw = frozen::resume(ctx, pm, status).await;
     finished::release_archives(ctx, pm, status).await;
     hold::release(ctx, pm).await?;
-    Ok(fail(
-        pm,
-        status,
-        ctx,
-        reason,
-        format!("{message}; rolled back, the source pod was not touched"),
-    )
-    .await)
+    let done = match (&thaw, was_frozen) {
+        (Some(note), _) => format!("; rolled back{note}"),
+        (None, true) => "; rolled back, the source was thawed and carries on with its state".to_string(),
+        (None, false) => "; rolled back, the source pod was not touched".to_string(),
+    };
+    Ok(fail(pm, status, ctx, reason, format!("{message}{done}")).await)
 }
 
 /// After the source stopped, failures are retried with backoff until the restore deadline;
@@ -191,6 +193,10 @@ async fn lose_state_because(
     if pm.spec.mode != Mode::Migrate {
         // Backups and restores stopped nothing: nothing to start fresh.
         return Ok(fail(pm, status, ctx, reason, message).await);
+    }
+    if frozen::resumable(status) {
+        // The source is frozen, not stopped: nothing is lost, it resumes.
+        return rollback(pm, status, ctx, reason, message).await;
     }
     // The fresh start itself happens in `Failed` (finished.rs), once the webhooks see the
     // failure and no longer bind new pods to this migration.

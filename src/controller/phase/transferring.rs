@@ -1,12 +1,13 @@
 //! `Transferring`: the source agent streams every archive to the target agent, which checks
-//! each digest before it keeps anything. Once verified there, the source pod's hold is lifted.
+//! each digest before it keeps anything. Once verified there, a frozen source is killed, and
+//! the source pod's hold is lifted.
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{hold, lose_state_because, pending, retry_after_stop, transition};
+use super::{checkpointing, frozen, hold, lose_state_because, pending, retry_after_stop, transition};
 use crate::{
     agent::api::PushRequest,
     api::{Phase, PodMigration, PodMigrationStatus},
@@ -14,10 +15,17 @@ use crate::{
         context::{Context, Error},
         decide::{self, human_bytes},
         placement,
+        state::{self, CONDITION_SOURCE_STOPPED},
     },
 };
 
 pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    if status.source_frozen_at.is_some()
+        && status.source_stop_requested_at.is_some()
+        && status.source_stopped_at.is_none()
+    {
+        return stop_frozen(pm, status, ctx).await;
+    }
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
     let Some(source) = ctx.agent(&pm.spec.source_node) else {
         return retry_after_stop(
@@ -48,6 +56,17 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             } else {
                 0.0
             };
+            if frozen::resumable(status) {
+                // Verified on the target: the frozen source may go. Persisted first, so the
+                // webhook lets our eviction through and a new leader does not resume it.
+                status.source_stop_requested_at = Some(Time(Timestamp::now()));
+                status.message = Some(format!(
+                    "{} verified on {target} ({}/s); stopping the frozen source",
+                    human_bytes(answer.bytes),
+                    human_bytes(rate as u64)
+                ));
+                return Ok(Action::requeue(Duration::ZERO));
+            }
             // The state is verified off the source node: once the source has stopped, the
             // drain may complete (later steps settle it if its containers are still stopping).
             hold::settle(ctx, pm, status).await?;
@@ -91,6 +110,61 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         }
         Err(e) => retry_after_stop(pm, status, ctx, format!("transfer to {target} failed: {e}")).await,
     }
+}
+
+/// The state is verified on the target and the source, frozen since its checkpoint, is asked
+/// to stop: evict it (its object stays held), kill its frozen tasks, build the image.
+async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+    let gone = ctx.source_pod(pm).is_none();
+    if !gone {
+        match checkpointing::evict_source(ctx, pm).await {
+            Ok(()) => {}
+            Err(kube::Error::Api(e)) if e.code == 429 => {
+                // A PodDisruptionBudget refused: thaw, the checkpoint goes stale, start over.
+                status.source_stop_requested_at = None;
+                return checkpointing::back_to_pending(
+                    pm,
+                    status,
+                    ctx,
+                    format!("the source stop was refused ({})", e.message),
+                )
+                .await;
+            }
+            Err(e) => {
+                status.message = Some(format!("stopping the frozen source failed, retrying: {e}"));
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
+        }
+        if let Err(e) = frozen::kill(ctx, pm, status).await {
+            status.message = Some(format!("{e}; retrying"));
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+    }
+    let now = Timestamp::now();
+    status.source_stopped_at = Some(Time(now));
+    state::set_condition(
+        status,
+        CONDITION_SOURCE_STOPPED,
+        true,
+        "KilledFrozen",
+        "the source was frozen before its checkpoint and killed, still frozen, once its state was verified on the target: it never ran after its checkpoint",
+        now,
+    );
+    hold::settle(ctx, pm, status).await?;
+    let bytes = status.transferred_bytes.unwrap_or_default();
+    transition(
+        pm,
+        status,
+        ctx,
+        Phase::BuildingImage,
+        format!(
+            "{} verified on {}; frozen source stopped; building the checkpoint image",
+            human_bytes(bytes),
+            status.target_node.as_deref().unwrap_or("?")
+        ),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
 }
 
 /// The controller could not reach an agent at all (connection refused, reset, timeout).

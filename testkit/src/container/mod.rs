@@ -30,6 +30,8 @@ pub const STATE_SEED_ENV: &str = "STATE_SEED";
 pub const TICK: Duration = Duration::from_millis(100);
 /// Lines kept per container; older ones are dropped.
 const MAX_LOG_LINES: usize = 100_000;
+/// How often a simulated container reads its stand-in cgroup's freeze and kill files.
+const FREEZER_POLL: Duration = Duration::from_millis(5);
 /// How often a real container's log file is read.
 const LOG_POLL: Duration = Duration::from_millis(100);
 /// Longest line kept whole; longer ones are split.
@@ -330,6 +332,8 @@ pub struct ContainerSpec {
     pub name: String,
     pub image: String,
     pub mounts: Vec<Mount>,
+    /// Root of the node's stand-in cgroup tree (see [`cgroup`]); None: no freezer.
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// What runs a container.
@@ -349,6 +353,8 @@ pub struct Container {
     pub log: Log,
     stop: CancellationToken,
     finished_at: Mutex<Option<Timestamp>>,
+    /// Killed through its cgroup (`cgroup.kill`), as SIGKILL would: exit code 137.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl Container {
@@ -392,17 +398,38 @@ impl Container {
             log: Log::default(),
             stop: CancellationToken::new(),
             finished_at: Mutex::new(None),
+            killed: Default::default(),
         });
         container.log.push(first_line);
         let this = Arc::clone(&container);
+        let mut cgroup = this.spec.cgroup_root.as_ref().and_then(|root| {
+            cgroup::FakeCgroup::create(root, &this.spec.pod_uid, &this.id)
+                .inspect_err(|e| tracing::warn!(error = %e, "no stand-in cgroup; the container cannot be frozen"))
+                .ok()
+        });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK, TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut poll = tokio::time::interval(FREEZER_POLL);
             let mut ticks: u64 = 0;
             loop {
-                tokio::select! {
+                let due = tokio::select! {
                     _ = this.stop.cancelled() => break,
-                    _ = tick.tick() => {}
+                    _ = tick.tick() => true,
+                    _ = poll.tick(), if cgroup.is_some() => false,
+                };
+                // Frozen: no tick until thawed (a tick due meanwhile is lost, as CPU time is).
+                match cgroup.as_mut().map(cgroup::FakeCgroup::poll) {
+                    Some(None) => {
+                        this.killed.store(true, Ordering::SeqCst);
+                        this.stop.cancel();
+                        break;
+                    }
+                    Some(Some(true)) => continue,
+                    _ => {}
+                }
+                if !due {
+                    continue;
                 }
                 let Backend::Simulated { counter, .. } = &this.backend else {
                     break;
@@ -413,6 +440,7 @@ impl Container {
                     this.log.push(format!("counter={value}"));
                 }
             }
+            drop(cgroup);
             *this.finished_at.lock().expect("finished lock") = Some(Timestamp::now());
             this.log.close();
         });
@@ -434,6 +462,7 @@ impl Container {
             log: Log::default(),
             stop: CancellationToken::new(),
             finished_at: Mutex::new(None),
+            killed: Default::default(),
         });
         let this = Arc::clone(&container);
         tokio::spawn(async move {
@@ -495,11 +524,17 @@ impl Container {
         !self.stop.is_cancelled()
     }
 
+    /// Killed through its cgroup rather than stopped by the kubelet.
+    pub fn killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
     /// When the ticking task ended (None while running or just stopping).
     pub fn finished_at(&self) -> Option<Timestamp> {
         *self.finished_at.lock().expect("finished lock")
     }
 }
 
+pub mod cgroup;
 #[cfg(test)]
 mod tests;

@@ -50,6 +50,7 @@ async fn counter_ticks_and_logs_once_a_second() {
         name: "app".into(),
         image: "img".into(),
         mounts: vec![],
+        cgroup_root: None,
     };
     let c = Container::start(
         spec,

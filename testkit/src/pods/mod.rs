@@ -160,6 +160,7 @@ pub struct PodManager {
     crun: Option<Crun>,
     /// Where the checkpoint API writes archives (for the fault injection below).
     checkpoint_dir: Option<std::path::PathBuf>,
+    cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// Fault injection for the end-to-end scenarios: a pod annotated with this key and the value
@@ -167,7 +168,18 @@ pub struct PodManager {
 /// i.e. after its checkpoint and before the archive is sent, as a failing disk would.
 pub const FAULT_ANNOTATION: &str = "test.kube-migrate.io/fault";
 
+/// The controller's hold on a source pod (`migrate.io/state-hold`).
+fn is_held(pod: &Pod) -> bool {
+    pod.finalizers().iter().any(|f| f == "migrate.io/state-hold")
+}
+
 impl PodManager {
+    /// Simulated containers get a stand-in cgroup under `dir` that the node agent can freeze.
+    pub fn with_cgroup_root(mut self, dir: std::path::PathBuf) -> Self {
+        self.cgroup_root = Some(dir);
+        self
+    }
+
     pub fn with_checkpoint_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.checkpoint_dir = Some(dir);
         self
@@ -201,6 +213,7 @@ impl PodManager {
             puller,
             crun,
             checkpoint_dir: None,
+            cgroup_root: None,
         }
     }
 
@@ -293,6 +306,7 @@ impl PodManager {
                     read_only: m.read_only.unwrap_or(false),
                 })
                 .collect(),
+            cgroup_root: self.cgroup_root.clone(),
         };
         let run_spec = |id: &str| RunSpec {
             id: id.to_string(),
@@ -425,6 +439,7 @@ impl PodManager {
             .is_some_and(|p| p == "Succeeded" || p == "Failed");
         tracing::info!(pod = %format!("{namespace}/{name}"), %uid, "pod bound to this node");
 
+        let mut faulted = false;
         let end = if terminal {
             // Finished earlier (by a previous run of this kubelet): only the deletion is left.
             until_ended(&mut rx).await
@@ -435,6 +450,12 @@ impl PodManager {
                     Some(p) if p.metadata.deletion_timestamp.is_some() => break 'run End::Deleted(Box::new(p)),
                     Some(p) => p,
                 };
+                // A frozen source is held, not deleted, while its archive travels: the fault
+                // strikes when the hold arrives (after the checkpoint, before the send).
+                if !faulted && is_held(&pod) {
+                    faulted = true;
+                    self.inject_stop_faults(&pod);
+                }
                 let mut published = {
                     let status = tracker.status(&pod, &Self::views(&pod, &running, &failures, false), false);
                     self.publish(&api, &name, status, &mut tracker).await
@@ -505,7 +526,9 @@ impl PodManager {
                 }
             }
             End::Deleted(pod) => {
-                self.inject_stop_faults(&pod);
+                if !faulted {
+                    self.inject_stop_faults(&pod);
+                }
                 let grace = pod
                     .metadata
                     .deletion_grace_period_seconds

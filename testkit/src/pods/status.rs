@@ -192,8 +192,10 @@ fn container_status(name: &str, image: &str, view: &ContainerView<'_>) -> Value 
             "name": name, "image": image, "imageID": c.image_id, "containerID": format!("test-kubelet://{}", c.id),
             "ready": false, "started": false, "restartCount": 0,
             "state": {"terminated": {
-                "exitCode": 0,
-                "reason": "Completed",
+                "exitCode": if c.killed() { 137 } else { 0 },
+                "reason": if c.killed() { "Error" } else { "Completed" },
+                // Where the simulated counter stopped: what a restored copy must continue from.
+                "message": c.counter().map(|n| format!("counter={n}")).unwrap_or_default(),
                 "startedAt": rfc3339(c.started_at),
                 "finishedAt": rfc3339(c.finished_at().unwrap_or_else(Timestamp::now)),
                 "containerID": format!("test-kubelet://{}", c.id),

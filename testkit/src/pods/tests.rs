@@ -84,6 +84,7 @@ async fn running_then_terminal_status() {
         name: n.into(),
         image: "img".into(),
         mounts: vec![],
+        cgroup_root: None,
     };
     let a = Container::start(
         spec("a"),

@@ -1,0 +1,209 @@
+//! End-to-end: the source never executes after its checkpoint, and until its state is verified
+//! on the target it can be resumed (issue #10). The test kubelet's simulated containers have a
+//! stand-in cgroup that the node agent freezes exactly as on a real node; the counter is the
+//! workload's state, and the test kubelet reports where it stopped (`terminated.message`).
+//! Run by `scripts/e2e.sh`.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, ResourceExt,
+    api::ListParams,
+    runtime::{WatchStreamExt, watcher},
+};
+use kube_migrate::api::{Phase, PodMigration};
+use kube_migrate_e2e::{
+    client, drain_a, eventually, field, first_log_line, fresh_namespace, kubectl, migrations_succeeded, must, node_of,
+    opted_in_deployment, running_pods_in, start_on_node_a,
+};
+
+/// Every `terminated.message` the test kubelet reported for each pod UID of `ns` (watched
+/// from now on, so nothing is missed between polls).
+fn record_final_counters(ns: &str) -> (Arc<Mutex<BTreeMap<String, String>>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let out = Arc::clone(&seen);
+    let ns = ns.to_string();
+    let task = tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(client().await, &ns);
+        let mut events = watcher(pods, watcher::Config::default()).applied_objects().boxed();
+        while let Some(Ok(p)) = events.next().await {
+            let statuses = p.status.and_then(|s| s.container_statuses).unwrap_or_default();
+            for c in statuses {
+                if let Some(msg) = c.state.and_then(|s| s.terminated).and_then(|t| t.message) {
+                    out.lock()
+                        .unwrap()
+                        .insert(p.metadata.uid.clone().unwrap_or_default(), msg);
+                }
+            }
+        }
+    });
+    (seen, task)
+}
+
+fn counter_in(text: &str) -> Option<u64> {
+    field(text, "counter").and_then(|v| v.parse().ok())
+}
+
+/// Scenario 22: the restored counter is exactly where the source stopped. The source is
+/// frozen before its checkpoint, stays frozen while its archive travels, and is killed still
+/// frozen: the value the source's container ended with equals the value the replacement
+/// resumed from, the migration records a window of 0 and its freeze time. Before the freeze,
+/// the source ticked on for its grace period after the checkpoint (ended ahead of the
+/// restored copy: those ticks were lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s22_the_source_never_runs_after_its_checkpoint() -> anyhow::Result<()> {
+    let ns = "e2e-freeze";
+    fresh_namespace(ns);
+    let before = start_on_node_a(ns, &opted_in_deployment(ns, "steady", "freeze", 64 << 20, ""), 1).await?;
+    let source_uid = before[0].uid().unwrap_or_default();
+    let (finals, watch) = record_final_counters(ns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let drain = drain_a("e2e=freeze");
+    assert!(drain.ok, "drain must complete:\n{}", drain.all());
+    let done = migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await?;
+    let s = done[0].status.clone().unwrap_or_default();
+    let after = running_pods_in(ns, 1).await?;
+    let line = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+    println!("restored: {line}");
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    let restored = counter_in(&line).expect("restored counter");
+    let ended = eventually("the source's final counter", Duration::from_secs(30), || {
+        let finals = Arc::clone(&finals);
+        let uid = source_uid.clone();
+        async move { Ok(finals.lock().unwrap().get(&uid).cloned()) }
+    })
+    .await?;
+    watch.abort();
+    let ended = counter_in(&ended).expect("source's final counter");
+    println!(
+        "source ended at counter={ended}, replacement resumed at counter={restored}; window {:?}s, downtime {:?}s, frozen at {:?}",
+        s.source_window_seconds, s.downtime_seconds, s.source_frozen_at
+    );
+    assert_eq!(
+        ended, restored,
+        "the source ran on after its checkpoint: those ticks are lost"
+    );
+    assert!(s.source_frozen_at.is_some(), "the freeze is recorded: {s:?}");
+    assert_eq!(s.source_window_seconds, Some(0.0));
+    assert!(s.freeze_note.is_none(), "{:?}", s.freeze_note);
+    assert_ne!(node_of(&after[0]), "node-a");
+    must(&["uncordon", "node-a"]);
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// Scenario 13: the checkpoint archive is truncated on the source after the checkpoint (the
+/// test kubelet's fault injection, when the hold arrives, i.e. before the send). The transfer
+/// must name it corruption — not "unreachable" — without blind retries, end at once, remove
+/// every copy of the bad archive (the kubelet's checkpoint directory included), and resume the
+/// frozen source: the same pod (UID) carries on counting from where it was, its state intact.
+/// With `on-failure: block` the drain does not complete. Before the freeze, the source had
+/// already been stopped: the workload started fresh, its state lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s13_a_corrupt_archive_is_named_and_the_source_resumes() -> anyhow::Result<()> {
+    let ns = "e2e-corrupt";
+    fresh_namespace(ns);
+    let before = start_on_node_a(
+        ns,
+        &opted_in_deployment(
+            ns,
+            "fragile",
+            "corrupt",
+            4 << 20,
+            "test.kube-migrate.io/fault: truncate-archive-on-stop, migrate.io/on-failure: block",
+        ),
+        1,
+    )
+    .await?;
+    let source = before[0].clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let drain = kubectl(&[
+        "drain",
+        "node-a",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--force",
+        "--timeout=25s",
+        "--pod-selector",
+        "e2e=corrupt",
+    ]);
+    println!("---- kubectl drain ----\n{}", drain.all());
+    assert!(!drain.ok, "on-failure: block holds the drain");
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let m = eventually("the migration ends", Duration::from_secs(60), || {
+        let pms = pms.clone();
+        async move {
+            let list = pms.list(&ListParams::default()).await?.items;
+            Ok(list.into_iter().find(|m| m.phase().is_terminal()))
+        }
+    })
+    .await?;
+    let s = m.status.clone().unwrap_or_default();
+    println!("{}: {} {:?}: {:?}", m.name_any(), s.phase, s.reason, s.message);
+    assert_eq!(s.phase, Phase::Failed);
+    assert_eq!(s.reason.as_deref(), Some("ArchiveCorrupt"));
+    let message = s.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("archive corrupt") && message.contains("bytes on disk"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("cannot reach"),
+        "not misreported as a network error: {message}"
+    );
+    assert!(message.contains("thawed"), "{message}");
+    assert_eq!(s.attempts, 0, "no blind retries");
+    assert!(s.source_stopped_at.is_none(), "the source was never stopped");
+    // Every copy of the bad archive is gone from node-a's kubelet directory.
+    let dir = format!(
+        "{}/km/node-a/checkpoints",
+        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
+    );
+    let pod = m.spec.pod_name.clone();
+    eventually("the archive removed", Duration::from_secs(30), || {
+        let (dir, pod) = (dir.clone(), pod.clone());
+        async move {
+            let left = std::fs::read_dir(&dir)?.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("checkpoint-{pod}_"))
+            });
+            Ok((!left).then_some(()))
+        }
+    })
+    .await?;
+    // The very same pod runs on, counting on from its state: never restarted, never stopped.
+    let last = |pod: &str| -> Option<u64> {
+        let out = kubectl(&["logs", "-n", ns, pod, "-c", "app", "--tail=1"]);
+        counter_in(out.stdout.trim())
+    };
+    let first = eventually("a counter line", Duration::from_secs(10), || async {
+        Ok(last(&source.name_any()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = last(&source.name_any()).unwrap_or_default();
+    let now: Api<Pod> = Api::namespaced(client().await, ns);
+    let p = now.get(&source.name_any()).await?;
+    println!("source {} counting on: {first} -> {later}", source.name_any());
+    assert_eq!(p.uid(), source.uid(), "the same pod");
+    assert!(p.metadata.deletion_timestamp.is_none(), "not being deleted");
+    assert!(later > first, "the thawed source counts on ({first} -> {later})");
+    let line = first_log_line(ns, &source.name_any(), "app").unwrap_or_default();
+    assert!(
+        line.starts_with("started fresh"),
+        "one container, never restarted: {line}"
+    );
+    must(&["uncordon", "node-a"]);
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}

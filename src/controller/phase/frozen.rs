@@ -1,0 +1,105 @@
+//! The frozen source: frozen before its checkpoint, it stays frozen while its archives travel,
+//! then is killed once they are verified on the target, or thawed on any failure before that
+//! (the workload carries on from where it was: nothing is lost).
+
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::ResourceExt;
+
+use crate::{
+    agent::api::{FreezeSpec, SourceRequest},
+    api::{PodMigration, PodMigrationStatus},
+    controller::context::Context,
+};
+
+/// What the agent is asked to freeze: every container of the source pod by runtime ID, held
+/// at most for the checkpoint and transfer deadlines (then the agent thaws by itself).
+/// None when freezing is off or a container has no runtime ID yet.
+pub fn spec(ctx: &Context, pod: &Pod, status: &mut PodMigrationStatus) -> Option<FreezeSpec> {
+    if !ctx.config.freeze_source {
+        return None;
+    }
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let mut ids = std::collections::BTreeMap::new();
+    for c in &mut status.containers {
+        let id = statuses
+            .iter()
+            .find(|s| s.name == c.name)
+            .and_then(|s| s.container_id.clone())?;
+        c.container_id = Some(id.clone());
+        ids.insert(c.name.clone(), id);
+    }
+    let hold = ctx.config.checkpoint_timeout + ctx.config.deadlines.transferring + std::time::Duration::from_secs(60);
+    Some(FreezeSpec {
+        container_ids: ids,
+        hold_seconds: hold.as_secs(),
+    })
+}
+
+/// The source is frozen and nothing asked it to stop: it can still be resumed.
+pub fn resumable(status: &PodMigrationStatus) -> bool {
+    status.source_frozen_at.is_some() && status.source_stop_requested_at.is_none()
+}
+
+fn request(status: &PodMigrationStatus) -> SourceRequest {
+    SourceRequest {
+        container_ids: status
+            .containers
+            .iter()
+            .filter_map(|c| c.container_id.clone())
+            .collect(),
+    }
+}
+
+/// Thaw the source (rollback). Also after a freeze whose answer never came (the agent may
+/// have frozen): thawing what is not frozen is a no-op. Returns a note for the failure
+/// message when the agent could not be told (it thaws by itself when the hold expires).
+pub async fn resume(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationStatus) -> Option<String> {
+    if status.source_stop_requested_at.is_some() {
+        return None;
+    }
+    let req = request(status);
+    if req.container_ids.is_empty() {
+        return None;
+    }
+    let id = pm.uid()?;
+    let outcome = match ctx.agent(&pm.spec.source_node) {
+        None => Err(format!("no agent on {}", pm.spec.source_node)),
+        Some(agent) => ctx
+            .agent_client
+            .source(&agent, &id, "thaw", &req)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    let was_frozen = status.source_frozen_at.take().is_some();
+    match outcome {
+        Ok(()) => {
+            if was_frozen {
+                tracing::info!(migration = %pm.name_any(), "source thawed: it carries on from its frozen state");
+            }
+            None
+        }
+        Err(e) => {
+            tracing::error!(migration = %pm.name_any(), error = %e, "could not thaw the source");
+            Some(format!(
+                "; thawing the source failed ({e}): its agent thaws it when the hold expires"
+            ))
+        }
+    }
+}
+
+/// Kill the frozen source for good, after its state was verified on the target. The pod is
+/// evicted first (else the kubelet restarts the killed container); the agent then kills the
+/// frozen tasks and thaws the cgroup so the signal lands (a plain stop of a frozen container
+/// hangs until it is thawed).
+pub async fn kill(ctx: &Context, pm: &PodMigration, status: &PodMigrationStatus) -> Result<(), String> {
+    let id = pm.uid().unwrap_or_default();
+    let agent = ctx
+        .agent(&pm.spec.source_node)
+        .ok_or_else(|| format!("no agent on source node {}", pm.spec.source_node))?;
+    ctx.agent_client
+        .source(&agent, &id, "kill", &request(status))
+        .await
+        .map_err(|e| format!("killing the frozen source failed: {e}"))?;
+    tracing::info!(migration = %pm.name_any(), at = %Timestamp::now(), "frozen source killed");
+    Ok(())
+}
