@@ -160,12 +160,16 @@ pub fn patch(before: &Pod, after: &Pod) -> Result<json_patch::Patch, serde_json:
     ))
 }
 
-/// The pod as its owner meant it: without kube-migrate's annotations, gate and node pin, and
-/// with its containers' original images. What a later migration or backup must recreate.
+/// The pod as its owner meant it: without kube-migrate's annotations, gate, node pin and pull
+/// credential, and with its containers' original images. What a later migration or backup
+/// must recreate.
 pub fn without_restore(pod: &Pod) -> Pod {
     let mut pod = pod.clone();
     let originals = api::original_images(&pod);
     let was_restored = api::restore_of(&pod).is_some();
+    // The credential Secret goes with its migration: a pod recreated still naming it would
+    // make the kubelet warn about a missing pull Secret on every start.
+    let credential = api::restore_of(&pod).map(api::pull_secret_name);
     if let Some(a) = pod.metadata.annotations.as_mut() {
         for key in [api::RESTORE_OF, api::RESTORE_OWNER, api::ORIGINAL_IMAGES] {
             a.remove(key);
@@ -179,6 +183,12 @@ pub fn without_restore(pod: &Pod) -> Pod {
         for c in &mut spec.containers {
             if let Some(image) = originals.get(&c.name) {
                 c.image = Some(image.clone());
+            }
+        }
+        if let (Some(ours), Some(secrets)) = (&credential, spec.image_pull_secrets.as_mut()) {
+            secrets.retain(|s| &s.name != ours);
+            if secrets.is_empty() {
+                spec.image_pull_secrets = None;
             }
         }
         // Our pin is the only `metadata.name` field requirement we add, and only to pods we

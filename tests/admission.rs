@@ -516,6 +516,7 @@ fn a_restored_pod_remembers_what_it_really_runs() {
     });
     let original = p.clone();
     replacement::apply_restore(&mut p, &m);
+    replacement::add_pull_secrets(&mut p, [m.metadata.name.as_deref().unwrap_or_default()]);
     replacement::remove_gate(&mut p);
     assert_eq!(
         p.spec.as_ref().unwrap().containers[0].image.as_deref(),

@@ -260,7 +260,7 @@ pub(super) async fn back_to_pending(
 
 /// Evict the source pod through the Eviction API (so PodDisruptionBudgets hold), marked as
 /// ours for the webhook, with a short grace period and the pod's UID as precondition.
-pub(super) async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
+async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
     let ns = pm.namespace().unwrap_or_default();
     let body = json!({
         "apiVersion": "policy/v1",

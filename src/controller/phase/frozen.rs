@@ -87,6 +87,28 @@ pub async fn resume(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
     }
 }
 
+/// Delete the frozen source pod (UID precondition, the usual short grace period). Not an
+/// Eviction: its disruption was admitted by the PodDisruptionBudget check before the freeze and
+/// it has not served since, and the controller must be able to finish while its own eviction
+/// webhook is degraded (an Eviction goes through it).
+pub async fn delete_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Error> {
+    let api: kube::Api<Pod> = kube::Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let params = kube::api::DeleteParams {
+        grace_period_seconds: u32::try_from(ctx.config.source_grace_period_seconds).ok(),
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some(pm.spec.pod_uid.clone()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&pm.spec.pod_name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone already, or another pod holds the name now: the source is stopped.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Kill the frozen source for good, after its state was verified on the target. The pod is
 /// evicted first (else the kubelet restarts the killed container); the agent then kills the
 /// frozen tasks and thaws the cgroup so the signal lands (a plain stop of a frozen container

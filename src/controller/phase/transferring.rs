@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{ResourceExt, runtime::controller::Action};
 
-use super::{checkpointing, frozen, hold, lose_state_because, pending, retry_after_stop, transition};
+use super::{frozen, hold, lose_state_because, pending, retry_after_stop, transition};
 use crate::{
     agent::api::PushRequest,
     api::{Phase, PodMigration, PodMigrationStatus},
@@ -60,8 +60,16 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
                 // Verified on the target: the frozen source may go. Persisted first, so the
                 // webhook lets our eviction through and a new leader does not resume it.
                 status.source_stop_requested_at = Some(Time(Timestamp::now()));
+                let resumed = if answer.already_held_bytes > 0 {
+                    format!(
+                        ", {} of it already verified there before",
+                        human_bytes(answer.already_held_bytes)
+                    )
+                } else {
+                    String::new()
+                };
                 status.message = Some(format!(
-                    "{} verified on {target} ({}/s); stopping the frozen source",
+                    "{} verified on {target} ({}/s{resumed}){STOPPING_FROZEN}",
                     human_bytes(answer.bytes),
                     human_bytes(rate as u64)
                 ));
@@ -112,28 +120,16 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
     }
 }
 
+const STOPPING_FROZEN: &str = "; stopping the frozen source";
+
 /// The state is verified on the target and the source, frozen since its checkpoint, is asked
 /// to stop: evict it (its object stays held), kill its frozen tasks, build the image.
 async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let gone = ctx.source_pod(pm).is_none();
     if !gone {
-        match checkpointing::evict_source(ctx, pm).await {
-            Ok(()) => {}
-            Err(kube::Error::Api(e)) if e.code == 429 => {
-                // A PodDisruptionBudget refused: thaw, the checkpoint goes stale, start over.
-                status.source_stop_requested_at = None;
-                return checkpointing::back_to_pending(
-                    pm,
-                    status,
-                    ctx,
-                    format!("the source stop was refused ({})", e.message),
-                )
-                .await;
-            }
-            Err(e) => {
-                status.message = Some(format!("stopping the frozen source failed, retrying: {e}"));
-                return Ok(Action::requeue(Duration::from_secs(2)));
-            }
+        if let Err(e) = frozen::delete_source(ctx, pm).await {
+            status.message = Some(format!("stopping the frozen source failed, retrying: {e}"));
+            return Ok(Action::requeue(Duration::from_secs(2)));
         }
         if let Err(e) = frozen::kill(ctx, pm, status).await {
             status.message = Some(format!("{e}; retrying"));
@@ -151,17 +147,25 @@ async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         now,
     );
     hold::settle(ctx, pm, status).await?;
-    let bytes = status.transferred_bytes.unwrap_or_default();
+    // The transfer's own summary (rate, what was already there) stays in the Event.
+    let verified = status
+        .message
+        .as_deref()
+        .and_then(|m| m.strip_suffix(STOPPING_FROZEN))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "{} verified on {}",
+                human_bytes(status.transferred_bytes.unwrap_or_default()),
+                status.target_node.as_deref().unwrap_or("?")
+            )
+        });
     transition(
         pm,
         status,
         ctx,
         Phase::BuildingImage,
-        format!(
-            "{} verified on {}; frozen source stopped; building the checkpoint image",
-            human_bytes(bytes),
-            status.target_node.as_deref().unwrap_or("?")
-        ),
+        format!("{verified}; frozen source stopped; building the checkpoint image"),
     )
     .await;
     Ok(Action::requeue(Duration::ZERO))
