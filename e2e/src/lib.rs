@@ -208,13 +208,18 @@ pub async fn start_on_node_a(
 
 /// `kubectl drain node-a` limited to the pods matching `selector`, output printed.
 pub fn drain_a(selector: &str) -> Run {
+    drain_a_within(selector, "300s")
+}
+
+/// [`drain_a`] with kubectl's own `--timeout`.
+pub fn drain_a_within(selector: &str, timeout: &str) -> Run {
     let drain = kubectl(&[
         "drain",
         "node-a",
         "--ignore-daemonsets",
         "--delete-emptydir-data",
         "--force",
-        "--timeout=300s",
+        &format!("--timeout={timeout}"),
         "--pod-selector",
         selector,
     ]);

@@ -19,8 +19,8 @@ use kube::{
 };
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
-    client, drain_a, eventually, field, first_log_line, fresh_namespace, kubectl, migrations_succeeded, must, node_of,
-    opted_in_deployment, running_pods_in, start_on_node_a,
+    client, drain_a, drain_a_within, eventually, field, first_log_line, fresh_namespace, kubectl, migrations_succeeded,
+    must, node_of, opted_in_deployment, running_pods_in, start_on_node_a,
 };
 
 /// Every `terminated.message` the test kubelet reported for each pod UID of `ns` (watched
@@ -126,17 +126,7 @@ async fn s13_a_corrupt_archive_is_named_and_the_source_resumes() -> anyhow::Resu
     .await?;
     let source = before[0].clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let drain = kubectl(&[
-        "drain",
-        "node-a",
-        "--ignore-daemonsets",
-        "--delete-emptydir-data",
-        "--force",
-        "--timeout=25s",
-        "--pod-selector",
-        "e2e=corrupt",
-    ]);
-    println!("---- kubectl drain ----\n{}", drain.all());
+    let drain = drain_a_within("e2e=corrupt", "25s");
     assert!(!drain.ok, "on-failure: block holds the drain");
     let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
     let m = eventually("the migration ends", Duration::from_secs(60), || {

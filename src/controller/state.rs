@@ -42,6 +42,12 @@ pub fn enter(status: &mut PodMigrationStatus, phase: Phase, now: Timestamp) -> O
     closed
 }
 
+/// The source is stopped (or stopping): when, and how, as the `SourceStopped` condition.
+pub fn mark_source_stopped(status: &mut PodMigrationStatus, reason: &str, message: &str, now: Timestamp) {
+    status.source_stopped_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+    set_condition(status, CONDITION_SOURCE_STOPPED, true, reason, message, now);
+}
+
 /// Set (or update) a condition; the transition time moves only when the status flips.
 pub fn set_condition(
     status: &mut PodMigrationStatus,

@@ -18,8 +18,7 @@ use crate::{
         context::{Context, Error},
         decide::human_bytes,
         phase::finished::release_archives,
-        placement,
-        state::{self, CONDITION_SOURCE_STOPPED},
+        placement, state,
     },
 };
 
@@ -151,20 +150,7 @@ async fn keep_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     if !hold::add(ctx, pm).await? {
         return rollback(pm, status, ctx, "PodGone", "the frozen source pod vanished".into()).await;
     }
-    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
-    transition(
-        pm,
-        status,
-        ctx,
-        Phase::Transferring,
-        format!(
-            "source frozen since its checkpoint; sending {} to {}",
-            human_bytes(bytes),
-            status.target_node.as_deref().unwrap_or("?")
-        ),
-    )
-    .await;
-    Ok(Action::requeue(Duration::ZERO))
+    to_transferring(pm, status, ctx, "source frozen since its checkpoint").await
 }
 
 async fn stop_source(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
@@ -190,29 +176,29 @@ async fn stop_source(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
     }
-    let now = Timestamp::now();
-    status.source_stopped_at = Some(Time(now));
-    state::set_condition(
+    state::mark_source_stopped(
         status,
-        CONDITION_SOURCE_STOPPED,
-        true,
         "Evicted",
         "the source pod was evicted after the checkpoint; its object is held until the state is verified on the target",
-        now,
+        Timestamp::now(),
     );
+    to_transferring(pm, status, ctx, "source stopped").await
+}
+
+/// On to `Transferring`, saying how the source was left (`how`) and what goes where.
+async fn to_transferring(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    how: &str,
+) -> Result<Action, Error> {
     let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
-    transition(
-        pm,
-        status,
-        ctx,
-        Phase::Transferring,
-        format!(
-            "source stopped; sending {} to {}",
-            human_bytes(bytes),
-            status.target_node.as_deref().unwrap_or("?")
-        ),
-    )
-    .await;
+    let note = format!(
+        "{how}; sending {} to {}",
+        human_bytes(bytes),
+        status.target_node.as_deref().unwrap_or("?")
+    );
+    transition(pm, status, ctx, Phase::Transferring, note).await;
     Ok(Action::requeue(Duration::ZERO))
 }
 

@@ -14,8 +14,7 @@ use crate::{
     controller::{
         context::{Context, Error},
         decide::{self, human_bytes},
-        placement,
-        state::{self, CONDITION_SOURCE_STOPPED},
+        placement, state,
     },
 };
 
@@ -136,15 +135,11 @@ async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
     }
-    let now = Timestamp::now();
-    status.source_stopped_at = Some(Time(now));
-    state::set_condition(
+    state::mark_source_stopped(
         status,
-        CONDITION_SOURCE_STOPPED,
-        true,
         "KilledFrozen",
         "the source was frozen before its checkpoint and killed, still frozen, once its state was verified on the target: it never ran after its checkpoint",
-        now,
+        Timestamp::now(),
     );
     hold::settle(ctx, pm, status).await?;
     // The transfer's own summary (rate, what was already there) stays in the Event.
