@@ -161,11 +161,19 @@ start_node() {
   echo "# empty: the settings are in crio.conf.d/ (nodes/conf/crio.conf.d)" > "$d/etc/crio/crio.conf"
   cp "$here"/conf/crio.conf.d/*.conf "$d/etc/crio/crio.conf.d/"
   rm -f "$d/etc/crio/crio.conf.d/90-harness-oom.conf"
-  if ((!CAN_LOWER_OOM)); then
+  # kube-migrate's runtime hold (docs/install-cri-o.md, section 5) at the path the drop-in names;
+  # where crun needs the oom clamp, the hold wrapper calls the clamp wrapper, which calls crun.
+  mkdir -p "$d/libexec/kube-migrate"
+  if ((CAN_LOWER_OOM)); then
+    cp "$here/../deploy/node/crun-hold" "$d/libexec/kube-migrate/crun-hold"
+  else
     cp "$here/conf/crun-clamp-oom" "$d/etc/crio/crun-clamp-oom"
-    printf '# written by nodes/up.sh: this machine cannot lower oom_score_adj (conf/crun-clamp-oom)\n[crio.runtime.runtimes.crun]\nruntime_path = "/etc/crio/crun-clamp-oom"\n' \
-      > "$d/etc/crio/crio.conf.d/90-harness-oom.conf"
+    sed 's#^runtime=/usr/bin/crun$#runtime=/etc/crio/crun-clamp-oom#' "$here/../deploy/node/crun-hold" \
+      > "$d/libexec/kube-migrate/crun-hold"
+    grep -q '^runtime=/etc/crio/crun-clamp-oom$' "$d/libexec/kube-migrate/crun-hold" ||
+      km_die "deploy/node/crun-hold: no runtime= line to chain the oom clamp behind"
   fi
+  chmod 0755 "$d/libexec/kube-migrate/crun-hold"
   [[ -s $d/etc/containers/policy.json ]] || cp -a "$ROOT/etc/containers/." "$d/etc/containers/"
   cp "$here/conf/storage.conf" "$d/etc/containers/storage.conf"
   # Distinct per node (cAdvisor's system UUID, Node.status.nodeInfo.machineID).
@@ -274,6 +282,7 @@ EOF2
     b "$d/crio" /var/lib/crio
     b "$d/cni" /var/lib/cni
     b "$d/kube-migrate" /var/lib/kube-migrate
+    b "$d/libexec" /usr/local/libexec
     b "$d/log" /var/log
     b "$d/etc/crio" /etc/crio
     b "$d/etc/cni" /etc/cni

@@ -153,6 +153,12 @@ async fn s13_a_corrupt_archive_is_named_and_the_source_resumes() -> anyhow::Resu
     assert!(message.contains("thawed"), "{message}");
     assert_eq!(s.attempts, 0, "no blind retries");
     assert!(s.source_stopped_at.is_none(), "the source was never stopped");
+    // The pause is on record: frozen, then thawed, in that order.
+    let (frozen, thawed) = (s.source_frozen_at.clone(), s.source_thawed_at.clone());
+    assert!(
+        matches!((&frozen, &thawed), (Some(f), Some(t)) if f.0 <= t.0),
+        "frozen {frozen:?} then thawed {thawed:?}"
+    );
     // Every copy of the bad archive is gone from node-a's kubelet directory.
     let dir = format!(
         "{}/km/node-a/checkpoints",

@@ -241,11 +241,14 @@ impl Freezer {
     /// the cgroup is thawed so the signal is delivered (a frozen task never dies), and the hold
     /// dropped. The caller deletes the pod first: otherwise the kubelet restarts the container.
     pub fn kill(&self, id: &str) -> Result<(), FreezeError> {
-        let bare = bare_id(id)?;
         let cgroup = match self.hold(id)? {
             Some(h) => Some(h.cgroup),
             None => self.find(id).ok(),
         };
+        self.kill_at(bare_id(id)?, cgroup)
+    }
+
+    fn kill_at(&self, bare: &str, cgroup: Option<PathBuf>) -> Result<(), FreezeError> {
         if let Some(cgroup) = cgroup.filter(|c| c.exists()) {
             if is_v1(&cgroup) {
                 let procs = cgroup.join("cgroup.procs");
@@ -272,8 +275,8 @@ impl Freezer {
     /// [`Freezer::kill`] for the stop after a verified transfer: a container without a hold
     /// must already be dead (killed before: a retry), never running.
     pub fn kill_held(&self, id: &str) -> Result<(), FreezeError> {
-        if self.hold(id)?.is_some() {
-            return self.kill(id);
+        if let Some(hold) = self.hold(id)? {
+            return self.kill_at(bare_id(id)?, Some(hold.cgroup));
         }
         let running = match self.find(id) {
             Ok(cgroup) => std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()),

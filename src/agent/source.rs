@@ -4,7 +4,7 @@
 //! `kill` (the state is verified on the target) or `thaw` (rollback: the source carries on
 //! from where it was, nothing lost).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration, time::Instant};
+use std::{sync::Arc, time::Duration, time::Instant};
 
 use axum::{
     Json,
@@ -22,11 +22,23 @@ use super::{
 /// Longest hold an agent grants (the controller asks for its checkpoint + transfer deadlines).
 pub const MAX_HOLD_SECONDS: u64 = 4 * 3600;
 
-/// Containers frozen for one checkpoint, by name → cgroup.
+/// One container frozen for a checkpoint.
+struct FrozenContainer {
+    name: String,
+    id: String,
+    cgroup: std::path::PathBuf,
+}
+
+/// The containers frozen for one checkpoint, and when the last of them froze.
 pub struct Frozen {
-    cgroups: BTreeMap<String, std::path::PathBuf>,
-    ids: Vec<String>,
+    containers: Vec<FrozenContainer>,
     at: Timestamp,
+}
+
+impl Frozen {
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        self.containers.iter().map(|c| c.id.as_str())
+    }
 }
 
 /// Freeze every container of `spec` for migration `id`. A container the freezer cannot find
@@ -39,20 +51,18 @@ pub async fn freeze(state: &AgentState, id: &str, spec: &FreezeSpec) -> Result<F
     let hold = Duration::from_secs(spec.hold_seconds.clamp(1, MAX_HOLD_SECONDS));
     tokio::task::spawn_blocking(move || {
         let mut frozen = Frozen {
-            cgroups: BTreeMap::new(),
-            ids: Vec::new(),
+            containers: Vec::new(),
             at: Timestamp::now(),
         };
         for (name, cid) in &spec.container_ids {
             match freezer.freeze(&id, cid, hold) {
-                Ok(cgroup) => {
-                    frozen.cgroups.insert(name.clone(), cgroup);
-                    frozen.ids.push(cid.clone());
-                }
+                Ok(cgroup) => frozen.containers.push(FrozenContainer {
+                    name: name.clone(),
+                    id: cid.clone(),
+                    cgroup,
+                }),
                 Err(e) => {
-                    for done in &frozen.ids {
-                        let _ = freezer.thaw(done);
-                    }
+                    undo(&freezer, frozen.ids());
                     return Err(format!("container {name} not frozen: {e}"));
                 }
             }
@@ -70,11 +80,11 @@ pub async fn freeze(state: &AgentState, id: &str, spec: &FreezeSpec) -> Result<F
 pub async fn after_checkpoint(state: &AgentState, frozen: Frozen) -> FreezeOutcome {
     let freezer = state.freezer.clone();
     tokio::task::spawn_blocking(move || {
-        let resumed: Vec<&String> = frozen
-            .cgroups
+        let resumed: Vec<&str> = frozen
+            .containers
             .iter()
-            .filter(|(_, cg)| !freezer::is_frozen(cg).unwrap_or(false))
-            .map(|(name, _)| name)
+            .filter(|c| !freezer::is_frozen(&c.cgroup).unwrap_or(false))
+            .map(|c| c.name.as_str())
             .collect();
         if resumed.is_empty() {
             return FreezeOutcome {
@@ -84,9 +94,9 @@ pub async fn after_checkpoint(state: &AgentState, frozen: Frozen) -> FreezeOutco
             };
         }
         let note = format!(
-            "the runtime resumed {resumed:?} after the checkpoint (is the kube-migrate runtime wrapper installed? see docs/install-cri-o.md)"
+            "the runtime resumed {resumed:?} after the checkpoint: install the runtime hold (docs/install-cri-o.md, section 5)"
         );
-        undo(&freezer, &frozen.ids);
+        undo(&freezer, frozen.ids());
         FreezeOutcome {
             held: false,
             frozen_at: Some(frozen.at.to_string()),
@@ -104,10 +114,10 @@ pub async fn after_checkpoint(state: &AgentState, frozen: Frozen) -> FreezeOutco
 /// Thaw after a failed checkpoint (the caller rolls back).
 pub async fn undo_freeze(state: &AgentState, frozen: Frozen) {
     let freezer = state.freezer.clone();
-    let _ = tokio::task::spawn_blocking(move || undo(&freezer, &frozen.ids)).await;
+    let _ = tokio::task::spawn_blocking(move || undo(&freezer, frozen.ids())).await;
 }
 
-fn undo(freezer: &freezer::Freezer, ids: &[String]) {
+fn undo<'a>(freezer: &freezer::Freezer, ids: impl Iterator<Item = &'a str>) {
     for cid in ids {
         if let Err(e) = freezer.thaw(cid) {
             tracing::error!(container = %cid, error = %e, "thawing the source failed");

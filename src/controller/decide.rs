@@ -154,6 +154,18 @@ pub fn backoff(attempts: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64((base * (0.5 + jitter.clamp(0.0, 1.0))).min(60.0))
 }
 
+/// A retry's wait: the backoff, but never past the phase's deadline (plus a moment, so the
+/// step that runs then finds it passed): a migration ends on time even while it backs off.
+pub fn retry_wait(backoff: Duration, deadline: Option<Timestamp>, now: Timestamp) -> Duration {
+    match deadline {
+        Some(deadline) => {
+            let left = Duration::from_secs_f64(seconds_between(&now, &deadline).max(0.0)) + Duration::from_millis(50);
+            backoff.min(left)
+        }
+        None => backoff,
+    }
+}
+
 /// How long to wait before the current step may run again (the backoff recorded in the
 /// status), or None when it may run now.
 pub fn wait_for_retry(status: &PodMigrationStatus, now: Timestamp) -> Option<Duration> {

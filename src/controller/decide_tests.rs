@@ -225,6 +225,27 @@ fn a_recorded_retry_time_holds_the_step_back() {
 }
 
 #[test]
+fn a_retry_never_waits_past_the_deadline() {
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let deadline = Timestamp::from_second(1_000_003).unwrap();
+    assert_eq!(
+        retry_wait(Duration::from_secs(16), Some(deadline), now),
+        Duration::from_millis(3050)
+    );
+    assert_eq!(
+        retry_wait(Duration::from_secs(1), Some(deadline), now),
+        Duration::from_secs(1)
+    );
+    assert_eq!(retry_wait(Duration::from_secs(16), None, now), Duration::from_secs(16));
+    // Already past: run again at once (the step then fails on the deadline).
+    let past = Timestamp::from_second(999_990).unwrap();
+    assert_eq!(
+        retry_wait(Duration::from_secs(16), Some(past), now),
+        Duration::from_millis(50)
+    );
+}
+
+#[test]
 fn a_pod_wakes_the_migration_it_restores_and_the_one_it_is_the_source_of() {
     let pod: Pod = serde_json::from_value(json!({ "metadata": {
         "name": "db-0", "namespace": "shop", "uid": "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4",

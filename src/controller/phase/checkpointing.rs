@@ -73,7 +73,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
             status.attempts += 1;
             tracing::warn!(migration = %pm.name_any(), attempt = status.attempts, error = %e, "checkpoint failed; retrying");
             status.message = Some(format!("checkpoint attempt {} failed, retrying: {e}", status.attempts));
-            return Ok(Action::requeue(super::schedule_retry(status, Timestamp::now())));
+            return Ok(Action::requeue(super::schedule_retry(status, ctx, Timestamp::now())));
         }
         Err(e) => return rollback(pm, status, ctx, "CheckpointFailed", e.to_string()).await,
     };
@@ -96,6 +96,9 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     }
     let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
     let now = Time(Timestamp::now());
+    // This checkpoint's freeze replaces any earlier attempt's (thawed) record.
+    status.source_frozen_at = None;
+    status.source_thawed_at = None;
     match answer.freeze {
         Some(f) if f.held => {
             let at = f
@@ -121,7 +124,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         return Ok(Action::requeue(Duration::ZERO));
     }
     status.checkpointed_at = Some(now.clone());
-    if status.source_frozen_at.is_some() {
+    if frozen::is_frozen(status) {
         // Persisted before anything else, so a new leader neither checkpoints twice nor
         // forgets to thaw.
         status.message = Some(format!(

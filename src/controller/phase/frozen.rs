@@ -35,9 +35,14 @@ pub fn spec(ctx: &Context, pod: &Pod, status: &mut PodMigrationStatus) -> Option
     })
 }
 
+/// The source was frozen before its checkpoint and has not been thawed since.
+pub fn is_frozen(status: &PodMigrationStatus) -> bool {
+    status.source_frozen_at.is_some() && status.source_thawed_at.is_none()
+}
+
 /// The source is frozen and nothing asked it to stop: it can still be resumed.
 pub fn resumable(status: &PodMigrationStatus) -> bool {
-    status.source_frozen_at.is_some() && status.source_stop_requested_at.is_none()
+    is_frozen(status) && status.source_stop_requested_at.is_none()
 }
 
 fn request(status: &PodMigrationStatus) -> SourceRequest {
@@ -70,10 +75,11 @@ pub async fn resume(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
             .await
             .map_err(|e| e.to_string()),
     };
-    let was_frozen = status.source_frozen_at.take().is_some();
+    let was_frozen = is_frozen(status);
     match outcome {
         Ok(()) => {
             if was_frozen {
+                status.source_thawed_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
                 tracing::info!(migration = %pm.name_any(), "source thawed: it carries on from its frozen state");
             }
             None

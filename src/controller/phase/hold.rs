@@ -66,7 +66,7 @@ pub async fn settle(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
     let Some(stopped) = decide::all_stopped_at(&pod) else {
         return Ok(false);
     };
-    if status.source_window_seconds.is_none() && status.source_frozen_at.is_some() {
+    if status.source_window_seconds.is_none() && super::frozen::is_frozen(status) {
         // Frozen before the checkpoint, killed while frozen: it never ran after it.
         status.source_window_seconds = Some(0.0);
     } else if status.source_window_seconds.is_none()

@@ -118,7 +118,7 @@ async fn rollback(
     reason: &str,
     message: String,
 ) -> Result<Action, Error> {
-    let was_frozen = status.source_frozen_at.is_some();
+    let was_frozen = frozen::is_frozen(status);
     let thaw = frozen::resume(ctx, pm, status).await;
     finished::release_archives(ctx, pm, status).await;
     hold::release(ctx, pm).await?;
@@ -158,12 +158,14 @@ async fn retry_after_stop(
     state::set_condition(status, CONDITION_DEGRADED, true, "Retrying", &message, now);
     status.message = Some(format!("{message} (attempt {}, retrying)", status.attempts));
     ctx.warn(pm, "Retrying", message).await;
-    Ok(Action::requeue(schedule_retry(status, now)))
+    Ok(Action::requeue(schedule_retry(status, ctx, now)))
 }
 
-/// Keep the next retry's earliest time in the status (backoff with jitter) and return it.
-fn schedule_retry(status: &mut PodMigrationStatus, now: Timestamp) -> Duration {
-    let wait = decide::backoff(status.attempts, rand::random::<f64>());
+/// Keep the next retry's earliest time in the status (backoff with jitter, never past the
+/// phase's deadline) and return it.
+fn schedule_retry(status: &mut PodMigrationStatus, ctx: &Context, now: Timestamp) -> Duration {
+    let backoff = decide::backoff(status.attempts, rand::random::<f64>());
+    let wait = decide::retry_wait(backoff, ctx.config.deadlines.deadline(status), now);
     status.retry_at = now
         .checked_add(k8s_openapi::jiff::SignedDuration::try_from(wait).unwrap_or_default())
         .ok()

@@ -19,10 +19,7 @@ use crate::{
 };
 
 pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
-    if status.source_frozen_at.is_some()
-        && status.source_stop_requested_at.is_some()
-        && status.source_stopped_at.is_none()
-    {
+    if frozen::is_frozen(status) && status.source_stop_requested_at.is_some() && status.source_stopped_at.is_none() {
         return stop_frozen(pm, status, ctx).await;
     }
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
