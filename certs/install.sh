@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-certs/out}
 ns=${KM_NAMESPACE:-kube-migrate}
-cargo run --quiet --release -p kube-migrate-certs -- --out "$out" --namespace "$ns" ${KM_EXTRA_SANS:+$(printf -- '--san %s ' $KM_EXTRA_SANS)}
+# The dev profile: a one-shot tool, and a release build of its dependencies would take minutes.
+cargo run --quiet --locked -p kube-migrate-certs -- --out "$out" --namespace "$ns" ${KM_EXTRA_SANS:+$(printf -- '--san %s ' $KM_EXTRA_SANS)}
 for name in webhook agent; do
   kubectl -n "$ns" create secret generic "kube-migrate-$name-tls" \
     --from-file=tls.crt="$out/$name.crt" --from-file=tls.key="$out/$name.key" --from-file=ca.crt="$out/ca.crt" \

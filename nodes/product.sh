@@ -3,13 +3,18 @@
 # pod on it.
 #
 # Usage:
-#   nodes/product.sh install BIN_DIR   images from BIN_DIR/kube-migrate-{agent,webhook} (+ the shared
-#                                      libraries ldd names, so a debug build works too), loaded into
-#                                      every node; manifests/ applied with those images; certificates
-#                                      by BIN_DIR/kube-migrate-certs (with IP SAN 127.0.0.1: CRI-O
-#                                      dials the agent's registry there), Secrets, caBundles, and the
-#                                      CA trusted by every node's CRI-O for 127.0.0.1:5443
-#                                      (docs/install-cri-o.md, section 2)
+#   nodes/product.sh install BIN_DIR   for quick iterations: images from BIN_DIR/kube-migrate-{agent,
+#                                      webhook} (+ the shared libraries ldd names, so a debug build
+#                                      works too) loaded into every node, manifests/ applied with
+#                                      those images, then as install-release: certs/install.sh with
+#                                      the 127.0.0.1 SAN, the nodes' trust for the agent's registry
+#   nodes/product.sh install-release   exactly as the README's "Install on a real cluster" says, with
+#                                      the images of scripts/images.sh (out/images/*.oci.tar, run it
+#                                      first) loaded into every node under the names the overlay
+#                                      pins (README "Images"), `kubectl apply -k overlays/images`,
+#                                      `KM_EXTRA_SANS=127.0.0.1 certs/install.sh`, and the node
+#                                      setup of docs/install-cri-o.md (CA trust for 127.0.0.1:5443;
+#                                      the CRI-O drop-in and runtime hold are nodes/up.sh's)
 #   nodes/product.sh drain-test        a counter pod (20 numbers a second) annotated
 #                                      migrate.io/stateful=true on km-node-1, `kubectl drain
 #                                      km-node-1`, then: PodMigration Succeeded with the source held
@@ -17,6 +22,10 @@
 #                                      window 0), the pod Running on another node, and the source's
 #                                      last number + 1 = the replacement's first, its count
 #                                      continuous (no number twice, none skipped); uncordons
+#   nodes/product.sh workloads-test    an opted-in Deployment, StatefulSet and two-container pod and
+#                                      an unannotated Deployment on km-node-1, drained together: the
+#                                      opted-in ones restored on km-node-2 (new pods, every
+#                                      container's count going on), the plain one evicted as usual
 #   nodes/product.sh rollback-test     the same pod with on-failure: block, and km-node-2 rejecting
 #                                      km-node-1's agent: the drain must fail, the migration end
 #                                      Failed, the same pod (UID, no restart) count on after its
@@ -24,7 +33,7 @@
 # Env: KUBE_MIGRATE_NODES_DIR [/tmp/kube-migrate-nodes]; KM_MANIFESTS [the repository's manifests/]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-case "${1:-}" in install|drain-test|rollback-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
+case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
 # shellcheck source=nodes/lib.sh
 source "$here/lib.sh"
 [[ $(id -u) == 0 ]] || { echo "SKIPPED: needs root"; exit 77; }
@@ -35,7 +44,7 @@ ms() { echo $(($(date +%s%N) / 1000000)); }
 
 install() {
   local bin=${1:?usage: product.sh install BIN_DIR} n lib root
-  for n in agent webhook certs; do [[ -x $bin/kube-migrate-$n ]] || km_die "no $bin/kube-migrate-$n"; done
+  for n in agent webhook; do [[ -x $bin/kube-migrate-$n ]] || km_die "no $bin/kube-migrate-$n"; done
   for n in agent webhook; do
     root=$(mktemp -d "$P/rootfs-$n.XXXXXX")
     mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp"
@@ -58,26 +67,7 @@ images:
   - {name: kube-migrate-agent, newName: localhost/kube-migrate/agent, newTag: dev}
 EOF2
   kubectl apply -k "$P/manifests" > /dev/null
-  # As certs/install.sh, plus the IP SAN the node's runtime needs to trust the agent's registry.
-  "$bin/kube-migrate-certs" --out "$P/certs" --namespace kube-migrate --san 127.0.0.1 > /dev/null
-  for n in webhook agent; do
-    kubectl -n kube-migrate create secret generic "kube-migrate-$n-tls" --from-file=tls.crt="$P/certs/$n.crt" \
-      --from-file=tls.key="$P/certs/$n.key" --from-file=ca.crt="$P/certs/ca.crt" --dry-run=client -o yaml |
-      kubectl apply -f - > /dev/null
-  done
-  local bundle; bundle=$(base64 -w0 < "$P/certs/ca.crt")
-  kubectl patch validatingwebhookconfiguration kube-migrate-eviction --type=json \
-    -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]" > /dev/null
-  kubectl patch mutatingwebhookconfiguration kube-migrate-restore --type=json \
-    -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]" > /dev/null
-  # The node setup of docs/install-cri-o.md, section 2 (read by containers/image at every pull).
-  for i in $(existing_nodes); do
-    mkdir -p "$(node_dir "$i")/etc/containers/certs.d/127.0.0.1:5443"
-    cp "$P/certs/ca.crt" "$(node_dir "$i")/etc/containers/certs.d/127.0.0.1:5443/ca.crt"
-  done
-  kubectl -n kube-migrate rollout status daemonset/kube-migrate-agent --timeout=120s > /dev/null
-  kubectl -n kube-migrate rollout status deployment/kube-migrate-webhook --timeout=120s > /dev/null
-  kubectl -n kube-migrate get pods -o wide
+  finish_install
 }
 
 # counter_pod [ANNOTATION...]: a bare pod on km-node-1 printing 20 numbers a second, opted in.
@@ -180,9 +170,163 @@ migrate_by_drain() {
   echo "PASS: stateful-counter migrated off km-node-1 by kubectl drain; the source ended at $last, the replacement went on from $first, no number twice or skipped"
 }
 
+# README step 3 (certs/install.sh, with the SAN docs/install-cri-o.md section 2 asks for) and the
+# node trust of that section, then wait for kube-migrate to be up.
+finish_install() {
+  local root i; root=$(cd "$here/.." && pwd)
+  (cd "$root" && KM_EXTRA_SANS=127.0.0.1 certs/install.sh "$P/certs") > /dev/null
+  # docs/install-cri-o.md, section 2: every node's CRI-O trusts the CA for the agent's registry
+  # (read by containers/image at every pull).
+  for i in $(existing_nodes); do
+    mkdir -p "$(node_dir "$i")/etc/containers/certs.d/127.0.0.1:5443"
+    cp "$P/certs/ca.crt" "$(node_dir "$i")/etc/containers/certs.d/127.0.0.1:5443/ca.crt"
+  done
+  # The pods wait for their Secrets (made after the apply, as the README orders it); the
+  # kubelet retries the mount with a backoff of up to 2 min.
+  kubectl -n kube-migrate rollout status daemonset/kube-migrate-agent --timeout=300s > /dev/null
+  kubectl -n kube-migrate rollout status deployment/kube-migrate-webhook --timeout=300s > /dev/null
+  kubectl -n kube-migrate get pods -o wide
+  kubectl -n kube-migrate get pods -o jsonpath='{range .items[*]}{.metadata.name}: {.spec.containers[0].image} (running {.status.containerStatuses[0].imageID}){"\n"}{end}'
+}
+
+install_release() {
+  local root; root=$(cd "$here/.." && pwd)
+  local repo=${IMAGE_REPO:-ghcr.io/kube-migrate} version n f
+  version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["workspace"]["package"]["version"])' "$root/Cargo.toml")
+  # Step 1 of the README without a registry: each node's runtime gets the archive under the name
+  # the overlay pins (README "Images": load them into each node's runtime).
+  for n in webhook agent; do
+    f=$root/out/images/kube-migrate-$n.oci.tar
+    [[ -s $f ]] || km_die "no $f: run scripts/images.sh first"
+    "$here/load-image.sh" "$f" "$repo/kube-migrate-$n:$version"
+  done
+  # Step 2.
+  kubectl apply -k "$root/overlays/images" > /dev/null
+  finish_install
+}
+
 drain_test() {
   counter_pod
   migrate_by_drain 0
+}
+
+# A counter container spec: 20 numbers a second; an emptyDir at /scratch.
+counter_container() { # NAME
+  cat << EOF2
+      - name: $1
+        image: localhost/kube-migrate/busybox:latest
+        imagePullPolicy: IfNotPresent
+        command: ["/bin/sh", "-c", "i=0; while true; do echo \$i; i=\$((i+1)); sleep 0.05; done"]
+        volumeMounts: [{name: scratch, mountPath: /scratch}]
+EOF2
+}
+
+# restored_log_ok POD CONTAINER: the container's log goes on by one with no jump, and was restored
+# from a checkpoint: it begins before the pod existed (CRI-O keeps the log in the archive) and
+# has the downtime's pause in it. Prints "first..last (pause s)".
+restored_log_ok() {
+  local pod=$1 c=$2 logs created first gaps pause
+  logs=$(kubectl logs --timestamps "$pod" -c "$c")
+  gaps=$(awk 'NR > 1 && $2 != prev + 1 { print prev " -> " $2 } { prev = $2 }' <<< "$logs")
+  [[ -z $gaps ]] || km_die "$pod/$c: count jumps: $gaps"
+  created=$(date -d "$(kubectl get pod "$pod" -o jsonpath='{.metadata.creationTimestamp}')" +%s)
+  first=$(date -d "$(head -n 1 <<< "$logs" | cut -d' ' -f1)" +%s)
+  ((first < created)) || km_die "$pod/$c: its log begins after the pod was created: started fresh, not restored"
+  pause=$(awk '{ split(substr($1, 12), t, ":"); s = t[1] * 3600 + t[2] * 60 + t[3]
+    if (NR > 1 && s - p > m) m = s - p; p = s } END { printf "%.2f", m }' <<< "$logs")
+  echo "$(head -n 1 <<< "$logs" | cut -d' ' -f2)..$(tail -n 1 <<< "$logs" | cut -d' ' -f2) (pause $pause s)"
+}
+
+# Workloads as users run them, drained together: an opted-in Deployment, StatefulSet and
+# two-container bare pod (each with its ServiceAccount token and an emptyDir), and a Deployment
+# that did not opt in. Each opted-in pod must come back on km-node-2 as a new pod (new UID) whose
+# every container was restored (its log goes on by one from before the pod existed); the plain
+# one must be evicted as usual and start from 0 on km-node-2, with no PodMigration.
+workloads_test() {
+  kubectl delete deployment,statefulset,pod -l km-test=workloads --ignore-not-found --wait=true > /dev/null
+  kubectl delete pod stateful-counter --ignore-not-found --wait=false > /dev/null
+  # Everything starts on km-node-1.
+  kubectl uncordon km-node-1 > /dev/null
+  kubectl cordon km-node-2 > /dev/null
+  trap 'kubectl uncordon km-node-1 km-node-2 > /dev/null 2>&1 || true' EXIT
+  {
+    local kind name opt
+    for spec in Deployment:km-deploy:true StatefulSet:km-sts:true Deployment:km-plain:false; do
+      IFS=: read -r kind name opt <<< "$spec"
+      cat << EOF2
+apiVersion: apps/v1
+kind: $kind
+metadata: {name: $name, namespace: default, labels: {km-test: workloads}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: $name}}
+$([[ $kind == StatefulSet ]] && echo "  serviceName: $name")
+  template:
+    metadata:
+      labels: {app: $name, km-test: workloads}
+      $([[ $opt == true ]] && echo 'annotations: {migrate.io/stateful: "true"}')
+    spec:
+      terminationGracePeriodSeconds: 1
+      volumes: [{name: scratch, emptyDir: {}}]
+      containers:
+$(counter_container counter)
+---
+EOF2
+    done
+    cat << EOF2
+apiVersion: v1
+kind: Pod
+metadata:
+  name: km-two
+  namespace: default
+  labels: {app: km-two, km-test: workloads}
+  annotations: {migrate.io/stateful: "true"}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: scratch, emptyDir: {}}]
+  containers:
+$(counter_container first | sed 's/^    //')
+$(counter_container second | sed 's/^    //')
+EOF2
+  } | kubectl apply -f - > /dev/null
+  local app
+  for app in km-deploy km-sts km-plain km-two; do
+    wait_until 90 "$app Running on km-node-1" bash -c \
+      "[[ \$(kubectl get pods -l app=$app -o jsonpath='{.items[*].status.phase} {.items[*].spec.nodeName}') == 'Running km-node-1' ]]" ||
+      km_die "$app: $(kubectl get pods -l app=$app -o wide)"
+  done
+  kubectl uncordon km-node-2 > /dev/null
+  declare -A uid
+  for app in km-deploy km-sts km-plain km-two; do
+    uid[$app]=$(kubectl get pods -l "app=$app" -o jsonpath='{.items[0].metadata.uid}')
+  done
+  sleep 3
+  local t0; t0=$(ms)
+  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=300s >&2
+  echo "kubectl drain km-node-1 (4 workloads): $(($(ms) - t0)) ms"
+  for app in km-deploy km-sts km-two km-plain; do
+    wait_until 120 "$app Running on km-node-2" bash -c \
+      "[[ \$(kubectl get pods -l app=$app -o jsonpath='{.items[*].status.phase} {.items[*].spec.nodeName}') == 'Running km-node-2' ]]" ||
+      km_die "$app: $(kubectl get pods -l app=$app -o wide)"
+  done
+  kubectl get podmigrations -o wide
+  kubectl get pods -l km-test=workloads -o wide
+  sleep 2
+  local pod c
+  for app in km-deploy km-sts km-two; do
+    pod=$(kubectl get pods -l "app=$app" -o jsonpath='{.items[0].metadata.name}')
+    [[ $(kubectl get pod "$pod" -o jsonpath='{.metadata.uid}') != "${uid[$app]}" ]] || km_die "$app: still the same pod"
+    for c in $(kubectl get pod "$pod" -o jsonpath='{.spec.containers[*].name}'); do
+      echo "$app $pod/$c restored: $(restored_log_ok "$pod" "$c")"
+    done
+  done
+  pod=$(kubectl get pods -l app=km-plain -o jsonpath='{.items[0].metadata.name}')
+  [[ $(kubectl get pod "$pod" -o jsonpath='{.metadata.uid}') != "${uid[km-plain]}" ]] || km_die "km-plain: not evicted"
+  [[ $(kubectl logs "$pod" | head -n 1) == 0 ]] || km_die "km-plain: its new pod did not start from 0"
+  ! kubectl get podmigrations -o jsonpath='{range .items[*]}{.spec.podName}{"\n"}{end}' | grep -q '^km-plain' ||
+    km_die "a PodMigration for the unannotated km-plain"
+  kubectl delete deployment,statefulset,pod -l km-test=workloads --wait=false > /dev/null
+  echo "PASS: Deployment, StatefulSet and two-container pod restored on km-node-2 (new pods, every container's count going on); the unannotated Deployment evicted as usual"
 }
 
 # The transfer fails after the source was frozen and checkpointed (km-node-2 rejects km-node-1's
@@ -236,6 +380,8 @@ rollback_test() {
 
 case $1 in
   install) install "${2:-}" ;;
+  install-release) install_release ;;
   drain-test) drain_test ;;
   rollback-test) rollback_test ;;
+  workloads-test) workloads_test ;;
 esac

@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
 # End-to-end on real nodes (issue #12): two nodes with a real kubelet, CRI-O, crun and CRIU
-# (nodes/up.sh), kube-migrate installed on them as OCI images of its debug binaries
-# (nodes/product.sh install: the manifests with those images, certificates, the node trust of
-# docs/install-cri-o.md; the README's release images from scripts/images.sh are not yet what
-# this runs), and `kubectl drain` of a
-# node with an opted-in counter: the PodMigration must succeed with the source held frozen from
-# its checkpoint until it is killed, and the restored process must continue the count with no
-# number twice and none skipped (nodes/product.sh drain-test); a transfer that fails after the
-# checkpoint must thaw the same source, which counts on, and a second drain then moves it
-# (nodes/product.sh rollback-test). The checkpoint image is pulled
-# by CRI-O from the target agent's registry with the migration's pull credential (anonymous
-# pulls are refused since then), so a pass also shows the runtime's authenticated pull.
+# (nodes/up.sh, with the node setup of docs/install-cri-o.md and kube-migrate's runtime hold),
+# kube-migrate installed exactly as the README's "Install on a real cluster" says: the release
+# images of scripts/images.sh loaded into the nodes' runtime under the names the overlay pins,
+# `kubectl apply -k overlays/images`, `KM_EXTRA_SANS=127.0.0.1 certs/install.sh`
+# (nodes/product.sh install-release). Then, each reported like a cargo test:
+#   bench --quick   nodes/bench.sh for 1 MiB: a real memhog restored with its memory checksum
+#   drain-test      `kubectl drain` of a node with an opted-in counter: Succeeded, the source held
+#                   frozen from before its checkpoint until killed, and its last number + 1 = the
+#                   replacement's first (no number twice, none skipped)
+#   workloads-test  an opted-in Deployment, StatefulSet and two-container pod plus an unannotated
+#                   Deployment drained together: the opted-in ones restored (new pods, every
+#                   container's count going on from before the pod existed), the plain one evicted
+#   rollback-test   a transfer failing after the freeze: the same pod (UID, no restart) counts on
+#                   after its pause, the drain is held; then a second drain moves it
 #
-#   scripts/e2e-real.sh        up, install, drain test, down (always)
+#   scripts/e2e-real.sh        up, images, install, scenarios, down (always)
 #
 # Prints "SKIPPED: <why>" (counted as skipped by scripts/test.sh) when this machine cannot run
 # real nodes (nodes/up.sh exits 77: not root, no network namespaces, no cgroup v1, CRIU's
-# kernel check fails). Binaries: the debug build in target/ (scripts/test.sh builds it).
+# kernel check fails).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 
-# Two scenarios, reported like a cargo test so that scripts/test.sh counts it; a skip is an
-# "ok" plus its SKIPPED line, as the CRIU scenario does.
 status=0
 nodes/up.sh 2 || status=$?
 if [[ $status == 77 ]]; then
@@ -32,12 +33,19 @@ fi
 trap 'nodes/down.sh > /dev/null 2>&1 || true' EXIT
 [[ $status == 0 ]] || { echo "FAIL: nodes/up.sh exited $status"; exit "$status"; }
 
-cargo build --locked -p kube-migrate-webhook -p kube-migrate-agent -p kube-migrate-certs
-nodes/product.sh install "${CARGO_TARGET_DIR:-target}/debug"
+# README "Install on a real cluster", step 1 (the images) ...
+scripts/images.sh > /tmp/kube-migrate-images.log 2>&1 ||
+  { tail -n 30 /tmp/kube-migrate-images.log; echo "FAIL: scripts/images.sh"; exit 1; }
+grep -A3 '^==> done' /tmp/kube-migrate-images.log
+# ... steps 2 and 3, and the node trust of docs/install-cri-o.md.
+nodes/product.sh install-release
+echo "installed as the README says: $((SECONDS - started)) s"
+
 passed=0 failed=0
-for t in drain-test rollback-test; do
-  echo "== nodes/product.sh $t"
-  if nodes/product.sh "$t"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $t"; fi
+# rollback-test last: it changes the controller's transfer deadline and restores it on exit.
+for t in "nodes/product.sh drain-test" "nodes/product.sh workloads-test" "nodes/bench.sh --quick" "nodes/product.sh rollback-test"; do
+  echo "== $t"
+  if $t; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $t"; fi
 done
 if ((failed == 0)); then
   echo "test result: ok. $passed passed; 0 failed; 0 ignored (real nodes, $((SECONDS - started)) s)"

@@ -195,13 +195,14 @@ pub struct PodMigrationStatus {
     /// When the source's containers were frozen, before their checkpoint. Set only when the
     /// freeze held through the checkpoint: the source has not executed since, is resumed
     /// (thawed) on any failure before its state is verified on the target, and killed after.
+    /// In microseconds: the downtime is counted from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_frozen_at: Option<Time>,
+    pub source_frozen_at: Option<MicroTime>,
     /// When a frozen source was thawed because the migration failed or went back to `Pending`
     /// before its state was verified on the target: it carries on from where it was.
     /// `sourceFrozenAt` to this is how long the workload was paused for nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_thawed_at: Option<Time>,
+    pub source_thawed_at: Option<MicroTime>,
     /// Why the source could not be kept frozen (no freezer for its runtime, the runtime
     /// resumed it): it was then stopped right after its checkpoint, see `sourceWindowSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

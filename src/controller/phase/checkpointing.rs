@@ -101,11 +101,8 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     status.source_thawed_at = None;
     match answer.freeze {
         Some(f) if f.held => {
-            let at = f
-                .frozen_at
-                .and_then(|t| t.parse::<Timestamp>().ok())
-                .map_or(now.clone(), Time);
-            status.source_frozen_at = Some(at);
+            let at = f.frozen_at.and_then(|t| t.parse::<Timestamp>().ok()).unwrap_or(now.0);
+            status.source_frozen_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at));
             status.freeze_note = None;
         }
         Some(f) => status.freeze_note = f.note,

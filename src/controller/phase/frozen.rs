@@ -79,7 +79,9 @@ pub async fn resume(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
     match outcome {
         Ok(()) => {
             if was_frozen {
-                status.source_thawed_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
+                status.source_thawed_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    Timestamp::now(),
+                ));
                 tracing::info!(migration = %pm.name_any(), "source thawed: it carries on from its frozen state");
             }
             None

@@ -70,8 +70,9 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     if decide::is_ready(&pod) {
         let now = Timestamp::now();
         // The workload stopped serving when it was frozen, if it was.
-        if let Some(stopped) = status.source_frozen_at.as_ref().or(status.source_stopped_at.as_ref()) {
-            status.downtime_seconds = Some((decide::seconds_between(&stopped.0, &now) * 1000.0).round() / 1000.0);
+        let frozen = status.source_frozen_at.as_ref().map(|t| t.0);
+        if let Some(stopped) = frozen.or(status.source_stopped_at.as_ref().map(|t| t.0)) {
+            status.downtime_seconds = Some((decide::seconds_between(&stopped, &now) * 1000.0).round() / 1000.0);
         }
         let message = format!(
             "{} restored on {} (downtime {:.1}s)",

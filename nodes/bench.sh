@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Where the time goes on real nodes (issues #10, #12, #14): for each size, a `memhog` pod holding
+# that much pseudo-random anonymous memory (criu/memhog.c: its checksum is read back from memory)
+# on km-node-1, `kubectl drain km-node-1`, and from its PodMigration: every phase's seconds, the
+# freeze (source frozen -> replacement Ready: `downtimeSeconds`), the window, the archive size;
+# the restored process must report the checksum it started with and verify=ok, and count on.
+# Beside it, in the same run, the physical work without Kubernetes: crun + CRIU checkpoint and
+# restore of the same program and size (criu/demo.sh memory scenario), and the ratio.
+#
+#   nodes/bench.sh [SIZES_MIB]        default "1 64 256"; needs nodes/up.sh and kube-migrate
+#                                     installed (nodes/product.sh install[-release])
+#   nodes/bench.sh --quick            1 MiB only, no baseline (what .ci/run runs)
+# Prints one table; figures and the command go to docs/benchmarks.md by hand.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=nodes/lib.sh
+source "$here/lib.sh"
+quick=0
+sizes="1 64 256"
+case "${1:-}" in
+  --quick) quick=1 sizes=1 ;;
+  -h | --help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+  "") ;;
+  *) sizes=$1 ;;
+esac
+[[ $(id -u) == 0 ]] || { echo "SKIPPED: needs root"; exit 77; }
+helper_pid 1 > /dev/null || { echo "SKIPPED: no real nodes running (nodes/up.sh)"; exit 77; }
+P=$KM_NODES_DIR/bench
+mkdir -p "$P"
+
+# The memhog image: criu/images.sh's rootfs as a one-layer OCI archive, in every node.
+if [[ ! -s $P/memhog.oci.tar ]]; then
+  rm -rf "$P/memhog-rootfs"
+  "$here/../criu/images.sh" memory "$P/memhog-rootfs" > /dev/null
+  "$here/images/oci-archive.py" --out "$P/memhog.oci.tar" --ref localhost/kube-migrate/memhog:latest \
+    --dir "$P/memhog-rootfs" --entrypoint /bin/memhog > /dev/null
+fi
+"$here/load-image.sh" "$P/memhog.oci.tar" localhost/kube-migrate/memhog:latest 2> /dev/null
+
+declare -A BARE
+if ((!quick)); then
+  # The physical work, same machine, same run: crun checkpoint (CRIU dump + images) and crun
+  # restore of memhog at each size, no kubelet, no CRI-O, no kube-migrate.
+  SCENARIOS=memory MIBS="$sizes" "$here/../criu/demo.sh" > "$P/bare.log" 2>&1 ||
+    { tail -n 20 "$P/bare.log" >&2; km_die "criu/demo.sh failed"; }
+  # Its summary rows: MiB RSS_KiB ckpt_ms ckpt_criu_s images_KiB archive_KiB tar_ms restore_ms ...
+  while read -r mib _ ck _ _ _ _ rs _; do
+    BARE[$mib]=$((ck + rs))
+  done < <(awk '/ MiB +RSS_KiB/ { on = 1; next } on && NF >= 9 && $1 ~ /^[0-9]+$/' "$P/bare.log")
+fi
+
+rows=()
+for mib in $sizes; do
+  kubectl uncordon km-node-1 > /dev/null
+  kubectl delete pod memhog --ignore-not-found --wait=true > /dev/null
+  cat << EOF | kubectl apply -f - > /dev/null
+apiVersion: v1
+kind: Pod
+metadata:
+  name: memhog
+  namespace: default
+  annotations: {migrate.io/stateful: "true"}
+spec:
+  nodeName: km-node-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: memhog
+    image: localhost/kube-migrate/memhog:latest
+    imagePullPolicy: IfNotPresent
+    env: [{name: MIB, value: "$mib"}, {name: REPORT_EVERY, value: "10"}]
+    resources: {requests: {memory: "$((mib + 16))Mi"}}
+EOF
+  # shellcheck disable=SC2016 # for the inner bash
+  wait_until 120 "memhog ${mib} MiB started" bash -c 'kubectl logs memhog | grep -q "^count 5$"' ||
+    km_die "memhog did not start: $(kubectl get pod memhog -o wide; kubectl logs memhog | tail -n 3)"
+  start=$(kubectl logs memhog | grep -m1 '^memhog start')
+  sum=$(grep -o 'checksum=[0-9a-f]*' <<< "$start")
+  t0=$(date +%s%N)
+  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=600s > "$P/drain-$mib.log" 2>&1 ||
+    { cat "$P/drain-$mib.log" >&2; km_die "kubectl drain failed"; }
+  drain_ms=$((($(date +%s%N) - t0) / 1000000))
+  pm=$(kubectl get podmigrations --sort-by=.metadata.creationTimestamp \
+    -o jsonpath='{range .items[?(@.spec.podName=="memhog")]}{.metadata.name}{"\n"}{end}' | tail -n 1)
+  wait_until 600 "PodMigration $pm Succeeded" \
+    bash -c "[[ \$(kubectl get podmigration $pm -o jsonpath={.status.phase}) == Succeeded ]]" ||
+    km_die "PodMigration $pm: $(kubectl get podmigration "$pm" -o jsonpath='{.status.phase}: {.status.message}')"
+  # The restored process's own word: its log (which begins with the source's, kept in the
+  # checkpoint) ends, seconds after the restore, with a report of the restored process (one a
+  # second): the checksum it started with, read back from memory, verify=ok; and the count goes
+  # on by one through the migration.
+  sleep 3
+  last=$(kubectl logs memhog | grep '^memhog report' | tail -n 1)
+  [[ $last == *"$sum verify=ok"* ]] || km_die "restored memhog ${mib} MiB: last report '$last', expected $sum verify=ok"
+  gaps=$(kubectl logs memhog | awk '$1 == "count" { if (n && $2 != prev + 1) print prev " -> " $2; prev = $2; n++ }')
+  [[ -z $gaps ]] || km_die "memhog ${mib} MiB: count not continuous: $gaps"
+  [[ $(kubectl get pod memhog -o jsonpath='{.spec.nodeName}') == km-node-2 ]] || km_die "memhog is not on km-node-2"
+  s=$(kubectl get podmigration "$pm" -o json)
+  row=$(jq -r --arg mib "$mib" --arg drain "$drain_ms" '.status as $s
+    | def ph(p): ([$s.phases[] | select(.phase == p) | .seconds] | add // 0);
+    [$mib, (([$s.containers[].sizeBytes] | add) / 1048576 | . * 10 | round / 10),
+     ph("Pending"), ph("Checkpointing"), ph("Transferring"), ph("BuildingImage"), ph("Restoring"),
+     $s.downtimeSeconds, ($s.sourceWindowSeconds // "-"), (($drain | tonumber) / 1000),
+     (if $s.freezeNote then "note" else "held" end)] | @tsv' <<< "$s")
+  bare=${BARE[$mib]:-}
+  if [[ -n $bare ]]; then
+    row+=$'\t'$(awk -v b="$bare" 'BEGIN { printf "%.2f", b / 1000 }')
+    row+=$'\t'$(awk -v d="$(cut -f8 <<< "$row")" -v b="$bare" 'BEGIN { printf "%.1f", d * 1000 / b }')
+  else
+    row+=$'\t-\t-'
+  fi
+  rows+=("$row")
+  kubectl uncordon km-node-1 > /dev/null
+done
+kubectl delete pod memhog --ignore-not-found --wait=false > /dev/null
+
+printf '\nkube-migrate on real nodes (kubelet + CRI-O + crun + CRIU), %s, %s cores\n' "$(date -u +%F)" "$(nproc)"
+{
+  printf 'MiB\tarchive_MiB\tPending_s\tCheckpointing_s\tTransferring_s\tBuildingImage_s\tRestoring_s\tfreeze_s\twindow_s\tdrain_s\tsource\tbare_crun_criu_s\tratio\n'
+  printf '%s\n' "${rows[@]}"
+} | column -t
+echo "freeze_s: source frozen -> replacement Ready (status.downtimeSeconds); bare: crun checkpoint + restore of the same program and size (criu/demo.sh); ratio = freeze / bare"
