@@ -26,6 +26,12 @@
 #                                      an unannotated Deployment on km-node-1, drained together: the
 #                                      opted-in ones restored on km-node-2 (new pods, every
 #                                      container's count going on), the plain one evicted as usual
+#   nodes/product.sh plugin-test       `kubectl migrate pod --to` (drain-test's checks), then a
+#                                      checkpoint-only backup restored later as a copy on the other
+#                                      node (the original keeps running, the copy goes on from the
+#                                      checkpoint); KUBECTL_MIGRATE [target/debug/kubectl-migrate]
+#   nodes/product.sh leader-test       the controller's leader force-deleted mid-migration: the
+#                                      other replica takes the Lease and finishes (drain-test's checks)
 #   nodes/product.sh rollback-test     the same pod with on-failure: block, and km-node-2 rejecting
 #                                      km-node-1's agent: the drain must fail, the migration end
 #                                      Failed, the same pod (UID, no restart) count on after its
@@ -33,7 +39,7 @@
 # Env: KUBE_MIGRATE_NODES_DIR [/tmp/kube-migrate-nodes]; KM_MANIFESTS [the repository's manifests/]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
+case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test|plugin-test|leader-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
 # shellcheck source=nodes/lib.sh
 source "$here/lib.sh"
 [[ $(id -u) == 0 ]] || { echo "SKIPPED: needs root"; exit 77; }
@@ -132,15 +138,25 @@ gaps_in_log() {
 # least FROM; then the checks of drain-test.
 migrate_by_drain() {
   local from=$1
-  # Everything the source prints, until its container ends (the stream closes then).
-  kubectl logs -f stateful-counter > "$P/source.log" 2> "$P/source.err" &
-  local follow=$!
+  follow_source
   local t0; t0=$(ms)
   # --force: a bare pod (no controller); kube-migrate answers its eviction with 429 until the
   # state is safe on the target, and kubectl drain retries.
   kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=180s >&2
   echo "kubectl drain km-node-1: $(($(ms) - t0)) ms"
-  local pm; pm=$(migration_ends Succeeded 120)
+  check_moved "$(migration_ends Succeeded 120)" "$from"
+}
+
+# follow_source: everything stateful-counter prints from now until its container ends (the
+# stream closes then), into $P/source.log; its pid in $follow.
+follow_source() {
+  kubectl logs -f stateful-counter > "$P/source.log" 2> "$P/source.err" &
+  follow=$!
+}
+
+# check_moved PM FROM: the checks of drain-test on PodMigration PM, counting from at least FROM.
+check_moved() {
+  local pm=$1 from=$2
   kubectl get podmigration "$pm" -o wide
   kubectl get pod stateful-counter -o wide
   wait_until 30 "the source's log stream to end" bash -c "! kill -0 $follow 2> /dev/null" ||
@@ -167,7 +183,7 @@ migrate_by_drain() {
   ((first == last + 1)) || km_die "the source's last number was $last but the replacement began at $first: $(
     ((first <= last)) && echo "the source ran on after its checkpoint ($((last - first + 1)) numbers twice)" ||
       echo "$((first - last - 1)) numbers skipped")"
-  echo "PASS: stateful-counter migrated off km-node-1 by kubectl drain; the source ended at $last, the replacement went on from $first, no number twice or skipped"
+  echo "PASS: stateful-counter migrated off km-node-1; the source ended at $last, the replacement went on from $first, no number twice or skipped"
 }
 
 # README step 3 (certs/install.sh, with the SAN docs/install-cri-o.md section 2 asks for) and the
@@ -329,6 +345,64 @@ EOF2
   echo "PASS: Deployment, StatefulSet and two-container pod restored on km-node-2 (new pods, every container's count going on); the unannotated Deployment evicted as usual"
 }
 
+# The kubectl plugin, on real nodes: `kubectl migrate pod --to` with the checks of drain-test; then
+# a checkpoint-only backup of the moved pod (which keeps running, the same pod) restored later as
+# a copy on the other node, whose log goes on from the checkpoint.
+plugin_test() {
+  local plugin=${KUBECTL_MIGRATE:-${CARGO_TARGET_DIR:-$here/../target}/debug/kubectl-migrate}
+  [[ -x $plugin ]] || km_die "no kubectl-migrate at $plugin (cargo build -p kube-migrate --bin kubectl-migrate)"
+  counter_pod
+  follow_source
+  "$plugin" pod stateful-counter --to km-node-2 >&2 || km_die "kubectl migrate pod exited $?"
+  check_moved "$(migration_ends Succeeded 60)" 0
+
+  kubectl delete pod counter-copy --ignore-not-found --wait=true > /dev/null
+  local uid out ck
+  uid=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid}')
+  out=$("$plugin" checkpoint pod stateful-counter) || km_die "kubectl migrate checkpoint exited $?: $out"
+  echo "$out" | tail -n 2
+  ck=$(sed -n 's/^stored: checkpoint \([^ ]*\) on .*/\1/p' <<< "$out")
+  [[ -n $ck ]] || km_die "no checkpoint name in: $out"
+  "$plugin" restore "$ck" --name counter-copy --to km-node-1 >&2 || km_die "kubectl migrate restore exited $?"
+  wait_until 60 "counter-copy Running on km-node-1" bash -c \
+    "[[ \$(kubectl get pod counter-copy -o jsonpath='{.status.phase} {.spec.nodeName}') == 'Running km-node-1' ]]" ||
+    km_die "counter-copy: $(kubectl get pod counter-copy -o wide)"
+  sleep 2
+  echo "counter-copy restored from $ck: $(restored_log_ok counter-copy counter)"
+  local now
+  now=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid} {.status.phase} {.status.containerStatuses[0].restartCount}')
+  [[ $now == "$uid Running 0" ]] || km_die "the checkpointed pod is not the same pod running on: $now (was $uid)"
+  [[ -z $(gaps_in_log) ]] || km_die "the checkpointed pod's count jumped: $(gaps_in_log)"
+  kubectl delete pod counter-copy --wait=false > /dev/null
+  echo "PASS: kubectl migrate pod --to moved it (no number twice or skipped); a backup of it, restored later as counter-copy on km-node-1, went on from the checkpoint while the original kept running"
+}
+
+# The leader is killed (its pod force-deleted) while it drives a drain's migration: the other
+# replica takes the Lease and finishes it, with the checks of drain-test (the source stays
+# frozen meanwhile: nothing runs twice).
+leader_test() {
+  counter_pod
+  follow_source
+  local holder before
+  holder=$(kubectl -n kube-migrate get lease kube-migrate-controller -o jsonpath='{.spec.holderIdentity}')
+  before=$(latest_migration)
+  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=300s >&2 &
+  local drain=$!
+  # shellcheck disable=SC2317 # called by wait_until
+  new_migration() { local m; m=$(latest_migration); [[ -n $m && $m != "$before" ]]; }
+  wait_until 30 "a new PodMigration for stateful-counter" new_migration ||
+    km_die "no new PodMigration"
+  kubectl -n kube-migrate delete pod "$holder" --grace-period=0 --force > /dev/null 2>&1 ||
+    km_die "could not delete the leader $holder"
+  echo "leader $holder force-deleted during $(kubectl get podmigration "$(latest_migration)" -o jsonpath='{.status.phase}')"
+  wait "$drain" || km_die "kubectl drain failed after the leader was killed"
+  check_moved "$(migration_ends Succeeded 120)" 0
+  local after
+  after=$(kubectl -n kube-migrate get lease kube-migrate-controller -o jsonpath='{.spec.holderIdentity}')
+  [[ -n $after && $after != "$holder" ]] || km_die "the Lease is still held by $after"
+  echo "PASS: the leader $holder was killed mid-migration; $after took over and finished it"
+}
+
 # The transfer fails after the source was frozen and checkpointed (km-node-2 rejects km-node-1's
 # agent, the controller's transfer deadline is 20 s): the same pod must carry on from where it
 # was, never restarted, the drain held by on-failure: block; then, the fault removed and the
@@ -384,4 +458,6 @@ case $1 in
   drain-test) drain_test ;;
   rollback-test) rollback_test ;;
   workloads-test) workloads_test ;;
+  plugin-test) plugin_test ;;
+  leader-test) leader_test ;;
 esac

@@ -12,6 +12,9 @@
 #   workloads-test  an opted-in Deployment, StatefulSet and two-container pod plus an unannotated
 #                   Deployment drained together: the opted-in ones restored (new pods, every
 #                   container's count going on from before the pod existed), the plain one evicted
+#   plugin-test     `kubectl migrate pod --to` (drain-test's checks); a checkpoint-only backup
+#                   restored later as a copy on the other node, the original running on untouched
+#   leader-test     the controller's leader force-deleted mid-migration: a new leader finishes it
 #   rollback-test   a transfer failing after the freeze: the same pod (UID, no restart) counts on
 #                   after its pause, the drain is held; then a second drain moves it
 #
@@ -41,9 +44,12 @@ grep -A3 '^==> done' /tmp/kube-migrate-images.log
 nodes/product.sh install-release
 echo "installed as the README says: $((SECONDS - started)) s"
 
+# The kubectl plugin, as a user copies it onto the PATH (plugin-test).
+cargo build --quiet --locked -p kubectl-migrate
 passed=0 failed=0
 # rollback-test last: it changes the controller's transfer deadline and restores it on exit.
-for t in "nodes/product.sh drain-test" "nodes/product.sh workloads-test" "nodes/bench.sh --quick" "nodes/product.sh rollback-test"; do
+for t in "nodes/product.sh drain-test" "nodes/product.sh workloads-test" "nodes/product.sh plugin-test" \
+  "nodes/product.sh leader-test" "nodes/bench.sh --quick" "nodes/product.sh rollback-test"; do
   echo "== $t"
   if $t; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $t"; fi
 done
