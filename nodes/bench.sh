@@ -49,7 +49,9 @@ if ((!quick)); then
   done < <(awk '/ MiB +RSS_KiB/ { on = 1; next } on && NF >= 9 && $1 ~ /^[0-9]+$/' "$P/bare.log")
 fi
 
-rows=()
+rows=() steps=()
+STEPS='["checkpointed","verified","sourceKilled","imageBuilt","sourceTerminated","replacementSeen","released","scheduled","started","ready"]'
+
 for mib in $sizes; do
   kubectl uncordon km-node-1 > /dev/null
   kubectl delete pod memhog --ignore-not-found --wait=true > /dev/null
@@ -109,6 +111,12 @@ EOF
     row+=$'\t-\t-'
   fi
   rows+=("$row")
+  # Where the freeze goes: each step of the timeline, seconds after the freeze.
+  steps+=("$(jq -r --arg mib "$mib" --argjson steps "$STEPS" '
+    def ts: capture("(?<s>[^.Z]+)(\\.(?<f>[0-9]+))?Z") | ((.s + "Z") | fromdateiso8601) + ("0." + (.f // "0") | tonumber);
+    .status.timeline as $t | ([$t[] | select(.step == "frozen") | .at | ts] | first) as $f
+    | [$mib] + ([$steps[] as $s | [$t[] | select(.step == $s) | .at | ts - $f | . * 100 | round / 100] | first // "-"])
+    | @tsv' <<< "$s")")
   kubectl uncordon km-node-1 > /dev/null
 done
 kubectl delete pod memhog --ignore-not-found --wait=false > /dev/null
@@ -117,5 +125,10 @@ printf '\nkube-migrate on real nodes (kubelet + CRI-O + crun + CRIU), %s, %s cor
 {
   printf 'MiB\tarchive_MiB\tPending_s\tCheckpointing_s\tTransferring_s\tBuildingImage_s\tRestoring_s\tfreeze_s\twindow_s\tdrain_s\tsource\tbare_crun_criu_s\tratio\n'
   printf '%s\n' "${rows[@]}"
+} | column -t
+printf '\nthe timeline (status.timeline), seconds after the freeze\n'
+{
+  printf 'MiB\t%s\n' "$(jq -r 'join("\t")' <<< "$STEPS")"
+  printf '%s\n' "${steps[@]}"
 } | column -t
 echo "freeze_s: source frozen -> replacement Ready (status.downtimeSeconds); bare: crun checkpoint + restore of the same program and size (criu/demo.sh); ratio = freeze / bare"

@@ -8,6 +8,12 @@ use prometheus_client::{
 
 use crate::api::Phase;
 
+/// A step of a migration's timeline (a fixed set: `PodMigrationStatus::timeline`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub webhook: &'static str,
@@ -64,6 +70,7 @@ pub struct Metrics {
     pub migration_duration: Histogram,
     pub phase_duration: Family<PhaseLabels, Histogram>,
     pub downtime: Histogram,
+    pub step: Family<StepLabels, Histogram>,
     pub source_window: Histogram,
     pub drain_duration: Family<NodeLabels, Histogram>,
     pub archive_bytes: Histogram,
@@ -120,8 +127,14 @@ impl Metrics {
         let downtime = Histogram::new(seconds_buckets());
         registry.register(
             "downtime_seconds",
-            "From the source pod's stop to the replacement being Ready",
+            "From the source's freeze (or its stop, where it could not be frozen) to the replacement being Ready",
             downtime.clone(),
+        );
+        let step = Family::<StepLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
+        registry.register(
+            "step_seconds",
+            "Seconds from the source's freeze to each step of a successful migration (status.timeline): where the downtime goes",
+            step.clone(),
         );
         let source_window = Histogram::new(seconds_buckets());
         registry.register(
@@ -197,6 +210,7 @@ impl Metrics {
             migration_duration,
             phase_duration,
             downtime,
+            step,
             source_window,
             drain_duration,
             archive_bytes,

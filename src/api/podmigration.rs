@@ -222,6 +222,13 @@ pub struct PodMigrationStatus {
     /// Start and end of each phase.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,
+    /// When each step of the current attempt happened (in microseconds, as the controller saw
+    /// it): where the downtime goes. Steps, in order: `frozen`, `checkpointed`, `verified`
+    /// (every archive on the target), `sourceKilled`, `imageBuilt`, `sourceTerminated` (its
+    /// kubelet reports every container ended), `replacementSeen`, `released` (gate lifted),
+    /// `scheduled`, `started` (every container running), `ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineStep>,
     /// Agent id under which the archives to transfer are held, when it is not this
     /// PodMigration's UID (a restore moves the archives of the checkpoint it restores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -307,6 +314,14 @@ pub struct ContainerCheckpoint {
     /// Checkpoint image reference the replacement container runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+}
+
+/// One step of a migration's timeline.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineStep {
+    pub step: String,
+    pub at: MicroTime,
 }
 
 /// Timing of one phase.

@@ -310,6 +310,16 @@ impl Context {
         if let Some(downtime) = status.downtime_seconds {
             self.metrics.downtime.observe(downtime);
         }
+        if status.phase == Phase::Succeeded
+            && let Some(frozen) = status.timeline.iter().find(|t| t.step == "frozen")
+        {
+            for t in status.timeline.iter().filter(|t| t.step != "frozen") {
+                self.metrics
+                    .step
+                    .get_or_create(&crate::metrics::StepLabels { step: t.step.clone() })
+                    .observe(decide::seconds_between(&frozen.at.0, &t.at.0).max(0.0));
+            }
+        }
         if let Some(window) = status.source_window_seconds {
             self.metrics.source_window.observe(window);
         }

@@ -220,6 +220,19 @@ pub fn all_stopped_at(pod: &Pod) -> Option<Timestamp> {
     stops?.into_iter().max()
 }
 
+/// Every container of the pod reports `running`.
+pub fn all_running(pod: &Pod) -> bool {
+    let containers = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+    let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref());
+    statuses.is_some_and(|all| {
+        all.len() >= containers
+            && containers > 0
+            && all
+                .iter()
+                .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    })
+}
+
 pub fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()

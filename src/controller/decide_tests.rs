@@ -225,6 +225,30 @@ fn a_recorded_retry_time_holds_the_step_back() {
 }
 
 #[test]
+fn all_running_needs_every_container_running() {
+    let pod = |states: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "spec": { "containers": [{ "name": "a" }, { "name": "b" }] },
+            "status": { "containerStatuses": states }
+        }))
+        .unwrap()
+    };
+    let running = json!({ "running": { "startedAt": "2026-11-28T10:00:00Z" } });
+    let waiting = json!({ "waiting": { "reason": "ContainerCreating" } });
+    let status = |n: &str, s: &serde_json::Value| {
+        json!({ "name": n, "ready": false, "restartCount": 0,
+        "image": "i", "imageID": "", "state": s })
+    };
+    assert!(all_running(&pod(json!([status("a", &running), status("b", &running)]))));
+    assert!(!all_running(&pod(json!([
+        status("a", &running),
+        status("b", &waiting)
+    ]))));
+    assert!(!all_running(&pod(json!([status("a", &running)]))), "b not reported yet");
+    assert!(!all_running(&pod(json!([]))));
+}
+
+#[test]
 fn a_retry_never_waits_past_the_deadline() {
     let now = Timestamp::from_second(1_000_000).unwrap();
     let deadline = Timestamp::from_second(1_000_003).unwrap();

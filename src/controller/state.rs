@@ -48,6 +48,17 @@ pub fn mark_source_stopped(status: &mut PodMigrationStatus, reason: &str, messag
     set_condition(status, CONDITION_SOURCE_STOPPED, true, reason, message, now);
 }
 
+/// Record when `step` happened, once: the first sighting counts (steps observed from watch
+/// events are seen again at every later event).
+pub fn mark(status: &mut PodMigrationStatus, step: &str, at: Timestamp) {
+    if !status.timeline.iter().any(|t| t.step == step) {
+        status.timeline.push(crate::api::TimelineStep {
+            step: step.to_string(),
+            at: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at),
+        });
+    }
+}
+
 /// Set (or update) a condition; the transition time moves only when the status flips.
 pub fn set_condition(
     status: &mut PodMigrationStatus,
@@ -256,6 +267,21 @@ mod tests {
             drain_episode(later.iter(), "a", t(5010)),
             Some((t(5000).as_second(), 4.0))
         );
+    }
+
+    #[test]
+    fn a_step_is_marked_once_the_first_sighting_counts() {
+        let mut s = PodMigrationStatus::default();
+        let t = |ms| Timestamp::from_millisecond(ms).unwrap();
+        mark(&mut s, "scheduled", t(1_000));
+        mark(&mut s, "started", t(2_500));
+        mark(&mut s, "scheduled", t(3_000));
+        let steps: Vec<(&str, i64)> = s
+            .timeline
+            .iter()
+            .map(|x| (x.step.as_str(), x.at.0.as_millisecond()))
+            .collect();
+        assert_eq!(steps, [("scheduled", 1_000), ("started", 2_500)]);
     }
 
     #[test]

@@ -96,12 +96,14 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     }
     let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
     let now = Time(Timestamp::now());
-    // This checkpoint's freeze replaces any earlier attempt's (thawed) record.
+    // This checkpoint's freeze and timeline replace any earlier attempt's.
     status.source_frozen_at = None;
     status.source_thawed_at = None;
+    status.timeline.clear();
     match answer.freeze {
         Some(f) if f.held => {
             let at = f.frozen_at.and_then(|t| t.parse::<Timestamp>().ok()).unwrap_or(now.0);
+            state::mark(status, "frozen", at);
             status.source_frozen_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at));
             status.freeze_note = None;
         }
@@ -121,6 +123,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         return Ok(Action::requeue(Duration::ZERO));
     }
     status.checkpointed_at = Some(now.clone());
+    state::mark(status, "checkpointed", now.0);
     if frozen::is_frozen(status) {
         // Persisted before anything else, so a new leader neither checkpoints twice nor
         // forgets to thaw.

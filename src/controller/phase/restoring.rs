@@ -50,11 +50,13 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         name: pod.name_any(),
         uid: pod.uid(),
     });
+    state::mark(status, "replacementSeen", Timestamp::now());
     if replacement::is_gated(&pod) {
         let mut desired = (*pod).clone();
         replacement::apply_restore(&mut desired, &with_status(pm, status));
         replacement::remove_gate(&mut desired);
         patch_pod(&pods, &pod, &desired).await?;
+        state::mark(status, "released", Timestamp::now());
         ctx.normal(
             pm,
             "Released",
@@ -67,8 +69,15 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         .await;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
+    if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+        state::mark(status, "scheduled", Timestamp::now());
+    }
+    if decide::all_running(&pod) {
+        state::mark(status, "started", Timestamp::now());
+    }
     if decide::is_ready(&pod) {
         let now = Timestamp::now();
+        state::mark(status, "ready", now);
         // The workload stopped serving when it was frozen, if it was.
         let frozen = status.source_frozen_at.as_ref().map(|t| t.0);
         if let Some(stopped) = frozen.or(status.source_stopped_at.as_ref().map(|t| t.0)) {
