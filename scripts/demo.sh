@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# The main job, end to end, on this machine: bring up a local cluster built from upstream
-# sources (control plane + test kubelets), install kube-migrate, start a stateful workload,
-# `kubectl drain` its node and show what happened. `--keep` leaves the cluster running.
+# The main job, end to end, on this machine: real Kubernetes nodes (kubelet + CRI-O + crun +
+# CRIU, nodes/up.sh) where the machine allows, kube-migrate installed from its release images as
+# the README says, a stateful Deployment, `kubectl drain` of its node and what happened. Where
+# real nodes cannot run (nodes/up.sh says why: not root, no network namespaces, no cgroup v1,
+# CRIU's kernel check), it says so and falls back to the local cluster of test kubelets.
+#   --keep            leave the cluster running
+#   --test-kubelet    use the test-kubelet cluster even where real nodes could run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-keep=false
-[[ ${1:-} == --keep ]] && keep=true
-$keep || trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
+keep=false test_kubelet=false
+for a in "$@"; do
+  case $a in --keep) keep=true ;; --test-kubelet) test_kubelet=true ;; *) echo "usage: $0 [--keep] [--test-kubelet]" >&2; exit 2 ;; esac
+done
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+if ! $test_kubelet; then
+  say "Starting two real nodes: kubelet, CRI-O, crun, CRIU (first run builds them from source)"
+  status=0
+  nodes/up.sh 2 > /tmp/kube-migrate-demo-nodes.log 2>&1 || status=$?
+  grep -E '^\[nodes' /tmp/kube-migrate-demo-nodes.log || true
+  if [[ $status == 0 ]]; then
+    $keep && exec scripts/demo-real.sh --keep
+    exec scripts/demo-real.sh
+  fi
+  why=$(grep -m1 '^SKIPPED' /tmp/kube-migrate-demo-nodes.log || echo "nodes/up.sh exited $status, see /tmp/kube-migrate-demo-nodes.log")
+  say "Real nodes are not possible here (${why#SKIPPED: }): falling back to the test kubelet, which simulates the runtime"
+  nodes/down.sh > /dev/null 2>&1 || true
+fi
+$keep || trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
 
 say "Starting the local cluster and kube-migrate (first run builds Kubernetes from source)"
 eval "$(scripts/local-cluster.sh up)"

@@ -6,7 +6,8 @@
 #
 #   scripts/local-cluster.sh up     start everything; prints `export KUBECONFIG=...`
 #   scripts/local-cluster.sh down   stop everything and delete the state
-#   scripts/local-cluster.sh kill-webhook | start-webhook   (tests: controller restarts)
+#   scripts/local-cluster.sh kill-webhook | start-webhook [i] [shutdown delay s] | term-webhook [i]
+#                                                            (tests: controller restarts)
 #
 # The product runs with its own ServiceAccounts' tokens (RBAC from manifests/rbac.yaml),
 # the webhook configurations come from manifests/webhooks.yaml with the local URL and
@@ -55,16 +56,19 @@ wait_for() { # description, seconds, command...
 
 # The Restoring deadline is 45 s here (default 300 s) so that scenario 14 ends in time; every
 # other scenario restores in well under that.
-start_webhook() { # [replica index, default 0: the one the webhook configurations call]
-  local i=${1:-0} name=webhook
+start_webhook() { # [replica index, default 0: the one the webhook configurations call] [shutdown delay s]
+  local i=${1:-0} name=webhook delay=${2:-5}
   ((i == 0)) || name=webhook-$i
+  if [[ -s $KM/run/$name.pid ]] && kill -0 "$(cat "$KM/run/$name.pid")" 2>/dev/null; then
+    return 0 # already running
+  fi
   # Appends to its log, so a restart keeps the previous run's lines.
   mkdir -p "$KM/logs" "$KM/run"
   setsid env KUBECONFIG="$KM/webhook.kubeconfig" POD_NAME="webhook-$i" "$BIN/kube-migrate-webhook" \
     --listen "127.0.0.1:$((WEBHOOK_PORT + i))" --admin-listen "127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))" \
     --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
     --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain \
-    --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" \
+    --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" --shutdown-delay-seconds "$delay" \
     >>"$KM/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$KM/run/$name.pid"
   wait_for "$name ready" 60 curl -sf "http://127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))/readyz"
@@ -131,8 +135,9 @@ power_on() { # node
 
 # SIGKILL: no graceful shutdown, no lease release, as when a node dies under the controller.
 kill_webhook() {
-  local pid; pid=$(cat "$KM/run/webhook.pid")
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
+  local pid; pid=$(cat "$KM/run/webhook.pid" 2>/dev/null) || return 0
+  # Gone already (a replica that ended its shutdown delay) is fine.
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   rm -f "$KM/run/webhook.pid"
 }
 
@@ -310,10 +315,11 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   kill-webhook) kill_webhook ;;
-  start-webhook) start_webhook "${2:-0}" ;;
+  start-webhook) start_webhook "${2:-0}" "${3:-5}" ;;
+  term-webhook) signal_webhook TERM "${2:-0}" ;;
   pause-webhook) signal_webhook STOP "${2:-0}" ;;
   resume-webhook) signal_webhook CONT "${2:-0}" ;;
   power-off) power_off "${2:?node}" ;;
   power-on) power_on "${2:?node}" ;;
-  *) echo "usage: $0 up|down|kill-webhook|start-webhook [i]|pause-webhook [i]|resume-webhook [i]|power-off NODE|power-on NODE" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|kill-webhook|start-webhook [i] [delay]|term-webhook [i]|pause-webhook [i]|resume-webhook [i]|power-off NODE|power-on NODE" >&2; exit 2 ;;
 esac

@@ -194,30 +194,36 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     let tls = server_config(Arc::clone(&certs), None)?;
     let agent_tls = agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?;
 
+    // The caches live as long as admission is answered (`serving`, which ends after the
+    // shutdown delay), not only until SIGTERM: a replica that keeps answering with caches frozen
+    // at SIGTERM lets a replacement created meanwhile through ungated (met on real nodes: the
+    // drain evicted this replica just as its eviction started a migration, and the
+    // ReplicaSet's replacement started from scratch).
+    let serving = CancellationToken::new();
     let pods = cache(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-        &shutdown,
+        &serving,
     );
     let nodes = cache(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-        &shutdown,
+        &serving,
     );
     let migrations = cache(
         Api::<PodMigration>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-        &shutdown,
+        &serving,
     );
     let namespaces = cache(
         Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
         watcher::Config::default().any_semantic(),
-        &shutdown,
+        &serving,
     );
     let agents = cache(
         Api::<EndpointSlice>::namespaced(client.clone(), &opts.namespace),
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", opts.agent_service)),
-        &shutdown,
+        &serving,
     );
 
     let admin = serve_admin(
@@ -243,7 +249,6 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             source,
         })?;
     tracing::info!(addr = %opts.listen, "admission webhooks listening");
-    let serving = CancellationToken::new();
     {
         let (shutdown, serving, health) = (shutdown.clone(), serving.clone(), health.clone());
         let delay = Duration::from_secs(opts.shutdown_delay_seconds);

@@ -167,10 +167,15 @@ impl LeaderElector {
             let token = shutdown.child_token();
             let mut task = tokio::spawn(work(token.clone()));
             let mut last_renewal = tokio::time::Instant::now();
+            // A JoinHandle must not be awaited again once it completed (tokio panics: "polled
+            // after completion"), and a panic here would end the process while it still owes
+            // admission answers during its shutdown delay.
+            let mut finished = false;
             loop {
                 tokio::select! {
                     _ = &mut task => {
                         tracing::warn!("controller stopped while leading");
+                        finished = true;
                         break;
                     }
                     _ = tokio::time::sleep(self.renew_every) => {}
@@ -189,7 +194,9 @@ impl LeaderElector {
             }
             tracing::warn!(identity = %self.identity, "lost leadership; stopping the controller");
             token.cancel();
-            let _ = task.await;
+            if !finished {
+                let _ = task.await;
+            }
         }
     }
 }
