@@ -363,6 +363,10 @@ async fn s16_a_stalled_leader_is_fenced_and_the_standby_resumes() -> anyhow::Res
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "never reached Transferring");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The leader starts the push once its own watch shows Transferring, as this poll does:
+    // give it a moment so that it is paused mid-push (1 GiB takes ~4 s), which is the case
+    // this scenario is about (pausing before the push started made it flaky).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     local_cluster(&["pause-webhook", "0"]);
     let paused = tokio::time::Instant::now();
     let done = migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await;
