@@ -329,6 +329,9 @@ for ((i = 1; i <= N; i++)); do
   wait_until 90 "$(node_name "$i") Ready" ready "$(node_name "$i")" ||
     { tail -n 20 "$(node_dir "$i")/logs/kubelet.log" >&2; km_die "$(node_name "$i") not Ready"; }
 done
+# The control plane keeps its state between runs: a node cordoned by an earlier run (a drain
+# that did not finish) would still be, and kube-migrate's webhook replicas could not spread.
+for ((i = 1; i <= N; i++)); do kubectl uncordon "$(node_name "$i")" > /dev/null; done
 echo "$N" > "$KM_NODES_DIR/nodes"
 km_log "$N node(s) Ready"
 echo "export KUBECONFIG=$KUBECONFIG"
