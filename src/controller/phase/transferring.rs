@@ -53,18 +53,18 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             } else {
                 0.0
             };
+            let resumed = if answer.already_held_bytes > 0 {
+                format!(
+                    ", {} of it already verified there before",
+                    human_bytes(answer.already_held_bytes)
+                )
+            } else {
+                String::new()
+            };
             if frozen::resumable(status) {
                 // Verified on the target: the frozen source may go. Persisted first, so the
                 // webhook lets our eviction through and a new leader does not resume it.
                 status.source_stop_requested_at = Some(Time(Timestamp::now()));
-                let resumed = if answer.already_held_bytes > 0 {
-                    format!(
-                        ", {} of it already verified there before",
-                        human_bytes(answer.already_held_bytes)
-                    )
-                } else {
-                    String::new()
-                };
                 status.message = Some(format!(
                     "{} verified on {target} ({}/s{resumed}){STOPPING_FROZEN}",
                     human_bytes(answer.bytes),
@@ -75,14 +75,6 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             // The state is verified off the source node: once the source has stopped, the
             // drain may complete (later steps settle it if its containers are still stopping).
             hold::settle(ctx, pm, status).await?;
-            let resumed = if answer.already_held_bytes > 0 {
-                format!(
-                    ", {} of it already verified there before",
-                    human_bytes(answer.already_held_bytes)
-                )
-            } else {
-                String::new()
-            };
             transition(
                 pm,
                 status,
