@@ -204,6 +204,7 @@ fn main() {
             migrations,
             metrics: Arc::new(Metrics::new()),
             namespaces: reflector::store().0,
+            helper_image: Default::default(),
         });
 
         let shutdown = CancellationToken::new();

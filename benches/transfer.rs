@@ -505,7 +505,10 @@ async fn agent_run(
     let (cpu, send_cpu) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let start = Instant::now();
     let file = tokio::fs::File::open(archive).await.unwrap();
-    let received = sender.upload(url, id, reference, file).await.unwrap();
+    let received = sender
+        .upload(url, id, kube_migrate::agent::api::Kind::Archive, reference, file)
+        .await
+        .unwrap();
     let seconds = start.elapsed().as_secs_f64();
     let (cpu, send_cpu) = (cpu_seconds(pid) - cpu, cpu_seconds(std::process::id()) - send_cpu);
     let peak_mib = peak_rss_mib(pid);

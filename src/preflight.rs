@@ -130,17 +130,61 @@ fn pinned_to_hostname(pv: &PersistentVolume) -> bool {
         })
 }
 
+/// An emptyDir whose contents move, and the container (name) through whose mount it is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmptyDirMount {
+    pub volume: String,
+    pub container: String,
+    pub mount_path: String,
+}
+
+/// Where each emptyDir of `pod` can be read whole: the first container that mounts it
+/// without a subPath. The others (only subPath mounts, or no container mounts it: only init
+/// containers use it, and they run again on the replacement) are in [`warnings`].
+pub fn empty_dir_mounts(pod: &Pod) -> Vec<EmptyDirMount> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    crate::replacement::empty_dirs(pod)
+        .into_iter()
+        .filter_map(|v| {
+            spec.containers.iter().find_map(|c| {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == v.name && m.sub_path.is_none() && m.sub_path_expr.is_none())
+                    .map(|m| EmptyDirMount {
+                        volume: v.name.clone(),
+                        container: c.name.clone(),
+                        mount_path: m.mount_path.clone(),
+                    })
+            })
+        })
+        .collect()
+}
+
 /// What moves only partly, said in every answer about the pod: the operator must hear it.
 pub fn warnings(pod: &Pod) -> Vec<String> {
+    let movable: Vec<String> = empty_dir_mounts(pod).into_iter().map(|m| m.volume).collect();
     let mut out = Vec::new();
-    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-        if let Some(e) = &v.empty_dir {
-            let medium = e.medium.as_deref().filter(|m| !m.is_empty()).unwrap_or("disk");
-            out.push(format!(
-                "emptyDir volume {} ({medium}) is not moved: the replacement starts with it empty",
-                v.name
-            ));
+    for v in crate::replacement::empty_dirs(pod) {
+        if movable.contains(&v.name) {
+            continue;
         }
+        let whole_elsewhere = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .any(|c| c.volume_mounts.iter().flatten().any(|m| m.name == v.name));
+        let why = if whole_elsewhere {
+            "is mounted only with subPath"
+        } else {
+            "is mounted by no container (only init containers, which run again on the replacement)"
+        };
+        out.push(format!(
+            "emptyDir volume {} {why}: its contents are not moved, the replacement starts with it empty",
+            v.name
+        ));
     }
     out
 }
@@ -233,17 +277,26 @@ mod tests {
     }
 
     #[test]
-    fn empty_dirs_are_reported() {
+    fn empty_dirs_move_when_a_container_mounts_them_whole() {
         let p = pod(
-            json!({ "containers": [{ "name": "db", "image": "db:1" }],
-                    "volumes": [{ "name": "scratch", "emptyDir": {} }, { "name": "shm", "emptyDir": { "medium": "Memory" } }] }),
+            json!({ "containers": [
+                        { "name": "db", "image": "db:1", "volumeMounts": [
+                            { "name": "scratch", "mountPath": "/scratch" },
+                            { "name": "parts", "mountPath": "/part", "subPath": "a" }] },
+                        { "name": "side", "image": "s:1", "volumeMounts": [{ "name": "shm", "mountPath": "/dev/shm" }] }],
+                    "volumes": [{ "name": "scratch", "emptyDir": {} }, { "name": "shm", "emptyDir": { "medium": "Memory" } },
+                                { "name": "parts", "emptyDir": {} }, { "name": "init-only", "emptyDir": {} }] }),
             json!({}),
         );
+        let mounts = empty_dir_mounts(&p);
+        let found: Vec<(&str, &str, &str)> = mounts
+            .iter()
+            .map(|m| (m.volume.as_str(), m.container.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(found, [("scratch", "db", "/scratch"), ("shm", "side", "/dev/shm")]);
         let w = warnings(&p);
-        assert_eq!(w.len(), 2);
-        assert!(
-            w[0].contains("scratch (disk)") && w[1].contains("shm (Memory)"),
-            "{w:?}"
-        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("parts is mounted only with subPath"), "{w:?}");
+        assert!(w[1].contains("init-only is mounted by no container"), "{w:?}");
     }
 }

@@ -4,10 +4,16 @@
 //! checkpoint images, and the inverse that recovers the pod as its owner meant it.
 
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, Pod, PodSchedulingGate, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::api::{self, PodMigration};
+use crate::{
+    agent::{api as agent_api, volumes as agent_volumes},
+    api::{self, PodMigration},
+};
 
 /// Add the restore gate, once.
 pub fn add_gate(pod: &mut Pod) {
@@ -152,6 +158,153 @@ pub fn set_images(pod: &mut Pod, m: &PodMigration) {
     }
 }
 
+/// The image of kube-migrate's restore init container: the agent's (one image to build, pin
+/// and trust, and already on every node), read from the agent DaemonSet unless set.
+#[derive(Clone, Default)]
+pub struct HelperImage {
+    pub fixed: Option<String>,
+    pub daemonsets: Option<kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::DaemonSet>>,
+}
+
+impl HelperImage {
+    pub fn get(&self) -> Option<String> {
+        self.fixed.clone().or_else(|| {
+            self.daemonsets.as_ref()?.state().iter().find_map(|d| {
+                d.spec
+                    .as_ref()?
+                    .template
+                    .spec
+                    .as_ref()?
+                    .containers
+                    .first()?
+                    .image
+                    .clone()
+            })
+        })
+    }
+}
+
+/// The emptyDir volumes of a pod whose contents move with it (not kube-migrate's own).
+pub fn empty_dirs(pod: &Pod) -> Vec<&Volume> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| v.empty_dir.is_some() && v.name != agent_api::RESTORE_VOLUME)
+        .collect()
+}
+
+/// Whether `pod` has kube-migrate's restore init container.
+pub fn has_restore_helper(pod: &Pod) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .any(|c| c.name == agent_api::RESTORE_VOLUME)
+}
+
+/// Give a replacement with emptyDir volumes kube-migrate's restore init container (the agent
+/// image, `await-restore`): it mounts every emptyDir and a marker volume and waits until the
+/// target agent has put the source's files in place (see `agent::volumes`). Last of the init
+/// containers, so the pod's own init containers cannot overwrite what it restores. Only at
+/// creation: init containers cannot be added to a pod later. Restricted Pod Security: no
+/// privileges, read-only root, unprivileged user. Idempotent.
+pub fn add_restore_helper(pod: &mut Pod, image: &str) {
+    let volumes: Vec<String> = empty_dirs(pod).iter().map(|v| v.name.clone()).collect();
+    if volumes.is_empty() || has_restore_helper(pod) {
+        return;
+    }
+    let mut mounts: Vec<VolumeMount> = volumes
+        .iter()
+        .map(|v| VolumeMount {
+            name: v.clone(),
+            mount_path: format!("{}/{v}", agent_volumes::HELPER_VOLUMES_DIR),
+            ..Default::default()
+        })
+        .collect();
+    mounts.push(VolumeMount {
+        name: agent_api::RESTORE_VOLUME.into(),
+        mount_path: agent_volumes::HELPER_MARKER_DIR.into(),
+        ..Default::default()
+    });
+    let small = |cpu: &str, memory: &str| {
+        [("cpu", cpu), ("memory", memory)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+            .collect()
+    };
+    let helper = Container {
+        name: agent_api::RESTORE_VOLUME.into(),
+        image: Some(image.to_string()),
+        args: Some(vec![
+            "await-restore".into(),
+            format!(
+                "--marker={}/{}",
+                agent_volumes::HELPER_MARKER_DIR,
+                agent_api::RESTORED_MARKER
+            ),
+        ]),
+        volume_mounts: Some(mounts),
+        resources: Some(ResourceRequirements {
+            requests: Some(small("10m", "16Mi")),
+            limits: Some(small("100m", "32Mi")),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(65534),
+            run_as_group: Some(65534),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    spec.init_containers.get_or_insert_with(Vec::new).push(helper);
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: agent_api::RESTORE_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Mi".into())),
+        }),
+        ..Default::default()
+    });
+}
+
+/// The runtime ID of the restore init container while it runs (what the target agent
+/// reaches the pod's volumes through).
+pub fn running_restore_helper(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == agent_api::RESTORE_VOLUME)
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .and_then(|c| c.container_id.clone())
+}
+
+/// Whether the restore init container has finished (the volumes were filled).
+pub fn restore_helper_done(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.init_container_statuses.iter().flatten())
+        .any(|c| {
+            c.name == agent_api::RESTORE_VOLUME
+                && c.state
+                    .as_ref()
+                    .and_then(|s| s.terminated.as_ref())
+                    .is_some_and(|t| t.exit_code == 0)
+        })
+}
+
 /// JSON patch that turns `before` into `after`, for the webhook answer.
 pub fn patch(before: &Pod, after: &Pod) -> Result<json_patch::Patch, serde_json::Error> {
     Ok(json_patch::diff(
@@ -179,6 +332,15 @@ pub fn without_restore(pod: &Pod) -> Pod {
     if let Some(spec) = pod.spec.as_mut() {
         if spec.scheduling_gates.as_ref().is_some_and(Vec::is_empty) {
             spec.scheduling_gates = None;
+        }
+        if let Some(inits) = spec.init_containers.as_mut() {
+            inits.retain(|c| c.name != agent_api::RESTORE_VOLUME);
+            if inits.is_empty() {
+                spec.init_containers = None;
+            }
+        }
+        if let Some(volumes) = spec.volumes.as_mut() {
+            volumes.retain(|v| v.name != agent_api::RESTORE_VOLUME);
         }
         for c in &mut spec.containers {
             if let Some(image) = originals.get(&c.name) {
@@ -229,6 +391,64 @@ pub fn without_restore(pod: &Pod) -> Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_restore_helper_waits_last_with_every_empty_dir_and_goes_with_without_restore() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "db-0" },
+            "spec": {
+                "initContainers": [{ "name": "init-config", "image": "busybox" }],
+                "containers": [{ "name": "db", "image": "db:1" }],
+                "volumes": [
+                    { "name": "scratch", "emptyDir": {} },
+                    { "name": "shm", "emptyDir": { "medium": "Memory" } },
+                    { "name": "config", "configMap": { "name": "c" } }
+                ]
+            }
+        }))
+        .unwrap();
+        let before = pod.clone();
+        add_restore_helper(&mut pod, "kube-migrate-agent@sha256:abc");
+        let spec = pod.spec.as_ref().unwrap();
+        let inits = spec.init_containers.as_ref().unwrap();
+        assert_eq!(inits.len(), 2);
+        let helper = &inits[1];
+        assert_eq!(
+            helper.name,
+            agent_api::RESTORE_VOLUME,
+            "after the pod's own init containers"
+        );
+        assert_eq!(helper.image.as_deref(), Some("kube-migrate-agent@sha256:abc"));
+        let mounts: Vec<(&str, &str)> = helper
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("scratch", "/kube-migrate/volumes/scratch"),
+                ("shm", "/kube-migrate/volumes/shm"),
+                (agent_api::RESTORE_VOLUME, "/kube-migrate/restore")
+            ]
+        );
+        assert_eq!(helper.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+        assert!(has_restore_helper(&pod));
+        assert_eq!(empty_dirs(&pod).len(), 2, "the marker volume is not moved");
+        let again = pod.clone();
+        add_restore_helper(&mut pod, "other");
+        assert_eq!(pod, again, "idempotent");
+        assert_eq!(without_restore(&pod).spec, before.spec, "the owner's pod again");
+
+        let mut plain: Pod = serde_json::from_value(serde_json::json!({
+            "spec": { "containers": [{ "name": "db", "image": "db:1" }] }
+        }))
+        .unwrap();
+        let untouched = plain.clone();
+        add_restore_helper(&mut plain, "x");
+        assert_eq!(plain, untouched, "no emptyDir, no helper");
+    }
 
     #[test]
     fn the_pin_is_read_back() {

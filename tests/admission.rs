@@ -207,6 +207,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         migrations: pm_store,
         metrics: Arc::new(Metrics::new()),
         namespaces: reflector::store().0,
+        helper_image: Default::default(),
     })
 }
 

@@ -4,178 +4,20 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use common::agents::{ID, checkpoint_request, setup};
 
-use axum::{
-    Json, Router,
-    extract::{Path, State},
-    http::{HeaderMap, StatusCode},
-    routing::post,
-};
+use std::time::Duration;
+
+use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use kube_migrate::{
     agent::{
-        api::{ArchiveRef, CheckpointRequest, ImageRequest, PushRequest, pull_digest},
-        authz::Callers,
+        api::{ArchiveRef, CheckpointRequest, ImageRequest, Kind, PushRequest, pull_digest},
         client::{AgentClient, ClientError, empty_body, https_client},
-        freezer::Freezer,
-        kubelet::{KubeletClient, kubelet_tls},
-        registry,
-        server::{AgentState, router},
-        store::Store,
     },
-    certs,
-    metrics::Metrics,
-    server::serve_tls,
-    tls::{CertReloader, agent_client_config, client_config, install_crypto_provider, server_config},
+    tls::{CertReloader, agent_client_config, client_config},
 };
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-struct Env {
-    _dir: tempfile::TempDir,
-    certs: PathBuf,
-    kubelet_dir: PathBuf,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn listen(router: Router, tls: rustls::ServerConfig, shutdown: &CancellationToken) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve_tls(listener, tls, router, shutdown.clone()));
-    addr
-}
-
-/// A kubelet checkpoint endpoint: bearer token required, archive in the CRI-O layout.
-async fn kubelet_checkpoint(
-    State(dir): State<PathBuf>,
-    Path((ns, pod, container)): Path<(String, String, String)>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, (StatusCode, String)> {
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
-        return Err((StatusCode::UNAUTHORIZED, "Unauthorized".into()));
-    }
-    if container == "missing" {
-        return Err((StatusCode::NOT_FOUND, "404 page not found".into()));
-    }
-    let path = dir.join(format!("checkpoint-{pod}_{ns}-{container}-2026-11-23T10:05:00Z.tar"));
-    common::write_archive(
-        &path,
-        &container,
-        "registry.local/counter:1",
-        &common::bytes(3 * 1024 * 1024 + 17, 9),
-    );
-    Ok(Json(json!({ "items": [path.display().to_string()] })))
-}
-
-struct Agent {
-    url: String,
-    registry: SocketAddr,
-    state_dir: PathBuf,
-}
-
-async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
-    let cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
-    let state_dir = env._dir.path().join(name);
-    let store = Store::open(&state_dir).unwrap();
-    let token = env._dir.path().join("token");
-    std::fs::write(&token, "test-token\n").unwrap();
-    // The registry address must be known before the state is built.
-    let reg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let registry_addr = reg_listener.local_addr().unwrap();
-    let state = AgentState::new(
-        name.into(),
-        store.clone(),
-        (
-            KubeletClient::new(
-                kubelet_tls(Some(&env.certs.join("ca.crt"))).unwrap(),
-                format!("https://127.0.0.1:{}", kubelet.port()),
-                token,
-            ),
-            Freezer::new(state_dir.join("cgroup"), state_dir.join("holds")),
-        ),
-        AgentClient::new(
-            agent_client_config(&env.certs.join("ca.crt"), Arc::clone(&cert), "kube-migrate-agent").unwrap(),
-            Duration::from_secs(60),
-        ),
-        Arc::new(Metrics::new()),
-        registry_addr.to_string(),
-        Callers::default(),
-    );
-    tokio::spawn(serve_tls(
-        reg_listener,
-        server_config(Arc::clone(&cert), None).unwrap(),
-        registry::router(store),
-        env.shutdown.clone(),
-    ));
-    let addr = listen(
-        router(state),
-        server_config(cert, Some(&env.certs.join("ca.crt"))).unwrap(),
-        &env.shutdown,
-    )
-    .await;
-    Agent {
-        url: format!("https://127.0.0.1:{}", addr.port()),
-        registry: registry_addr,
-        state_dir,
-    }
-}
-
-async fn setup() -> (Env, Agent, Agent, AgentClient) {
-    install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let certs_dir = dir.path().join("certs");
-    // No extra SANs: the runtime dials the registry on 127.0.0.1, which the agent
-    // certificate must name by default (the pull below verifies it).
-    let request = certs::Request {
-        days: 1,
-        ..Default::default()
-    };
-    certs::issue(&certs_dir, &request).unwrap();
-    let kubelet_dir = dir.path().join("kubelet-checkpoints");
-    std::fs::create_dir_all(&kubelet_dir).unwrap();
-    let env = Env {
-        _dir: dir,
-        certs: certs_dir,
-        kubelet_dir,
-        shutdown: CancellationToken::new(),
-    };
-    let kubelet_cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
-    let kubelet = listen(
-        Router::new()
-            .route("/checkpoint/{ns}/{pod}/{container}", post(kubelet_checkpoint))
-            .with_state(env.kubelet_dir.clone()),
-        server_config(kubelet_cert, None).unwrap(),
-        &env.shutdown,
-    )
-    .await;
-    let source = agent(&env, "node-a", kubelet).await;
-    let target = agent(&env, "node-b", kubelet).await;
-    let controller_identity = CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
-    let controller = AgentClient::new(
-        agent_client_config(&env.certs.join("ca.crt"), controller_identity, "kube-migrate-agent").unwrap(),
-        Duration::from_secs(60),
-    );
-    (env, source, target, controller)
-}
-
-const ID: &str = "9e9e9e9e-0000-4000-8000-000000000001";
-
-fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
-    CheckpointRequest {
-        namespace: "shop".into(),
-        pod: "db-0".into(),
-        containers: containers.iter().map(|c| c.to_string()).collect(),
-        timeout_seconds: 30,
-        freeze: None,
-    }
-}
+use serde_json::Value;
 
 #[tokio::test]
 async fn checkpoint_transfer_image_and_pull_over_mtls() {
@@ -213,6 +55,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
             &source.url,
             ID,
             &PushRequest {
+                volumes: Vec::new(),
                 target_id: None,
                 target: target.url.clone(),
                 archives: refs.clone(),
@@ -348,7 +191,10 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
         agent_client_config(&env.certs.join("ca.crt"), identity, "kube-migrate-agent").unwrap(),
         Duration::from_secs(60),
     );
-    let err = peer.upload(&target.url, ID, &wrong, file).await.unwrap_err();
+    let err = peer
+        .upload(&target.url, ID, Kind::Archive, &wrong, file)
+        .await
+        .unwrap_err();
     let ClientError::Status {
         status,
         reason,
@@ -369,6 +215,7 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
             &source.url,
             ID,
             &PushRequest {
+                volumes: Vec::new(),
                 target_id: None,
                 target: target.url.clone(),
                 archives: vec![wrong],
@@ -402,6 +249,7 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
         .unwrap();
     let total: u64 = answer.archives.iter().map(|a| a.size_bytes).sum();
     let push = PushRequest {
+        volumes: Vec::new(),
         target_id: None,
         target: target.url.clone(),
         archives: refs_of(&answer),
@@ -412,9 +260,19 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
     assert_eq!(second.bytes, total, "the whole state is on the target");
     assert_eq!(second.already_held_bytes, total, "and none of it was sent again");
     // What the target holds is what the controller can ask for.
-    let held = controller.held(&target.url, ID, "app").await.unwrap().unwrap();
+    let held = controller
+        .held(&target.url, ID, Kind::Archive, "app")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(held.digest, answer.archives[0].digest);
-    assert!(controller.held(&target.url, ID, "other").await.unwrap().is_none());
+    assert!(
+        controller
+            .held(&target.url, ID, Kind::Archive, "other")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// An archive truncated on the source after its checkpoint is refused before anything is
@@ -438,6 +296,7 @@ async fn a_truncated_archive_is_named_corrupt_before_sending() {
             &source.url,
             ID,
             &PushRequest {
+                volumes: Vec::new(),
                 target_id: None,
                 target: target.url.clone(),
                 archives: refs_of(&answer),
@@ -449,7 +308,11 @@ async fn a_truncated_archive_is_named_corrupt_before_sending() {
     assert!(!err.retryable(), "{err}");
     assert!(err.to_string().contains("bytes on disk"), "{err}");
     assert!(
-        controller.held(&target.url, ID, "app").await.unwrap().is_none(),
+        controller
+            .held(&target.url, ID, Kind::Archive, "app")
+            .await
+            .unwrap()
+            .is_none(),
         "nothing kept on the target"
     );
 }
@@ -562,6 +425,7 @@ async fn each_caller_may_do_only_its_own_part() {
         .await
         .unwrap();
     let push = PushRequest {
+        volumes: Vec::new(),
         target_id: None,
         target: target.url.clone(),
         archives: refs_of(&answer),
@@ -578,7 +442,12 @@ async fn each_caller_may_do_only_its_own_part() {
         ..refs_of(&answer)[0].clone()
     };
     let file = tokio::fs::File::open(&empty).await.unwrap();
-    forbidden(controller.upload(&target.url, ID, &nothing, file).await.unwrap_err());
+    forbidden(
+        controller
+            .upload(&target.url, ID, Kind::Archive, &nothing, file)
+            .await
+            .unwrap_err(),
+    );
     // The real path still works end to end.
     controller.push(&source.url, ID, &push).await.unwrap();
 }

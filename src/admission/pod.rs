@@ -7,7 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::api::{self, Mode, PodMigration};
-pub use crate::replacement::{add_pull_secrets, apply_restore, gate_for_owner, patch};
+pub use crate::replacement::{add_pull_secrets, add_restore_helper, apply_restore, gate_for_owner, patch};
 
 /// What to do with a pod being created.
 #[derive(Debug, Clone, PartialEq)]

@@ -42,6 +42,8 @@ pub struct WebhookState {
     pub metrics: Arc<Metrics>,
     /// Namespaces (for the `migrate.io/opted-in` label of the eviction webhook's selector).
     pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
+    /// Image of the restore init container added to replacements with emptyDirs.
+    pub helper_image: crate::replacement::HelperImage,
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
@@ -385,6 +387,18 @@ async fn mutate_pod(State(state): State<Arc<WebhookState>>, body: Bytes) -> Revi
     Json(response.into_review())
 }
 
+/// A replacement with emptyDirs gets the restore init container now or never (init
+/// containers are immutable). Without its image the controller replaces the pod later.
+fn add_helper(state: &WebhookState, pod: &mut Pod) {
+    match state.helper_image.get() {
+        Some(image) => podmut::add_restore_helper(pod, &image),
+        None if !crate::replacement::empty_dirs(pod).is_empty() => {
+            tracing::warn!("no image for the restore init container (agent DaemonSet not seen yet)");
+        }
+        None => {}
+    }
+}
+
 fn pod_response(state: &WebhookState, request: &AdmissionRequest<DynamicObject>) -> (&'static str, AdmissionResponse) {
     if request.resource.resource != "pods" || request.sub_resource.is_some() || request.operation != Operation::Create {
         return ("unexpected_request", review::allow(request, None));
@@ -415,10 +429,12 @@ fn pod_response(state: &WebhookState, request: &AdmissionRequest<DynamicObject>)
             };
             podmut::apply_restore(&mut mutated, m);
             podmut::add_pull_secrets(&mut mutated, [migration.as_str()]);
+            add_helper(state, &mut mutated);
         }
         PodDecision::GateForOwner { owner_uid, candidates } => {
             podmut::gate_for_owner(&mut mutated, owner_uid);
             podmut::add_pull_secrets(&mut mutated, candidates.iter().map(String::as_str));
+            add_helper(state, &mut mutated);
         }
     }
     let response = podmut::patch(&pod, &mutated)

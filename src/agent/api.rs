@@ -7,6 +7,10 @@
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
 //! * `GET    /v1/migrations/{id}/archives/{container}`  the verified archive held, if any
 //!   (lets a resumed push skip what the target already verified)
+//! * `PUT    /v1/migrations/{id}/volumes/{volume}`      receive one emptyDir's contents (agent
+//!   to agent); `GET` the verified copy held, as for archives
+//! * `POST   /v1/migrations/{id}/volumes`               put received emptyDir contents into the
+//!   replacement pod's volumes, then release its restore init container
 //! * `POST   /v1/migrations/{id}/image`                 build checkpoint images
 //! * `DELETE /v1/migrations/{id}`                       forget everything about a migration
 //!
@@ -28,6 +32,20 @@ pub struct CheckpointRequest {
     /// Freeze the containers before their checkpoint and keep them frozen after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<FreezeSpec>,
+    /// emptyDir volumes whose contents move with the pod, packed after the checkpoint while
+    /// the containers are still frozen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub empty_dirs: Vec<EmptyDirSpec>,
+}
+
+/// An emptyDir to pack, and a container of the pod through whose mount it is read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDirSpec {
+    pub name: String,
+    /// Runtime ID of a container that mounts it (whole, not a subPath).
+    pub container_id: String,
+    pub mount_path: String,
 }
 
 /// Which containers to freeze, and for how long at most: past `hold_seconds` the agent thaws
@@ -77,12 +95,34 @@ pub struct ArchiveRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointResponse {
     pub archives: Vec<ArchiveRecord>,
+    /// One tar per emptyDir asked for (`container` holds the volume name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<ArchiveRecord>,
     /// Present when a freeze was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<FreezeOutcome>,
 }
 
-/// An archive by container and digest.
+/// What a transferred file is: a container's checkpoint archive or an emptyDir's contents.
+/// Both go the same way (digest-checked stream, fsync, record); they differ in where they are
+/// kept and how they are validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Archive,
+    Volume,
+}
+
+impl Kind {
+    /// The URL segment (`/v1/migrations/{id}/<segment>/{name}`).
+    pub fn segment(self) -> &'static str {
+        match self {
+            Kind::Archive => "archives",
+            Kind::Volume => "volumes",
+        }
+    }
+}
+
+/// An archive by container (or, for a volume, volume name) and digest.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ArchiveRef {
@@ -101,6 +141,38 @@ pub struct PushRequest {
     /// restore moves a stored checkpoint's archives under the restore's own id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_id: Option<String>,
+    /// emptyDir contents to send after the archives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<ArchiveRef>,
+}
+
+/// Name of the volume and init container kube-migrate adds to a replacement with emptyDir
+/// volumes: the init container waits until [`RESTORED_MARKER`] appears in that volume, which
+/// the target agent writes once every emptyDir holds what it held on the source.
+pub const RESTORE_VOLUME: &str = "kube-migrate-restore";
+/// The file the restore init container waits for (in [`RESTORE_VOLUME`]).
+pub const RESTORED_MARKER: &str = "restored";
+
+/// `POST /v1/migrations/{id}/volumes`: fill the replacement's emptyDirs, then release it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumesRequest {
+    /// UID of the replacement pod (a repeated call for the same pod only re-checks).
+    pub pod_uid: String,
+    /// Runtime ID of its restore init container (`cri-o://<hex>`): the volumes are reached
+    /// through its mounts.
+    pub container_id: String,
+    /// The received contents to put in place; empty: start with empty volumes (a replacement
+    /// released without a restore), only the marker is written.
+    pub volumes: Vec<ArchiveRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumesResponse {
+    /// Volumes filled by this call (0 when they were already, for a repeated call).
+    pub filled: usize,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -40,9 +40,9 @@ pub enum Caller {
 
 /// Who may make the request `method path` (the matched route).
 pub fn allowed(method: &Method, path: &str) -> &'static [Caller] {
-    if path.ends_with("/archives/{container}") {
-        // An agent pushes archives to another; the controller and the source agent ask
-        // whether one is already held.
+    if path.ends_with("/archives/{container}") || path.ends_with("/volumes/{volume}") {
+        // An agent pushes archives (and emptyDir contents) to another; the controller and
+        // the source agent ask whether one is already held.
         if *method == Method::GET {
             &[Caller::Controller, Caller::Agent]
         } else {
@@ -95,11 +95,16 @@ mod tests {
 
     #[test]
     fn only_agents_push_and_only_the_controller_drives() {
-        let archives = "/v1/migrations/{id}/archives/{container}";
-        assert_eq!(allowed(&Method::PUT, archives), &[Caller::Agent]);
-        assert_eq!(allowed(&Method::GET, archives), &[Caller::Controller, Caller::Agent]);
+        for pushed in [
+            "/v1/migrations/{id}/archives/{container}",
+            "/v1/migrations/{id}/volumes/{volume}",
+        ] {
+            assert_eq!(allowed(&Method::PUT, pushed), &[Caller::Agent]);
+            assert_eq!(allowed(&Method::GET, pushed), &[Caller::Controller, Caller::Agent]);
+        }
         for path in [
             "/v1/migrations/{id}/checkpoint",
+            "/v1/migrations/{id}/volumes",
             "/v1/migrations/{id}/push",
             "/v1/migrations/{id}/image",
             "/v1/migrations/{id}",

@@ -14,6 +14,7 @@ use super::{
     server::{AgentError, AgentState, base_image, validate_blocking},
     source,
     store::Record,
+    volumes,
 };
 use crate::metrics::PhaseLabels;
 
@@ -58,6 +59,13 @@ async fn do_checkpoint(
             "invalid container id {id:?} for {name:?}"
         )));
     }
+    if let Some(bad) = req.empty_dirs.iter().find(|v| {
+        !api::valid_container(&v.name)
+            || super::freezer::bare_id(&v.container_id).is_err()
+            || volumes::inside(std::path::Path::new("/"), &v.mount_path).is_err()
+    }) {
+        return Err(AgentError::BadRequest(format!("invalid emptyDir {bad:?}")));
+    }
     let timeout = Duration::from_secs(req.timeout_seconds.clamp(1, api::MAX_CHECKPOINT_TIMEOUT_SECONDS));
     let _guard = state.lock(id).await;
     let mut record = state.store.load(id)?.unwrap_or_else(|| Record {
@@ -84,7 +92,13 @@ async fn do_checkpoint(
         None => None,
     };
     let freeze_ok = matches!(frozen, Some(Ok(_)));
-    let taken = checkpoint_all(state, &mut record, id, req, timeout, |i| !freeze_ok || held_before[i]).await;
+    let mut taken = checkpoint_all(state, &mut record, id, req, timeout, |i| !freeze_ok || held_before[i]).await;
+    if let Ok(retaken) = taken {
+        // While still frozen: the files must be those the memory image knows.
+        taken = pack_volumes(state, &mut record, id, req, retaken)
+            .await
+            .map(|()| retaken);
+    }
     let freeze = match frozen {
         None => None,
         Some(Err(note)) => Some(FreezeOutcome {
@@ -104,11 +118,70 @@ async fn do_checkpoint(
         .iter()
         .filter_map(|c| record.checkpointed.get(c).cloned())
         .collect();
-    Ok(CheckpointResponse { archives, freeze })
+    let volumes = req
+        .empty_dirs
+        .iter()
+        .filter_map(|v| record.volumes.get(&v.name).cloned())
+        .collect();
+    Ok(CheckpointResponse {
+        archives,
+        volumes,
+        freeze,
+    })
+}
+
+/// Pack each emptyDir of `req` (again when `retaken`: a container was checkpointed anew, so
+/// the files of the earlier pack may be older than its memory image).
+async fn pack_volumes(
+    state: &AgentState,
+    record: &mut Record,
+    id: &str,
+    req: &CheckpointRequest,
+    retaken: bool,
+) -> Result<(), AgentError> {
+    for spec in &req.empty_dirs {
+        if !retaken
+            && record
+                .volumes
+                .get(&spec.name)
+                .is_some_and(|v| std::fs::metadata(&v.path).is_ok_and(|m| m.len() == v.size_bytes))
+        {
+            continue;
+        }
+        let started = Instant::now();
+        let out = state.store.volume_path(id, &spec.name)?;
+        state.store.create_dir(id)?;
+        let root = state.roots.root_of(&state.freezer, &spec.container_id)?;
+        let dir = volumes::inside(&root, &spec.mount_path)?;
+        let name = spec.name.clone();
+        let path = out.clone();
+        let packed = tokio::task::spawn_blocking(move || volumes::pack(&name, &dir, &path))
+            .await
+            .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
+        let seconds = started.elapsed().as_secs_f64();
+        if !packed.skipped.is_empty() {
+            tracing::warn!(volume = %spec.name, skipped = ?packed.skipped, "sockets and FIFOs are not moved");
+        }
+        tracing::info!(volume = %spec.name, bytes = packed.size, files = packed.files, seconds, "emptyDir packed");
+        record.volumes.insert(
+            spec.name.clone(),
+            ArchiveRecord {
+                container: spec.name.clone(),
+                path: out.display().to_string(),
+                digest: packed.digest,
+                size_bytes: packed.size,
+                base_image: String::new(),
+                seconds,
+            },
+        );
+        state.store.save(id, record)?;
+    }
+    Ok(())
 }
 
 /// Checkpoint each container of `req` not already checkpointed (`keep(i)`: an earlier
-/// checkpoint of container i may be kept), saving the record after each.
+/// checkpoint of container i may be kept), saving the record after each. Whether any was
+/// checkpointed now.
 async fn checkpoint_all(
     state: &AgentState,
     record: &mut Record,
@@ -116,7 +189,8 @@ async fn checkpoint_all(
     req: &CheckpointRequest,
     timeout: Duration,
     keep: impl Fn(usize) -> bool,
-) -> Result<(), AgentError> {
+) -> Result<bool, AgentError> {
+    let mut retaken = false;
     for (i, container) in req.containers.iter().enumerate() {
         if let Some(done) = record.checkpointed.get(container)
             && std::path::Path::new(&done.path).exists()
@@ -150,6 +224,7 @@ async fn checkpoint_all(
             },
         );
         state.store.save(id, record)?;
+        retaken = true;
     }
-    Ok(())
+    Ok(retaken)
 }

@@ -16,8 +16,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     api::{
-        self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, PushRequest,
-        PushResponse, ReceiveResponse, SourceRequest,
+        self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, Kind,
+        PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
     },
     chunks,
 };
@@ -242,6 +242,22 @@ impl AgentClient {
         .await
     }
 
+    /// Fill a replacement's emptyDirs from what this agent received, then release it.
+    pub async fn place_volumes(
+        &self,
+        base: &str,
+        id: &str,
+        req: &VolumesRequest,
+    ) -> Result<VolumesResponse, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/volumes");
+        send(
+            &self.http,
+            request(Method::POST, &url, json_body(req))?,
+            self.long_timeout,
+        )
+        .await
+    }
+
     pub async fn delete(&self, base: &str, id: &str) -> Result<serde_json::Value, ClientError> {
         let url = format!("{base}/v1/migrations/{id}");
         send(
@@ -252,9 +268,15 @@ impl AgentClient {
         .await
     }
 
-    /// The verified archive another agent holds for `container`, if any.
-    pub async fn held(&self, base: &str, id: &str, container: &str) -> Result<Option<ReceiveResponse>, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/archives/{container}");
+    /// The verified archive (or emptyDir contents) another agent holds under `name`, if any.
+    pub async fn held(
+        &self,
+        base: &str,
+        id: &str,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<ReceiveResponse>, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/{}/{name}", kind.segment());
         match send(
             &self.http,
             request(Method::GET, &url, empty_body())?,
@@ -268,15 +290,16 @@ impl AgentClient {
         }
     }
 
-    /// Upload one archive to another agent, streamed from disk.
+    /// Upload one archive (or emptyDir contents) to another agent, streamed from disk.
     pub async fn upload(
         &self,
         base: &str,
         id: &str,
+        kind: Kind,
         archive: &ArchiveRef,
         file: tokio::fs::File,
     ) -> Result<ReceiveResponse, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/archives/{}", archive.container);
+        let url = format!("{base}/v1/migrations/{id}/{}/{}", kind.segment(), archive.container);
         let req = Request::builder()
             .method(Method::PUT)
             .uri(&url)

@@ -56,23 +56,34 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
     }
 }
 
-/// Stream `body` into `part`, keeping it (fsynced) only when its digest is `expected` and it
-/// is a complete, safe checkpoint archive. On any error `part` is removed.
-pub async fn receive(body: Body, part: &Path, expected: &str) -> Result<ArchiveInfo, ReceiveError> {
-    let result = receive_checked(body, part, expected).await;
+/// Stream `body` into `part`, keeping it (fsynced) only when its digest is `expected` and
+/// `validator` finds it complete and safe (a checkpoint archive, or a plain tree for an
+/// emptyDir's contents). On any error `part` is removed.
+pub async fn receive(
+    body: Body,
+    part: &Path,
+    expected: &str,
+    validator: Validator,
+) -> Result<ArchiveInfo, ReceiveError> {
+    let result = receive_checked(body, part, expected, validator).await;
     if result.is_err() {
         let _ = tokio::fs::remove_file(part).await;
     }
     result
 }
 
-async fn receive_checked(mut body: Body, part: &Path, expected: &str) -> Result<ArchiveInfo, ReceiveError> {
+async fn receive_checked(
+    mut body: Body,
+    part: &Path,
+    expected: &str,
+    validator: Validator,
+) -> Result<ArchiveInfo, ReceiveError> {
     let (to_validator, validator_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
     let (to_writer, writer_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
     let invalid = Arc::new(AtomicBool::new(false));
     let validator = tokio::task::spawn_blocking({
         let invalid = Arc::clone(&invalid);
-        move || validate_chunks(validator_rx, &invalid)
+        move || validate_chunks(validator, validator_rx, &invalid)
     });
     let path = part.to_owned();
     let writer = tokio::task::spawn_blocking(move || write_chunks(&path, writer_rx, &invalid));
@@ -153,8 +164,7 @@ async fn send(
 }
 
 /// The validator thread: hash and parse every chunk; flag the first problem for the writer.
-fn validate_chunks(mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Validator {
-    let mut validator = Validator::new();
+fn validate_chunks(mut validator: Validator, mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Validator {
     while let Some(chunk) = rx.blocking_recv() {
         validator.update(&chunk);
         if !validator.is_ok() {
@@ -222,7 +232,7 @@ mod tests {
         let bytes = archive(3 << 20, "checkpoint/pages-1.img");
         for frame in [1000, 64 << 10, 5 << 20] {
             let part = dir.path().join(format!("app-{frame}.part"));
-            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes))
+            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes), Validator::new())
                 .await
                 .unwrap();
             assert_eq!(info.digest, digest(&bytes));
@@ -239,7 +249,9 @@ mod tests {
         let good = archive(100_000, "checkpoint/pages-1.img");
 
         let wrong = format!("sha256:{}", "0".repeat(64));
-        let err = receive(body(&good, 4096, None), &part, &wrong).await.unwrap_err();
+        let err = receive(body(&good, 4096, None), &part, &wrong, Validator::new())
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, ReceiveError::Archive(ArchiveError::Digest { .. })),
             "{err}"
@@ -248,7 +260,7 @@ mod tests {
 
         // Digest right, content unsafe: refused for what it is.
         let hostile = archive(100_000, "../../etc/cron.d/x");
-        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile))
+        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile), Validator::new())
             .await
             .unwrap_err();
         assert!(
@@ -267,7 +279,7 @@ mod tests {
         // A corrupt archive whose corruption happened before hashing (digest matches).
         let mut corrupt = good.clone();
         corrupt[1024 + 10] ^= 0xff; // the name of the spec.dump header
-        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt))
+        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt), Validator::new())
             .await
             .unwrap_err();
         assert!(
@@ -276,7 +288,7 @@ mod tests {
         );
         assert!(!part.exists());
 
-        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good))
+        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good), Validator::new())
             .await
             .unwrap_err();
         assert!(matches!(err, ReceiveError::Interrupted(_)), "{err}");

@@ -1,4 +1,5 @@
-//! The agent's API server (mTLS): checkpoint, push, receive, image, delete.
+//! The agent's API server (mTLS): routes, errors and shared state; checkpoint, push, receive,
+//! volumes, image, delete.
 
 use std::{
     collections::HashMap,
@@ -9,19 +10,15 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::Body,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode},
+    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{delete, post, put},
 };
 use tracing::instrument;
 
 use super::{
-    api::{
-        self, ArchiveRecord, ErrorBody, ImageRecord, ImageRequest, ImageResponse, PushRequest, PushResponse,
-        ReceiveResponse,
-    },
+    api::{ErrorBody, ImageRecord, ImageRequest, ImageResponse},
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
     authz::{self, Callers},
     checkpoint,
@@ -29,10 +26,13 @@ use super::{
     freezer::{FreezeError, Freezer},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
-    receive::{self, ReceiveError},
+    place,
+    receive::ReceiveError,
     registry::REPOSITORY_PREFIX,
     source,
     store::{Store, StoreError},
+    transfer,
+    volumes::{ContainerRoots, VolumeError},
 };
 use crate::metrics::{Metrics, OperationLabels, PhaseLabels};
 
@@ -64,6 +64,8 @@ pub enum AgentError {
     Forbidden(String),
     #[error("freezer: {0}")]
     Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
 }
 
 impl AgentError {
@@ -81,6 +83,7 @@ impl AgentError {
             AgentError::Receive(e) => e.metric_label(),
             AgentError::Forbidden(_) => "forbidden",
             AgentError::Freeze(e) => e.metric_label(),
+            AgentError::Volume(e) => e.metric_label(),
         }
     }
 
@@ -92,6 +95,10 @@ impl AgentError {
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::Freeze(FreezeError::InvalidId(_)) => StatusCode::BAD_REQUEST,
             AgentError::Freeze(FreezeError::NotHeld(_)) => StatusCode::CONFLICT,
+            // The replacement's init container is not running yet: ask again.
+            AgentError::Volume(e) if e.may_pass() => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Volume(VolumeError::Invalid { .. }) => StatusCode::BAD_REQUEST,
+            AgentError::Volume(VolumeError::NotMounted { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Archive(ArchiveError::Io(_))
             | AgentError::Receive(ReceiveError::Archive(ArchiveError::Io(_)) | ReceiveError::Io { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -127,6 +134,8 @@ pub struct AgentState {
     pub kubelet: KubeletClient,
     /// Freezes source containers around their checkpoint (see [`super::source`]).
     pub freezer: Freezer,
+    /// Reaches pods' emptyDirs through their containers (see [`super::volumes`]).
+    pub roots: ContainerRoots,
     pub peers: AgentClient,
     pub metrics: Arc<Metrics>,
     /// `host:port` under which this node's runtime reaches the registry endpoint.
@@ -140,7 +149,7 @@ impl AgentState {
     pub fn new(
         node: String,
         store: Store,
-        (kubelet, freezer): (KubeletClient, Freezer),
+        (kubelet, freezer, roots): (KubeletClient, Freezer, ContainerRoots),
         peers: AgentClient,
         metrics: Arc<Metrics>,
         registry_host: String,
@@ -151,6 +160,7 @@ impl AgentState {
             store,
             kubelet,
             freezer,
+            roots,
             peers,
             metrics,
             registry_host,
@@ -199,8 +209,16 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/migrations/{id}/checkpoint", post(checkpoint::checkpoint))
         .route("/v1/migrations/{id}/source/thaw", post(source::thaw))
         .route("/v1/migrations/{id}/source/kill", post(source::kill))
-        .route("/v1/migrations/{id}/push", post(push))
-        .route("/v1/migrations/{id}/archives/{container}", put(receive).get(held))
+        .route("/v1/migrations/{id}/push", post(transfer::push))
+        .route(
+            "/v1/migrations/{id}/archives/{container}",
+            put(transfer::receive_archive).get(transfer::held_archive),
+        )
+        .route(
+            "/v1/migrations/{id}/volumes/{volume}",
+            put(transfer::receive_volume).get(transfer::held_volume),
+        )
+        .route("/v1/migrations/{id}/volumes", post(place::place))
         .route("/v1/migrations/{id}/image", post(build_image))
         .route("/v1/migrations/{id}", delete(forget))
         .route_layer(axum::middleware::from_fn_with_state(
@@ -223,171 +241,6 @@ pub(super) async fn validate_blocking(path: PathBuf) -> Result<ArchiveInfo, Agen
         .await
         .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
         .map_err(AgentError::from)
-}
-
-#[instrument(skip_all, fields(id = %id, target = %req.target))]
-async fn push(
-    State(state): State<Arc<AgentState>>,
-    Path(id): Path<String>,
-    Json(req): Json<PushRequest>,
-) -> Result<Json<PushResponse>, AgentError> {
-    let started = Instant::now();
-    let result = do_push(&state, &id, &req).await;
-    state.record_op("send", started, &result);
-    result.map(Json)
-}
-
-async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<PushResponse, AgentError> {
-    let _guard = state.lock(id).await;
-    let record = state
-        .store
-        .load(id)?
-        .ok_or_else(|| AgentError::NotFound(format!("no checkpoint for migration {id}")))?;
-    let started = Instant::now();
-    let mut bytes = 0;
-    let mut already_held = 0;
-    for archive in &req.archives {
-        let held = record
-            .checkpointed
-            .get(&archive.container)
-            .ok_or_else(|| AgentError::NotFound(format!("no archive for container {}", archive.container)))?;
-        if held.digest != archive.digest {
-            return Err(AgentError::BadRequest(format!(
-                "archive of {} is {}, not the requested {}",
-                archive.container, held.digest, archive.digest
-            )));
-        }
-        let target_id = req.target_id.as_deref().unwrap_or(id);
-        // A resumed push (new leader, retry) does not resend what the target already verified.
-        match state.peers.held(&req.target, target_id, &archive.container).await {
-            Ok(Some(there)) if there.digest == archive.digest => {
-                tracing::info!(container = %archive.container, bytes = there.size_bytes, "target already holds this archive verified; not sent again");
-                already_held += there.size_bytes;
-                continue;
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "could not ask the target what it holds; sending"),
-        }
-        let file = tokio::fs::File::open(&held.path).await?;
-        // Cheap check that catches a truncated or replaced file before anything is sent (the
-        // target checks the digest of every byte).
-        let on_disk = file.metadata().await?.len();
-        if on_disk != held.size_bytes {
-            return Err(AgentError::Corrupt(format!(
-                "{} is {on_disk} bytes on disk, {} when checkpointed",
-                held.path, held.size_bytes
-            )));
-        }
-        let received = match state.peers.upload(&req.target, target_id, archive, file).await {
-            Ok(r) => r,
-            // The target refused the bytes themselves (digest or structure): name it.
-            Err(e)
-                if e.reason()
-                    .is_some_and(|r| matches!(r, "archive_unsafe" | "archive_invalid" | "digest_mismatch")) =>
-            {
-                return Err(AgentError::Corrupt(format!(
-                    "the target refused the archive of {}: {e}",
-                    archive.container
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        bytes += received.size_bytes;
-        state
-            .metrics
-            .agent_bytes
-            .get_or_create(&PhaseLabels { phase: "send" })
-            .inc_by(received.size_bytes);
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    if seconds > 0.0 {
-        state.metrics.transfer_throughput.observe(bytes as f64 / seconds);
-    }
-    tracing::info!(bytes, already_held, seconds, "archives sent");
-    Ok(PushResponse {
-        bytes: bytes + already_held,
-        seconds,
-        already_held_bytes: already_held,
-    })
-}
-
-#[instrument(skip_all, fields(id = %id, container = %container))]
-async fn receive(
-    State(state): State<Arc<AgentState>>,
-    Path((id, container)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<ReceiveResponse>, AgentError> {
-    let started = Instant::now();
-    let result = do_receive(&state, &id, &container, &headers, body).await;
-    state.record_op("receive", started, &result);
-    result.map(Json)
-}
-
-async fn do_receive(
-    state: &AgentState,
-    id: &str,
-    container: &str,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<ReceiveResponse, AgentError> {
-    let expected = headers
-        .get(api::DIGEST_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|d| d.starts_with("sha256:"))
-        .ok_or_else(|| AgentError::BadRequest(format!("missing {} header", api::DIGEST_HEADER)))?
-        .to_string();
-    let final_path = state.store.archive_path(id, container)?;
-    let _guard = state.lock(id).await;
-    state.store.create_dir(id)?;
-    let part = final_path.with_extension("part");
-    // Hashed, validated and written in one pass; the part file is gone on any error.
-    let info = receive::receive(body, &part, &expected).await?;
-    tokio::fs::rename(&part, &final_path).await?;
-    if let Some(dir) = final_path.parent() {
-        crate::agent::private::sync_dir(dir)?;
-    }
-    let mut record = state.store.load(id)?.unwrap_or_default();
-    record.received.insert(
-        container.to_string(),
-        ArchiveRecord {
-            container: container.to_string(),
-            path: final_path.display().to_string(),
-            digest: info.digest.clone(),
-            size_bytes: info.size,
-            base_image: base_image(&info.config),
-            seconds: 0.0,
-        },
-    );
-    state.store.save(id, &record)?;
-    state
-        .metrics
-        .agent_bytes
-        .get_or_create(&PhaseLabels { phase: "receive" })
-        .inc_by(info.size);
-    tracing::info!(bytes = info.size, digest = %info.digest, "archive received and verified");
-    Ok(ReceiveResponse {
-        digest: info.digest,
-        size_bytes: info.size,
-    })
-}
-
-/// The verified archive this agent received for `container`, or 404.
-async fn held(
-    State(state): State<Arc<AgentState>>,
-    Path((id, container)): Path<(String, String)>,
-) -> Result<Json<ReceiveResponse>, AgentError> {
-    state.store.archive_path(&id, &container)?; // validates both names
-    let record = state.store.load(&id)?.unwrap_or_default();
-    let held = record
-        .received
-        .get(&container)
-        .filter(|a| std::fs::metadata(&a.path).is_ok_and(|m| m.len() == a.size_bytes))
-        .ok_or_else(|| AgentError::NotFound(format!("no verified archive of {container} for migration {id}")))?;
-    Ok(Json(ReceiveResponse {
-        digest: held.digest.clone(),
-        size_bytes: held.size_bytes,
-    }))
 }
 
 #[instrument(skip_all, fields(id = %id, pod = %req.pod))]

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/migrations/<id>/record.json          what this node holds for the migration
 //! <root>/migrations/<id>/archives/<ctr>.tar   archives received from the source node
+//! <root>/migrations/<id>/volumes/<vol>.tar    emptyDir contents, packed here or received
 //! <root>/migrations/<id>/image/               OCI image layout of the checkpoint images
 //! ```
 //! Archives checkpointed on this node stay where the kubelet wrote them; the record lists
@@ -63,6 +64,15 @@ pub struct Record {
     /// Archives received (and validated) here, by container.
     #[serde(default)]
     pub received: BTreeMap<String, ArchiveRecord>,
+    /// emptyDir contents packed here (source), by volume name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, ArchiveRecord>,
+    /// emptyDir contents received (and validated) here, by volume name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub received_volumes: BTreeMap<String, ArchiveRecord>,
+    /// The replacement pod whose volumes were filled (and released) from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_placed_in: Option<String>,
     /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_digest: Option<String>,
@@ -95,8 +105,10 @@ impl Store {
 
     pub fn create_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         let dir = self.dir(id)?;
-        let archives = dir.join("archives");
-        private::dir_all(&archives).map_err(io_err(&archives))?;
+        for sub in ["archives", "volumes"] {
+            let path = dir.join(sub);
+            private::dir_all(&path).map_err(io_err(&path))?;
+        }
         Ok(dir)
     }
 
@@ -105,6 +117,22 @@ impl Store {
             return Err(StoreError::InvalidContainer(container.to_string()));
         }
         Ok(self.dir(id)?.join("archives").join(format!("{container}.tar")))
+    }
+
+    /// Where an emptyDir's contents are kept (volume names are DNS labels, like containers).
+    pub fn volume_path(&self, id: &str, volume: &str) -> Result<PathBuf, StoreError> {
+        if !api::valid_container(volume) {
+            return Err(StoreError::InvalidContainer(volume.to_string()));
+        }
+        Ok(self.dir(id)?.join("volumes").join(format!("{volume}.tar")))
+    }
+
+    /// Where a transferred file of `kind` named `name` is kept.
+    pub fn path_of(&self, kind: api::Kind, id: &str, name: &str) -> Result<PathBuf, StoreError> {
+        match kind {
+            api::Kind::Archive => self.archive_path(id, name),
+            api::Kind::Volume => self.volume_path(id, name),
+        }
     }
 
     pub fn layout(&self, id: &str) -> Result<PathBuf, StoreError> {

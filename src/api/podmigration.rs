@@ -181,6 +181,14 @@ pub struct PodMigrationStatus {
     /// One entry per container of the source pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerCheckpoint>,
+    /// The emptyDir volumes whose contents were packed with the checkpoint (while the source
+    /// was frozen) and travel with the archives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeCheckpoint>,
+    /// UID of the replacement whose emptyDirs were filled from `volumes` (its restore init
+    /// container then let the pod start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_placed_in: Option<String>,
     /// When the controller asked for the source pod to stop (after the checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_stop_requested_at: Option<Time>,
@@ -314,6 +322,16 @@ pub struct ContainerCheckpoint {
     /// Checkpoint image reference the replacement container runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+}
+
+/// The contents of one emptyDir volume, moved with the checkpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCheckpoint {
+    pub name: String,
+    /// `sha256:<hex>` of the packed contents, checked by the target agent before use.
+    pub digest: String,
+    pub size_bytes: u64,
 }
 
 /// One step of a migration's timeline.

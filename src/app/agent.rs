@@ -14,6 +14,7 @@ use crate::{
         server::{AgentState, router, spawn_gc},
         source::spawn_expiry,
         store::Store,
+        volumes::ContainerRoots,
     },
     metrics::Metrics,
     server::{Health, admin_router, serve_admin, serve_tls},
@@ -100,8 +101,34 @@ pub struct Options {
     /// Upper bound of a transfer to another agent.
     #[arg(long, env = "KM_TRANSFER_TIMEOUT_SECONDS", default_value_t = 3_600)]
     pub transfer_timeout_seconds: u64,
+    /// The host's `/proc` (the DaemonSet shares the host's PID namespace): pods' emptyDirs
+    /// are read and filled through `/proc/<pid>/root` of a container that mounts them.
+    #[arg(long, env = "KM_PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
     #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// `kube-migrate-agent await-restore`: the program of the restore init container that
+/// kube-migrate adds to a replacement with emptyDir volumes. It waits until the target agent
+/// has put the volumes' contents in place and written the marker.
+#[derive(clap::Parser, Debug)]
+#[command(name = "kube-migrate-agent await-restore")]
+pub struct AwaitRestore {
+    #[arg(long, default_value = "/kube-migrate/restore/restored")]
+    pub marker: PathBuf,
+    /// Give up (exit 1: the kubelet starts the init container again) after this long.
+    #[arg(long, default_value_t = 3_600)]
+    pub timeout_seconds: u64,
+}
+
+impl AwaitRestore {
+    /// The first argument that selects this program instead of the agent.
+    pub const COMMAND: &'static str = "await-restore";
+
+    pub fn run(&self) -> bool {
+        crate::agent::volumes::await_marker(&self.marker, Duration::from_secs(self.timeout_seconds))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +170,9 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         (
             KubeletClient::new(kubelet_tls, opts.kubelet_url.clone(), opts.token_file.clone()),
             Freezer::new(&opts.cgroup_root, &opts.hold_dir),
+            ContainerRoots {
+                proc_dir: opts.proc_dir.clone(),
+            },
         ),
         AgentClient::new(
             agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?,

@@ -60,6 +60,13 @@ pub struct Options {
     /// Service whose EndpointSlices list the agents (port named `api`).
     #[arg(long, env = "KM_AGENT_SERVICE", default_value = "kube-migrate-agent")]
     pub agent_service: String,
+    /// The agent DaemonSet (in `--namespace`), whose image runs the restore init container of
+    /// replacements with emptyDir volumes.
+    #[arg(long, env = "KM_AGENT_DAEMONSET", default_value = "kube-migrate-agent")]
+    pub agent_daemonset: String,
+    /// Image of that init container, instead of the agent DaemonSet's.
+    #[arg(long, env = "KM_RESTORE_HELPER_IMAGE")]
+    pub restore_helper_image: Option<String>,
     /// Dial agents at this host instead of their EndpointSlice address (local test clusters,
     /// where agents listen on loopback, which EndpointSlices may not hold).
     #[arg(long, env = "KM_AGENT_ADDRESS_OVERRIDE")]
@@ -225,6 +232,14 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", opts.agent_service)),
         &serving,
     );
+    let helper_image = crate::replacement::HelperImage {
+        fixed: opts.restore_helper_image.clone(),
+        daemonsets: Some(cache(
+            Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), &opts.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", opts.agent_daemonset)),
+            &serving,
+        )),
+    };
 
     let admin = serve_admin(
         opts.admin_listen,
@@ -241,6 +256,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         migrations: migrations.clone(),
         metrics: Arc::clone(&metrics),
         namespaces: namespaces.clone(),
+        helper_image: helper_image.clone(),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -327,11 +343,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                         namespaces.clone(),
                         token.clone(),
                     );
-                    let (agent_client, recorder, metrics, config) = (
+                    let (agent_client, recorder, metrics, config, helper_image) = (
                         agent_client.clone(),
                         Arc::clone(&recorder),
                         Arc::clone(&metrics),
                         config.clone(),
+                        helper_image.clone(),
                     );
                     async move {
                         let for_ctx = client.clone();
@@ -346,6 +363,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 recorder,
                                 metrics,
                                 config,
+                                helper_image,
                                 drains_recorded: Default::default(),
                                 slots: Default::default(),
                             })

@@ -147,6 +147,8 @@ pub struct Context {
     pub recorder: Arc<events::Recorder>,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Image of the restore init container of replacements with emptyDirs.
+    pub helper_image: crate::replacement::HelperImage,
     /// Drains already observed in the drain-duration metric: (node, first creation second).
     pub drains_recorded: Mutex<HashSet<(String, i64)>>,
     pub slots: Mutex<Slots>,

@@ -250,11 +250,12 @@ pub fn restore_trouble(pod: &Pod) -> Option<String> {
             status.message.clone().unwrap_or_default()
         ));
     }
+    // Init containers too: the restore init container's image may fail to pull.
     status
-        .container_statuses
-        .as_deref()
-        .unwrap_or_default()
+        .init_container_statuses
         .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
         .find_map(|c| {
             let waiting = c.state.as_ref()?.waiting.as_ref()?;
             let reason = waiting.reason.as_deref()?;
@@ -380,6 +381,19 @@ pub fn archive_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {
             container: c.name.clone(),
             digest: c.digest.clone().unwrap_or_default(),
             size_bytes: c.size_bytes.unwrap_or(0),
+        })
+        .collect()
+}
+
+/// The emptyDir contents packed with the checkpoint, as the agents name them.
+pub fn volume_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {
+    status
+        .volumes
+        .iter()
+        .map(|v| ArchiveRef {
+            container: v.name.clone(),
+            digest: v.digest.clone(),
+            size_bytes: v.size_bytes,
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 pub mod admission;
+pub mod agents;
 
 /// Write a checkpoint archive in the CRI-O layout with `pages` bytes of "memory".
 pub fn write_archive(path: &Path, container: &str, base_image: &str, pages: &[u8]) {

@@ -218,9 +218,10 @@ impl Validator {
         }
     }
 
-    /// A validator for a container root file system diff: the same tar rules (absolute
-    /// symlink targets taken inside the root), none of a checkpoint's required entries.
-    fn rootfs() -> Self {
+    /// A validator for a plain tree, such as a container root file system diff or an
+    /// emptyDir's contents: the same tar rules (absolute symlink targets taken inside the
+    /// root), none of a checkpoint's required entries.
+    pub fn rootfs() -> Self {
         Self {
             tree: Tree::rootfs(),
             rootfs: true,

@@ -12,8 +12,8 @@ use serde_json::json;
 
 use super::{frozen, hold, rollback, transition};
 use crate::{
-    agent::api::CheckpointRequest,
-    api::{Mode, Phase, PodMigration, PodMigrationStatus, STOP_SOURCE_OF},
+    agent::api::{CheckpointRequest, EmptyDirSpec},
+    api::{Mode, Phase, PodMigration, PodMigrationStatus, STOP_SOURCE_OF, VolumeCheckpoint},
     controller::{
         context::{Context, Error},
         decide::human_bytes,
@@ -60,8 +60,17 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         Mode::Migrate => frozen::spec(ctx, &pod, status),
         _ => None,
     };
+    // emptyDirs move with a migration; a backup keeps only the containers' state.
+    let empty_dirs = match pm.spec.mode {
+        Mode::Migrate => match empty_dir_specs(&pod) {
+            Ok(specs) => specs,
+            Err(why) => return rollback(pm, status, ctx, "CheckpointFailed", why).await,
+        },
+        _ => Vec::new(),
+    };
     let request = CheckpointRequest {
         freeze,
+        empty_dirs,
         namespace: ns,
         pod: pm.spec.pod_name.clone(),
         containers: status.containers.iter().map(|c| c.name.clone()).collect(),
@@ -84,6 +93,26 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
             c.size_bytes = Some(archive.size_bytes);
         }
     }
+    let asked: Vec<String> = request.empty_dirs.iter().map(|v| v.name.clone()).collect();
+    status.volumes = answer
+        .volumes
+        .into_iter()
+        .map(|v| VolumeCheckpoint {
+            name: v.container,
+            digest: v.digest,
+            size_bytes: v.size_bytes,
+        })
+        .collect();
+    if let Some(missing) = asked.iter().find(|n| !status.volumes.iter().any(|v| &v.name == *n)) {
+        return rollback(
+            pm,
+            status,
+            ctx,
+            "CheckpointFailed",
+            format!("no contents for emptyDir {missing}"),
+        )
+        .await;
+    }
     if let Some(missing) = status.containers.iter().find(|c| c.digest.is_none()) {
         return rollback(
             pm,
@@ -94,7 +123,8 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         )
         .await;
     }
-    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
+    let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum::<u64>()
+        + status.volumes.iter().map(|v| v.size_bytes).sum::<u64>();
     let now = Time(Timestamp::now());
     // This checkpoint's freeze and timeline replace any earlier attempt's.
     status.source_frozen_at = None;
@@ -275,4 +305,35 @@ async fn evict_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube::Erro
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The emptyDirs to pack, each with the runtime ID of the container through whose mount the
+/// source agent reads it (see `preflight::empty_dir_mounts`).
+fn empty_dir_specs(pod: &k8s_openapi::api::core::v1::Pod) -> Result<Vec<EmptyDirSpec>, String> {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    crate::preflight::empty_dir_mounts(pod)
+        .into_iter()
+        .map(|m| {
+            let id = statuses
+                .iter()
+                .find(|s| s.name == m.container)
+                .and_then(|s| s.container_id.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "container {} (which mounts emptyDir {}) has no runtime ID",
+                        m.container, m.volume
+                    )
+                })?;
+            Ok(EmptyDirSpec {
+                name: m.volume,
+                container_id: id,
+                mount_path: m.mount_path,
+            })
+        })
+        .collect()
 }

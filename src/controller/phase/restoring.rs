@@ -51,6 +51,18 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         uid: pod.uid(),
     });
     state::mark(status, "replacementSeen", Timestamp::now());
+    if replacement::is_gated(&pod) && !status.volumes.is_empty() && !replacement::has_restore_helper(&pod) {
+        // Created without the restore init container (the webhook did not know its image, or
+        // let the pod through): it could not wait for its volumes, and init containers cannot
+        // be added now. Never released, it goes; the next one gets the init container.
+        if ctx.helper_image.get().is_none() {
+            return retry_after_stop(pm, status, ctx, NO_HELPER.into()).await;
+        }
+        tracing::info!(migration = %pm.name_any(), pod = %pod.name_any(), "replacement without the restore init container; deleting it");
+        let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
+        status.replacement = None;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if replacement::is_gated(&pod) {
         let mut desired = (*pod).clone();
         replacement::apply_restore(&mut desired, &with_status(pm, status));
@@ -71,6 +83,9 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     }
     if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
         state::mark(status, "scheduled", Timestamp::now());
+    }
+    if let Some(action) = place_volumes(pm, status, ctx, &pod).await? {
+        return Ok(action);
     }
     if decide::all_running(&pod) {
         state::mark(status, "started", Timestamp::now());
@@ -100,6 +115,67 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     status.message = Some(decide::restore_wait(&pod));
     // Pod changes wake this migration (see `decide::migrations_of_pod`); this is a safety net.
     Ok(Action::requeue(Duration::from_secs(5)))
+}
+
+const NO_HELPER: &str =
+    "no image for the restore init container: the agent DaemonSet is not visible (or set --restore-helper-image)";
+
+/// A replacement with the restore init container: once that runs, have the target agent put
+/// the emptyDirs' contents in place and release it. None when there is nothing (more) to do.
+async fn place_volumes(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    pod: &Pod,
+) -> Result<Option<Action>, Error> {
+    let uid = pod.uid().unwrap_or_default();
+    if !replacement::has_restore_helper(pod) || status.volumes_placed_in.as_deref() == Some(uid.as_str()) {
+        return Ok(None);
+    }
+    if replacement::restore_helper_done(pod) {
+        // Placed by a leader that did not live to record it.
+        status.volumes_placed_in = Some(uid);
+        return Ok(None);
+    }
+    let Some(container_id) = replacement::running_restore_helper(pod) else {
+        status.message = Some(format!(
+            "waiting for {}'s restore init container to start",
+            pod.name_any()
+        ));
+        return Ok(Some(Action::requeue(Duration::from_secs(1))));
+    };
+    let target = status.target_node.clone().unwrap_or_default();
+    let Some(agent) = ctx.agent(&target) else {
+        return retry_after_stop(pm, status, ctx, format!("no agent on target node {target}"))
+            .await
+            .map(Some);
+    };
+    let id = pm.uid().ok_or(Error::Missing("uid"))?;
+    let request = crate::agent::api::VolumesRequest {
+        pod_uid: uid.clone(),
+        container_id,
+        volumes: decide::volume_refs(status),
+    };
+    match ctx.agent_client.place_volumes(&agent, &id, &request).await {
+        Ok(answer) => {
+            state::mark(status, "volumesPlaced", Timestamp::now());
+            status.volumes_placed_in = Some(uid);
+            status.message = Some(format!(
+                "{} emptyDir volume(s) ({}) in place in {}; restoring its containers",
+                answer.filled,
+                decide::human_bytes(answer.bytes),
+                pod.name_any()
+            ));
+            Ok(Some(Action::requeue(Duration::from_secs(1))))
+        }
+        Err(e) if e.retryable() => {
+            status.message = Some(format!("putting the emptyDir contents in place, retrying: {e}"));
+            Ok(Some(Action::requeue(Duration::from_secs(1))))
+        }
+        Err(e) => retry_after_stop(pm, status, ctx, format!("emptyDir contents not put in place: {e}"))
+            .await
+            .map(Some),
+    }
 }
 
 fn with_status(pm: &PodMigration, status: &PodMigrationStatus) -> PodMigration {
@@ -175,6 +251,12 @@ async fn find_replacement(
             let mut pod: Pod = serde_json::from_value(template)?;
             replacement::apply_restore(&mut pod, &with_status(pm, status));
             replacement::add_pull_secrets(&mut pod, [pm.name_any().as_str()]);
+            if !replacement::empty_dirs(&pod).is_empty() {
+                let Some(image) = ctx.helper_image.get() else {
+                    return Err(Error::Missing("restore init container image (agent DaemonSet)"));
+                };
+                replacement::add_restore_helper(&mut pod, &image);
+            }
             match pods
                 .create(
                     &PostParams {
@@ -249,7 +331,10 @@ pub async fn start_fresh(pm: &PodMigration, status: &PodMigrationStatus, ctx: &C
     let mut done = true;
     for pod in &candidates {
         let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-        if !scheduled {
+        // Still waiting in its restore init container, which nobody will release now: it
+        // has not run the workload either, so it goes like an unscheduled one.
+        let waiting = replacement::has_restore_helper(pod) && !replacement::restore_helper_done(pod);
+        if !scheduled || waiting {
             tracing::info!(migration = %name, pod = %pod.name_any(), "deleting the unscheduled replacement; it starts fresh");
             match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
                 Err(kube::Error::Api(e)) if e.code == 404 => {}

@@ -42,6 +42,7 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         target: target_agent,
         archives: decide::archive_refs(status),
         target_id: Some(id.clone()),
+        volumes: decide::volume_refs(status),
     };
     let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
     match ctx.agent_client.push(&source, &source_id, &request).await {

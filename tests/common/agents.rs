@@ -1,0 +1,179 @@
+//! Two agents over real mTLS on loopback, with a kubelet checkpoint endpoint that checks its
+//! bearer token, and stand-in cgroup and /proc trees under each agent's state directory.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use kube_migrate::{
+    agent::{
+        api::CheckpointRequest,
+        authz::Callers,
+        client::AgentClient,
+        freezer::Freezer,
+        kubelet::{KubeletClient, kubelet_tls},
+        registry,
+        server::{AgentState, router},
+        store::Store,
+        volumes::ContainerRoots,
+    },
+    certs,
+    metrics::Metrics,
+    server::serve_tls,
+    tls::{CertReloader, agent_client_config, install_crypto_provider, server_config},
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub struct Env {
+    pub _dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub kubelet_dir: PathBuf,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn listen(router: Router, tls: rustls::ServerConfig, shutdown: &CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_tls(listener, tls, router, shutdown.clone()));
+    addr
+}
+
+/// A kubelet checkpoint endpoint: bearer token required, archive in the CRI-O layout.
+async fn kubelet_checkpoint(
+    State(dir): State<PathBuf>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, (StatusCode, String)> {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer test-token") {
+        return Err((StatusCode::UNAUTHORIZED, "Unauthorized".into()));
+    }
+    if container == "missing" {
+        return Err((StatusCode::NOT_FOUND, "404 page not found".into()));
+    }
+    let path = dir.join(format!("checkpoint-{pod}_{ns}-{container}-2026-11-23T10:05:00Z.tar"));
+    super::write_archive(
+        &path,
+        &container,
+        "registry.local/counter:1",
+        &super::bytes(3 * 1024 * 1024 + 17, 9),
+    );
+    Ok(Json(json!({ "items": [path.display().to_string()] })))
+}
+
+pub struct Agent {
+    pub url: String,
+    pub registry: SocketAddr,
+    pub state_dir: PathBuf,
+}
+
+pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
+    let cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let state_dir = env._dir.path().join(name);
+    let store = Store::open(&state_dir).unwrap();
+    let token = env._dir.path().join("token");
+    std::fs::write(&token, "test-token\n").unwrap();
+    // The registry address must be known before the state is built.
+    let reg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry_addr = reg_listener.local_addr().unwrap();
+    let state = AgentState::new(
+        name.into(),
+        store.clone(),
+        (
+            KubeletClient::new(
+                kubelet_tls(Some(&env.certs.join("ca.crt"))).unwrap(),
+                format!("https://127.0.0.1:{}", kubelet.port()),
+                token,
+            ),
+            Freezer::new(state_dir.join("cgroup"), state_dir.join("holds")),
+            ContainerRoots {
+                proc_dir: state_dir.join("proc"),
+            },
+        ),
+        AgentClient::new(
+            agent_client_config(&env.certs.join("ca.crt"), Arc::clone(&cert), "kube-migrate-agent").unwrap(),
+            Duration::from_secs(60),
+        ),
+        Arc::new(Metrics::new()),
+        registry_addr.to_string(),
+        Callers::default(),
+    );
+    tokio::spawn(serve_tls(
+        reg_listener,
+        server_config(Arc::clone(&cert), None).unwrap(),
+        registry::router(store),
+        env.shutdown.clone(),
+    ));
+    let addr = listen(
+        router(state),
+        server_config(cert, Some(&env.certs.join("ca.crt"))).unwrap(),
+        &env.shutdown,
+    )
+    .await;
+    Agent {
+        url: format!("https://127.0.0.1:{}", addr.port()),
+        registry: registry_addr,
+        state_dir,
+    }
+}
+
+pub async fn setup() -> (Env, Agent, Agent, AgentClient) {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    // No extra SANs: the runtime dials the registry on 127.0.0.1, which the agent
+    // certificate must name by default (the pull below verifies it).
+    let request = certs::Request {
+        days: 1,
+        ..Default::default()
+    };
+    certs::issue(&certs_dir, &request).unwrap();
+    let kubelet_dir = dir.path().join("kubelet-checkpoints");
+    std::fs::create_dir_all(&kubelet_dir).unwrap();
+    let env = Env {
+        _dir: dir,
+        certs: certs_dir,
+        kubelet_dir,
+        shutdown: CancellationToken::new(),
+    };
+    let kubelet_cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let kubelet = listen(
+        Router::new()
+            .route("/checkpoint/{ns}/{pod}/{container}", post(kubelet_checkpoint))
+            .with_state(env.kubelet_dir.clone()),
+        server_config(kubelet_cert, None).unwrap(),
+        &env.shutdown,
+    )
+    .await;
+    let source = agent(&env, "node-a", kubelet).await;
+    let target = agent(&env, "node-b", kubelet).await;
+    let controller_identity = CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
+    let controller = AgentClient::new(
+        agent_client_config(&env.certs.join("ca.crt"), controller_identity, "kube-migrate-agent").unwrap(),
+        Duration::from_secs(60),
+    );
+    (env, source, target, controller)
+}
+
+pub const ID: &str = "9e9e9e9e-0000-4000-8000-000000000001";
+
+pub fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
+    CheckpointRequest {
+        namespace: "shop".into(),
+        pod: "db-0".into(),
+        containers: containers.iter().map(|c| c.to_string()).collect(),
+        timeout_seconds: 30,
+        freeze: None,
+        empty_dirs: Vec::new(),
+    }
+}
