@@ -226,13 +226,14 @@ drain_test() {
   migrate_by_drain 0
 }
 
-# A counter container spec: 20 numbers a second; an emptyDir at /scratch.
+# A counter container spec: 20 numbers a second, each also written to its emptyDir at /scratch
+# (last-NAME), where it wrote a random token once at its start (born-NAME).
 counter_container() { # NAME
   cat << EOF2
       - name: $1
         image: localhost/kube-migrate/busybox:latest
         imagePullPolicy: IfNotPresent
-        command: ["/bin/sh", "-c", "i=0; while true; do echo \$i; i=\$((i+1)); sleep 0.05; done"]
+        command: ["/bin/sh", "-c", "[ -e /scratch/born-$1 ] || echo \$RANDOM\$RANDOM > /scratch/born-$1; i=0; while true; do echo \$i; echo \$i > /scratch/last-$1; i=\$((i+1)); sleep 0.05; done"]
         volumeMounts: [{name: scratch, mountPath: /scratch}]
 EOF2
 }
@@ -299,7 +300,7 @@ metadata:
   annotations: {migrate.io/stateful: "true"}
 spec:
   terminationGracePeriodSeconds: 1
-  volumes: [{name: scratch, emptyDir: {}}]
+  volumes: [{name: scratch, emptyDir: {medium: Memory}}]
   containers:
 $(counter_container first | sed 's/^    //')
 $(counter_container second | sed 's/^    //')
@@ -312,9 +313,15 @@ EOF2
       km_die "$app: $(kubectl get pods -l app=$app -o wide)"
   done
   kubectl uncordon km-node-2 > /dev/null
-  declare -A uid
+  declare -A uid born
+  local p c
   for app in km-deploy km-sts km-plain km-two; do
     uid[$app]=$(kubectl get pods -l "app=$app" -o jsonpath='{.items[0].metadata.uid}')
+    p=$(kubectl get pods -l "app=$app" -o jsonpath='{.items[0].metadata.name}')
+    for c in $(kubectl get pod "$p" -o jsonpath='{.spec.containers[*].name}'); do
+      born[$app/$c]=$(kubectl exec "$p" -c "$c" -- cat "/scratch/born-$c")
+      [[ -n ${born[$app/$c]} ]] || km_die "$app/$c wrote no token to its emptyDir"
+    done
   done
   sleep 3
   local t0; t0=$(ms)
@@ -334,7 +341,12 @@ EOF2
     [[ $(kubectl get pod "$pod" -o jsonpath='{.metadata.uid}') != "${uid[$app]}" ]] || km_die "$app: still the same pod"
     for c in $(kubectl get pod "$pod" -o jsonpath='{.spec.containers[*].name}'); do
       echo "$app $pod/$c restored: $(restored_log_ok "$pod" "$c")"
+      # The emptyDir moved with it (km-two's is medium: Memory), token from before the drain.
+      [[ $(kubectl exec "$pod" -c "$c" -- cat "/scratch/born-$c") == "${born[$app/$c]}" ]] ||
+        km_die "$app $pod/$c: emptyDir token lost (was ${born[$app/$c]}): $(kubectl exec "$pod" -c "$c" -- ls -la /scratch 2>&1)"
     done
+    echo "$app emptyDir moved: $(kubectl get podmigrations -o json | jq -r --arg pod "$pod" \
+      '.items[] | select(.status.replacement.name == $pod) | [.status.volumes[]? | "\(.name) \(.sizeBytes) B"] | join(", ")')"
   done
   pod=$(kubectl get pods -l app=km-plain -o jsonpath='{.items[0].metadata.name}')
   [[ $(kubectl get pod "$pod" -o jsonpath='{.metadata.uid}') != "${uid[km-plain]}" ]] || km_die "km-plain: not evicted"
@@ -342,7 +354,7 @@ EOF2
   ! kubectl get podmigrations -o jsonpath='{range .items[*]}{.spec.podName}{"\n"}{end}' | grep -q '^km-plain' ||
     km_die "a PodMigration for the unannotated km-plain"
   kubectl delete deployment,statefulset,pod -l km-test=workloads --wait=false > /dev/null
-  echo "PASS: Deployment, StatefulSet and two-container pod restored on km-node-2 (new pods, every container's count going on); the unannotated Deployment evicted as usual"
+  echo "PASS: Deployment, StatefulSet and two-container pod restored on km-node-2 (new pods, every container's count going on, emptyDir tokens from before the drain read back, disk and Memory); the unannotated Deployment evicted as usual"
 }
 
 # The kubectl plugin, on real nodes: `kubectl migrate pod --to` with the checks of drain-test; then

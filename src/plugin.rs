@@ -115,6 +115,8 @@ pub fn check_target(
         pods,
         has_agent,
         excluded: &[],
+        // The plugin proposes; the controller checks the volumes' node affinity.
+        volumes: &[],
     }) {
         Placement::Node(n) => Ok(n),
         Placement::None(reasons) => match (requested, reasons.as_slice()) {

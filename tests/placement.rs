@@ -57,6 +57,7 @@ fn place(p: &Pod, nodes: &[Node], pods: &[Pod], requested: Option<&str>) -> Plac
         pods: &pods,
         has_agent: &has_agent,
         excluded: &[],
+        volumes: &[],
     })
 }
 
@@ -200,6 +201,7 @@ fn a_node_the_migration_gave_up_on_is_never_chosen_again() {
         pods: &[],
         has_agent: &has_agent,
         excluded,
+        volumes: &[],
     };
     assert_eq!(choose(&input(&[])), Placement::Node("node-b".into()));
     assert_eq!(choose(&input(&excluded)), Placement::Node("node-c".into()));
@@ -404,5 +406,52 @@ fn a_node_without_the_topology_key_cannot_take_a_spread_pod() {
     assert_eq!(
         reason_of(place(&p, &nodes, &[], Some("node-b")), "node-b"),
         Unfit::TopologySpread("zone".into())
+    );
+}
+
+#[test]
+fn a_zonal_persistent_volume_keeps_the_pod_in_its_zone() {
+    // An RWO disk attachable in zone "a" only (a CSI driver's topology): the pod may move to
+    // another node of zone "a", never to the emptier node of zone "b", as the scheduler's
+    // volume binding decides for the replacement anyway.
+    let nodes = [zoned("node-a", "a"), zoned("node-b", "b"), zoned("node-c", "a")];
+    let nodes_ref: Vec<&Node> = nodes.iter().collect();
+    let load = [running_on("node-c", "2")];
+    let load_ref: Vec<&Pod> = load.iter().collect();
+    let p = pod(json!({}));
+    let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+        "metadata": { "name": "pvc-1234" },
+        "spec": { "csi": { "driver": "disk.csi.example", "volumeHandle": "vol-1" },
+                  "nodeAffinity": { "required": { "nodeSelectorTerms": [
+                      { "matchExpressions": [{ "key": "zone", "operator": "In", "values": ["a"] }] }] } } }
+    }))
+    .unwrap();
+    let has_agent = |_: &str| true;
+    let input = |volumes| PlacementInput {
+        pod: &p,
+        source_node: "node-a",
+        requested: None,
+        nodes: &nodes_ref,
+        pods: &load_ref,
+        has_agent: &has_agent,
+        excluded: &[],
+        volumes,
+    };
+    assert_eq!(
+        choose(&input(&[])),
+        Placement::Node("node-b".into()),
+        "least loaded without the volume"
+    );
+    let with = [pv];
+    assert_eq!(choose(&input(&with)), Placement::Node("node-c".into()));
+    let only_b = PlacementInput {
+        requested: Some("node-b"),
+        ..input(&with)
+    };
+    let reason = reason_of(choose(&only_b), "node-b");
+    assert_eq!(reason, Unfit::VolumeAffinity("pvc-1234".into()));
+    assert_eq!(
+        reason.to_string(),
+        "is outside the node affinity of PersistentVolume pvc-1234"
     );
 }

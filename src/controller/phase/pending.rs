@@ -89,7 +89,15 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         .or_else(|| api::requested_target(&pod).map(str::to_string));
     let admitted = ctx.admit(pm, |held| {
         let reserved = decide::reservations(held, &crate::controller::context::key(pm));
-        target_or_reason(ctx, &pod, &pm.spec.source_node, requested.as_deref(), &reserved, &[])
+        target_or_reason(
+            ctx,
+            &pod,
+            &pm.spec.source_node,
+            requested.as_deref(),
+            &reserved,
+            &[],
+            &volumes,
+        )
     });
     let target = match admitted {
         Err(queued) => {
@@ -140,7 +148,7 @@ async fn start_backup(
 }
 
 /// The PersistentVolumes bound to the pod's claims (unbound claims are left out).
-async fn claimed_volumes(ctx: &Context, ns: &str, pod: &Pod) -> Result<Vec<PersistentVolume>, Error> {
+pub async fn claimed_volumes(ctx: &Context, ns: &str, pod: &Pod) -> Result<Vec<PersistentVolume>, Error> {
     let claims: Vec<String> = pod
         .spec
         .iter()
@@ -177,6 +185,7 @@ pub fn target_or_reason(
     requested: Option<&str>,
     reserved: &[Pod],
     excluded: &[String],
+    volumes: &[PersistentVolume],
 ) -> Result<String, String> {
     // A pod restored before still carries the pin to the node it was restored on: placed as
     // its owner made it, or its next migration could only go where it already is.
@@ -202,6 +211,7 @@ pub fn target_or_reason(
         pods: &bound,
         has_agent: &has_agent,
         excluded,
+        volumes,
     }) {
         Placement::Node(n) => Ok(n),
         Placement::None(reasons) => Err(format!("no eligible target node: {}", Placement::explain(&reasons))),

@@ -78,7 +78,16 @@ pub async fn pending_restore(
         .clone()
         .unwrap_or_else(|| checkpoint.spec.source_node.clone());
     let reserved = pending::reserved_by_others(ctx, pm);
-    let target = match pending::target_or_reason(ctx, &template, "", pm.spec.target_node.as_deref(), &reserved, &[]) {
+    let volumes = pending::claimed_volumes(ctx, &pm.namespace().unwrap_or_default(), &template).await?;
+    let target = match pending::target_or_reason(
+        ctx,
+        &template,
+        "",
+        pm.spec.target_node.as_deref(),
+        &reserved,
+        &[],
+        &volumes,
+    ) {
         Ok(n) => n,
         Err(reason) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
     };

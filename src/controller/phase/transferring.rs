@@ -201,6 +201,7 @@ pub async fn replace_target(
         .await;
     };
     let reserved = pending::reserved_by_others(ctx, pm);
+    let volumes = pending::claimed_volumes(ctx, &pm.namespace().unwrap_or_default(), &pod).await?;
     let next = pending::target_or_reason(
         ctx,
         &pod,
@@ -208,6 +209,7 @@ pub async fn replace_target(
         pm.spec.target_node.as_deref(),
         &reserved,
         &status.excluded_targets,
+        &volumes,
     );
     let next = match next {
         Ok(n) => n,
@@ -259,6 +261,9 @@ async fn ensure_target(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
     }
     let pod: Pod = serde_json::from_value(status.pod_template.clone()?).ok()?;
     let reserved = pending::reserved_by_others(ctx, pm);
+    let volumes = pending::claimed_volumes(ctx, &pm.namespace().unwrap_or_default(), &pod)
+        .await
+        .ok()?;
     match pending::target_or_reason(
         ctx,
         &pod,
@@ -266,6 +271,7 @@ async fn ensure_target(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         pm.spec.target_node.as_deref(),
         &reserved,
         &status.excluded_targets,
+        &volumes,
     ) {
         Ok(n) => {
             ctx.warn(

@@ -31,6 +31,8 @@ pub enum Unfit {
     TopologySpread(String),
     /// This migration gave up on the node (its agent stopped answering).
     GaveUp,
+    /// A PersistentVolume the pod uses is reachable only from other nodes (its node affinity).
+    VolumeAffinity(String),
 }
 
 impl std::fmt::Display for Unfit {
@@ -49,6 +51,7 @@ impl std::fmt::Display for Unfit {
             Unfit::PodAffinity => f.write_str("has no pod the pod's required pod affinity asks for"),
             Unfit::TopologySpread(k) => write!(f, "would exceed the pod's topology spread maxSkew over {k}"),
             Unfit::GaveUp => f.write_str("was lost during this migration"),
+            Unfit::VolumeAffinity(pv) => write!(f, "is outside the node affinity of PersistentVolume {pv}"),
         }
     }
 }
@@ -87,6 +90,9 @@ pub struct PlacementInput<'a> {
     pub has_agent: &'a dyn Fn(&str) -> bool,
     /// Nodes this migration gave up on.
     pub excluded: &'a [String],
+    /// The PersistentVolumes bound to the pod's claims: a node must be in each one's required
+    /// node affinity (zone, region or host), as the scheduler's volume binding checks.
+    pub volumes: &'a [k8s_openapi::api::core::v1::PersistentVolume],
 }
 
 pub fn choose(input: &PlacementInput<'_>) -> Placement {
@@ -171,6 +177,9 @@ fn fit(
         return Err(Unfit::NoAgent);
     }
     node_rules::matches_pod(&rules.spec, node)?;
+    if let Some(pv) = input.volumes.iter().find(|pv| !node_rules::volume_reachable(pv, node)) {
+        return Err(Unfit::VolumeAffinity(pv.metadata.name.clone().unwrap_or_default()));
+    }
     if let Some(taint) = node_rules::untolerated_taint(&rules.spec, node) {
         return Err(Unfit::Taint(taint));
     }

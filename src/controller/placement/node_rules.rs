@@ -31,6 +31,25 @@ pub(super) fn matches_pod(pod: &PodSpec, node: &Node) -> Result<(), Unfit> {
     Ok(())
 }
 
+/// Whether `node` is in the required node affinity of `pv` (none: reachable from anywhere).
+pub(super) fn volume_reachable(pv: &k8s_openapi::api::core::v1::PersistentVolume, node: &Node) -> bool {
+    let Some(required) = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_affinity.as_ref())
+        .and_then(|a| a.required.as_ref())
+    else {
+        return true;
+    };
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    required
+        .node_selector_terms
+        .iter()
+        .any(|t| term_matches(t, name, labels))
+}
+
 /// The first `NoSchedule`/`NoExecute` taint of `node` the pod does not tolerate, as
 /// `key=value:effect`.
 pub(super) fn untolerated_taint(pod: &PodSpec, node: &Node) -> Option<String> {
