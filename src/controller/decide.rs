@@ -385,6 +385,33 @@ pub fn archive_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {
         .collect()
 }
 
+/// A pod of the migrated pod's owner that the pod webhook never saw (it was down, and its
+/// `failurePolicy: Ignore` let the pod through): created after the source was stopped, neither
+/// bound to a migration nor gated for one, and not being deleted. It started from scratch in
+/// place of the restore this migration waits to do.
+pub fn slipped_through(pod: &Pod, owner_uid: &str, source_uid: &str, stopped_at: &Timestamp) -> bool {
+    let meta = &pod.metadata;
+    let controlled_by_owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == owner_uid);
+    let annotations = meta.annotations.as_ref();
+    let bound = annotations
+        .is_some_and(|a| a.contains_key(crate::api::RESTORE_OF) || a.contains_key(crate::api::RESTORE_OWNER));
+    // Creation times are whole seconds: one created in the second of the stop counts.
+    let after_stop = meta
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|t| t.0.as_second() >= stopped_at.as_second());
+    controlled_by_owner
+        && meta.uid.as_deref() != Some(source_uid)
+        && !bound
+        && !replacement::is_gated(pod)
+        && meta.deletion_timestamp.is_none()
+        && after_stop
+}
+
 /// The emptyDir contents packed with the checkpoint, as the agents name them.
 pub fn volume_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {
     status

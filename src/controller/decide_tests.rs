@@ -315,3 +315,69 @@ fn a_target_is_lost_when_deleted_or_not_ready_with_nothing_restored_there() {
     // A copy may be running behind a partition: never restore a second one.
     assert_eq!(target_lost(Some(&node("Unknown")), &[&running]), None);
 }
+
+#[test]
+fn a_replacement_the_webhook_never_saw_is_recognised() {
+    let stopped: Timestamp = "2026-11-28T10:00:00.700Z".parse().unwrap();
+    let pod = |created: &str, annotations: serde_json::Value, gated: bool, uid: &str, owner: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "keeper-abc", "namespace": "shop", "uid": uid, "creationTimestamp": created,
+                "annotations": annotations,
+                "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "keeper-1",
+                                      "uid": owner, "controller": true }]
+            },
+            "spec": {
+                "containers": [{ "name": "app", "image": "app:1" }],
+                "schedulingGates": if gated { json!([{ "name": crate::api::RESTORE_GATE }]) } else { json!([]) }
+            }
+        }))
+        .unwrap()
+    };
+    let slipped = pod("2026-11-28T10:00:01Z", json!({}), false, "new", "rs");
+    assert!(slipped_through(&slipped, "rs", "source", &stopped));
+    // Within the second of the stop (creation times are whole seconds).
+    assert!(slipped_through(
+        &pod("2026-11-28T10:00:00Z", json!({}), false, "new", "rs"),
+        "rs",
+        "source",
+        &stopped
+    ));
+    for (why, other) in [
+        (
+            "created before the stop",
+            pod("2026-11-28T09:59:59Z", json!({}), false, "new", "rs"),
+        ),
+        (
+            "the source itself",
+            pod("2026-11-28T10:00:01Z", json!({}), false, "source", "rs"),
+        ),
+        (
+            "another owner",
+            pod("2026-11-28T10:00:01Z", json!({}), false, "new", "other-rs"),
+        ),
+        ("gated", pod("2026-11-28T10:00:01Z", json!({}), true, "new", "rs")),
+        (
+            "bound to a migration",
+            pod(
+                "2026-11-28T10:00:01Z",
+                json!({ crate::api::RESTORE_OF: "keeper-abc-1234" }),
+                false,
+                "new",
+                "rs",
+            ),
+        ),
+        (
+            "gated for the owner",
+            pod(
+                "2026-11-28T10:00:01Z",
+                json!({ crate::api::RESTORE_OWNER: "rs" }),
+                false,
+                "new",
+                "rs",
+            ),
+        ),
+    ] {
+        assert!(!slipped_through(&other, "rs", "source", &stopped), "{why}");
+    }
+}

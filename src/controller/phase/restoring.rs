@@ -232,6 +232,7 @@ async fn find_replacement(
                 .collect();
             gated.sort_by_key(|p| p.metadata.creation_timestamp.clone());
             let Some(pod) = gated.first() else {
+                delete_slipped(pm, status, ctx, pods, &owner.uid).await?;
                 return Ok(None);
             };
             let mut desired = (**pod).clone();
@@ -273,6 +274,38 @@ async fn find_replacement(
             }
         }
     }
+}
+
+/// The owner's replacement was created while the pod webhook did not answer: it started from
+/// scratch, ungated, instead of being restored. Delete it at once (it has run only since the
+/// source stopped), so that the owner's next pod is gated and restored; said in an Event.
+async fn delete_slipped(
+    pm: &PodMigration,
+    status: &PodMigrationStatus,
+    ctx: &Context,
+    pods: &Api<Pod>,
+    owner_uid: &str,
+) -> Result<(), Error> {
+    let Some(stopped) = status.source_stop_requested_at.as_ref().map(|t| t.0) else {
+        return Ok(());
+    };
+    let ns = pm.namespace().unwrap_or_default();
+    let slipped = ctx.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(&ns) && decide::slipped_through(p, owner_uid, &pm.spec.pod_uid, &stopped)
+    });
+    for pod in slipped {
+        let note = format!(
+            "{} was created without kube-migrate's restore gate (the pod webhook did not answer) and started from scratch; deleting it so that its owner re-creates it and the checkpoint is restored",
+            pod.name_any()
+        );
+        tracing::warn!(migration = %pm.name_any(), pod = %pod.name_any(), "replacement slipped through ungated; deleting it");
+        match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+            Ok(_) => ctx.warn(pm, "ReplacementNotGated", note).await,
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// The node a replacement runs on, or is pinned to.
