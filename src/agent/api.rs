@@ -3,6 +3,7 @@
 //! * `POST   /v1/migrations/{id}/checkpoint`            checkpoint containers via the kubelet
 //! * `POST   /v1/migrations/{id}/source/thaw`           resume frozen source containers (rollback)
 //! * `POST   /v1/migrations/{id}/source/kill`           kill frozen source containers for good
+//!   (any other action: 404)
 //! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
 //! * `GET    /v1/migrations/{id}/archives/{container}`  the verified archive held, if any

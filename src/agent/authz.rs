@@ -105,6 +105,7 @@ mod tests {
         for path in [
             "/v1/migrations/{id}/checkpoint",
             "/v1/migrations/{id}/volumes",
+            "/v1/migrations/{id}/source/{action}",
             "/v1/migrations/{id}/push",
             "/v1/migrations/{id}/image",
             "/v1/migrations/{id}",

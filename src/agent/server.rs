@@ -207,8 +207,7 @@ impl AgentState {
 pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/v1/migrations/{id}/checkpoint", post(checkpoint::checkpoint))
-        .route("/v1/migrations/{id}/source/thaw", post(source::thaw))
-        .route("/v1/migrations/{id}/source/kill", post(source::kill))
+        .route("/v1/migrations/{id}/source/{action}", post(source::source))
         .route("/v1/migrations/{id}/push", post(transfer::push))
         .route(
             "/v1/migrations/{id}/archives/{container}",

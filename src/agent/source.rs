@@ -174,27 +174,22 @@ fn freeze_error(e: FreezeError) -> AgentError {
     AgentError::Freeze(e)
 }
 
-#[instrument(skip_all, fields(id = %id))]
-pub async fn thaw(
+/// `POST /v1/migrations/{id}/source/{action}`: `thaw` (rollback) or `kill` (the state is
+/// verified elsewhere) the containers this migration froze.
+#[instrument(skip_all, fields(id = %id, action = %action))]
+pub async fn source(
     State(state): State<Arc<AgentState>>,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     Json(req): Json<SourceRequest>,
 ) -> Result<Json<serde_json::Value>, AgentError> {
+    let (action, operation) = match action.as_str() {
+        "thaw" => (Action::Thaw, "thaw"),
+        "kill" => (Action::Kill, "kill"),
+        other => return Err(AgentError::NotFound(format!("no source action {other:?}"))),
+    };
     let started = Instant::now();
-    let result = apply(&state, &id, &req, Action::Thaw).await;
-    state.record_op("thaw", started, &result);
-    result
-}
-
-#[instrument(skip_all, fields(id = %id))]
-pub async fn kill(
-    State(state): State<Arc<AgentState>>,
-    Path(id): Path<String>,
-    Json(req): Json<SourceRequest>,
-) -> Result<Json<serde_json::Value>, AgentError> {
-    let started = Instant::now();
-    let result = apply(&state, &id, &req, Action::Kill).await;
-    state.record_op("kill", started, &result);
+    let result = apply(&state, &id, &req, action).await;
+    state.record_op(operation, started, &result);
     result
 }
 

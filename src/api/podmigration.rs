@@ -334,6 +334,58 @@ pub struct VolumeCheckpoint {
     pub size_bytes: u64,
 }
 
+/// The steps of `status.timeline`, in the order a migration goes through them (the strings
+/// are what the status and the `step` label of `kube_migrate_step_seconds` carry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Frozen,
+    Checkpointed,
+    Verified,
+    SourceKilled,
+    ImageBuilt,
+    SourceTerminated,
+    ReplacementSeen,
+    Released,
+    Scheduled,
+    VolumesPlaced,
+    Started,
+    Ready,
+}
+
+impl Step {
+    pub const ALL: [Step; 12] = [
+        Step::Frozen,
+        Step::Checkpointed,
+        Step::Verified,
+        Step::SourceKilled,
+        Step::ImageBuilt,
+        Step::SourceTerminated,
+        Step::ReplacementSeen,
+        Step::Released,
+        Step::Scheduled,
+        Step::VolumesPlaced,
+        Step::Started,
+        Step::Ready,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Frozen => "frozen",
+            Step::Checkpointed => "checkpointed",
+            Step::Verified => "verified",
+            Step::SourceKilled => "sourceKilled",
+            Step::ImageBuilt => "imageBuilt",
+            Step::SourceTerminated => "sourceTerminated",
+            Step::ReplacementSeen => "replacementSeen",
+            Step::Released => "released",
+            Step::Scheduled => "scheduled",
+            Step::VolumesPlaced => "volumesPlaced",
+            Step::Started => "started",
+            Step::Ready => "ready",
+        }
+    }
+}
+
 /// One step of a migration's timeline.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

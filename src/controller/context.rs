@@ -313,9 +313,16 @@ impl Context {
             self.metrics.downtime.observe(downtime);
         }
         if status.phase == Phase::Succeeded
-            && let Some(frozen) = status.timeline.iter().find(|t| t.step == "frozen")
+            && let Some(frozen) = status
+                .timeline
+                .iter()
+                .find(|t| t.step == crate::api::Step::Frozen.as_str())
         {
-            for t in status.timeline.iter().filter(|t| t.step != "frozen") {
+            for t in status
+                .timeline
+                .iter()
+                .filter(|t| t.step != crate::api::Step::Frozen.as_str())
+            {
                 self.metrics
                     .step
                     .get_or_create(&crate::metrics::StepLabels { step: t.step.clone() })

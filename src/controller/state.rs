@@ -50,10 +50,10 @@ pub fn mark_source_stopped(status: &mut PodMigrationStatus, reason: &str, messag
 
 /// Record when `step` happened, once: the first sighting counts (steps observed from watch
 /// events are seen again at every later event).
-pub fn mark(status: &mut PodMigrationStatus, step: &str, at: Timestamp) {
-    if !status.timeline.iter().any(|t| t.step == step) {
+pub fn mark(status: &mut PodMigrationStatus, step: crate::api::Step, at: Timestamp) {
+    if !status.timeline.iter().any(|t| t.step == step.as_str()) {
         status.timeline.push(crate::api::TimelineStep {
-            step: step.to_string(),
+            step: step.as_str().to_string(),
             at: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at),
         });
     }
@@ -271,17 +271,23 @@ mod tests {
 
     #[test]
     fn a_step_is_marked_once_the_first_sighting_counts() {
+        use crate::api::Step;
         let mut s = PodMigrationStatus::default();
         let t = |ms| Timestamp::from_millisecond(ms).unwrap();
-        mark(&mut s, "scheduled", t(1_000));
-        mark(&mut s, "started", t(2_500));
-        mark(&mut s, "scheduled", t(3_000));
+        mark(&mut s, Step::Scheduled, t(1_000));
+        mark(&mut s, Step::Started, t(2_500));
+        mark(&mut s, Step::Scheduled, t(3_000));
         let steps: Vec<(&str, i64)> = s
             .timeline
             .iter()
             .map(|x| (x.step.as_str(), x.at.0.as_millisecond()))
             .collect();
         assert_eq!(steps, [("scheduled", 1_000), ("started", 2_500)]);
+        let names: Vec<&str> = Step::ALL.iter().map(|s| s.as_str()).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len(), "step names are distinct");
     }
 
     #[test]

@@ -69,7 +69,7 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
             c.image = Some(image.image);
         }
     }
-    state::mark(status, "imageBuilt", Timestamp::now());
+    state::mark(status, crate::api::Step::ImageBuilt, Timestamp::now());
     if pm.spec.mode == Mode::Checkpoint {
         let message = format!(
             "checkpoint stored on {target}; restore it with: kubectl migrate restore {}",

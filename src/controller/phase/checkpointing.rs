@@ -133,7 +133,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     match answer.freeze {
         Some(f) if f.held => {
             let at = f.frozen_at.and_then(|t| t.parse::<Timestamp>().ok()).unwrap_or(now.0);
-            state::mark(status, "frozen", at);
+            state::mark(status, crate::api::Step::Frozen, at);
             status.source_frozen_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at));
             status.freeze_note = None;
         }
@@ -153,7 +153,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         return Ok(Action::requeue(Duration::ZERO));
     }
     status.checkpointed_at = Some(now.clone());
-    state::mark(status, "checkpointed", now.0);
+    state::mark(status, crate::api::Step::Checkpointed, now.0);
     if frozen::is_frozen(status) {
         // Persisted before anything else, so a new leader neither checkpoints twice nor
         // forgets to thaw.

@@ -66,7 +66,11 @@ pub async fn settle(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
     let Some(stopped) = decide::all_stopped_at(&pod) else {
         return Ok(false);
     };
-    state::mark(status, "sourceTerminated", k8s_openapi::jiff::Timestamp::now());
+    state::mark(
+        status,
+        crate::api::Step::SourceTerminated,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
     if status.source_window_seconds.is_none() && super::frozen::is_frozen(status) {
         // Frozen before the checkpoint, killed while frozen: it never ran after it.
         status.source_window_seconds = Some(0.0);

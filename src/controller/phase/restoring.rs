@@ -50,7 +50,7 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         name: pod.name_any(),
         uid: pod.uid(),
     });
-    state::mark(status, "replacementSeen", Timestamp::now());
+    state::mark(status, crate::api::Step::ReplacementSeen, Timestamp::now());
     if replacement::is_gated(&pod) && !status.volumes.is_empty() && !replacement::has_restore_helper(&pod) {
         // Created without the restore init container (the webhook did not know its image, or
         // let the pod through): it could not wait for its volumes, and init containers cannot
@@ -68,7 +68,7 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         replacement::apply_restore(&mut desired, &with_status(pm, status));
         replacement::remove_gate(&mut desired);
         patch_pod(&pods, &pod, &desired).await?;
-        state::mark(status, "released", Timestamp::now());
+        state::mark(status, crate::api::Step::Released, Timestamp::now());
         ctx.normal(
             pm,
             "Released",
@@ -82,17 +82,17 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
-        state::mark(status, "scheduled", Timestamp::now());
+        state::mark(status, crate::api::Step::Scheduled, Timestamp::now());
     }
     if let Some(action) = place_volumes(pm, status, ctx, &pod).await? {
         return Ok(action);
     }
     if decide::all_running(&pod) {
-        state::mark(status, "started", Timestamp::now());
+        state::mark(status, crate::api::Step::Started, Timestamp::now());
     }
     if decide::is_ready(&pod) {
         let now = Timestamp::now();
-        state::mark(status, "ready", now);
+        state::mark(status, crate::api::Step::Ready, now);
         // The workload stopped serving when it was frozen, if it was.
         let frozen = status.source_frozen_at.as_ref().map(|t| t.0);
         if let Some(stopped) = frozen.or(status.source_stopped_at.as_ref().map(|t| t.0)) {
@@ -158,7 +158,7 @@ async fn place_volumes(
     };
     match ctx.agent_client.place_volumes(&agent, &id, &request).await {
         Ok(answer) => {
-            state::mark(status, "volumesPlaced", Timestamp::now());
+            state::mark(status, crate::api::Step::VolumesPlaced, Timestamp::now());
             status.volumes_placed_in = Some(uid);
             status.message = Some(format!(
                 "{} emptyDir volume(s) ({}) in place in {}; restoring its containers",

@@ -47,7 +47,7 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
     let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
     match ctx.agent_client.push(&source, &source_id, &request).await {
         Ok(answer) => {
-            state::mark(status, "verified", Timestamp::now());
+            state::mark(status, crate::api::Step::Verified, Timestamp::now());
             status.transferred_bytes = Some(answer.bytes);
             let rate = if answer.seconds > 0.0 {
                 answer.bytes as f64 / answer.seconds
@@ -126,7 +126,7 @@ async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
     }
-    state::mark(status, "sourceKilled", Timestamp::now());
+    state::mark(status, crate::api::Step::SourceKilled, Timestamp::now());
     state::mark_source_stopped(
         status,
         "KilledFrozen",
