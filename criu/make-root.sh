@@ -17,6 +17,10 @@
 #                               comma-separated packages added to the list (nodes/make-root.sh: CRI-O's
 #                               conmon, CNI plugins, skopeo, ...); part of the cache key, so the plain
 #                               CRIU root and a root with extras are separate cached directories
+#   KUBE_MIGRATE_ROOT_NEWER     SUITE:PACKAGE,... taken from a newer Debian suite after the
+#                               bootstrap (with their dependencies where trixie's are too old), e.g.
+#                               nodes/make-root.sh's forky:criu,libcriu2 (CRIU 4.2: 4.1 cannot dump
+#                               an inet socket on Linux 6.16+); part of the cache key
 #   KUBE_MIGRATE_DEBIAN_MIRROR  Debian mirror (default: the one in this machine's apt sources,
 #                               else http://deb.debian.org/debian)
 set -euo pipefail
@@ -30,8 +34,11 @@ EXTRA=${KUBE_MIGRATE_ROOT_EXTRA_PACKAGES:-}
 [[ $EXTRA =~ ^[a-z0-9.+,-]*$ ]] || { echo "make-root: bad KUBE_MIGRATE_ROOT_EXTRA_PACKAGES: $EXTRA" >&2; exit 2; }
 # Without extras the key (and so the cached root) is exactly what it was before extras existed.
 PACKAGES+=${EXTRA:+,$EXTRA}
+NEWER=${KUBE_MIGRATE_ROOT_NEWER:-}
+[[ -z $NEWER || $NEWER =~ ^[a-z]+:[a-z0-9.+-]+(,[a-z0-9.+-]+)*$ ]] || { echo "make-root: bad KUBE_MIGRATE_ROOT_NEWER: $NEWER" >&2; exit 2; }
 RECIPE_VERSION=1
-KEY=$(printf '%s\n' "$SUITE" "$PACKAGES" "$RECIPE_VERSION" "$(uname -m)" | sha256sum | cut -c1-12)
+# (Without newer packages the key stays what it was before they existed.)
+KEY=$(printf '%s\n' "$SUITE" "$PACKAGES" "$RECIPE_VERSION" "$(uname -m)" ${NEWER:+"$NEWER"} | sha256sum | cut -c1-12)
 
 CACHE=${KUBE_MIGRATE_CACHE:-$HOME/.cache/kube-migrate}
 ROOT=$CACHE/criu-root-$SUITE-$KEY
@@ -97,6 +104,30 @@ unshare -m --propagation private \
     tail -n 30 "$TMP.log" >&2
     exit 1
 }
+
+# Packages from a newer suite: apt in the new root, that suite pinned low (nothing else comes from
+# it unless a named package needs it), then its lists removed (the root keeps the pin only).
+# Check-Valid-Until=false: the mirror's Release file may be older than its validity window says
+# for this machine's clock (seen: forky's "is expired (invalid since 22d)"); debootstrap does not
+# check it either, and the signatures are still checked.
+if [[ -n $NEWER ]]; then
+    newer_suite=${NEWER%%:*}
+    log "taking ${NEWER#*:} from $newer_suite"
+    echo "deb $MIRROR $newer_suite main" >"$TMP/etc/apt/sources.list.d/km-$newer_suite.list"
+    printf 'Package: *\nPin: release n=%s\nPin-Priority: 100\n' "$newer_suite" >"$TMP/etc/apt/preferences.d/km-$newer_suite"
+    mapfile -t newer_pkgs < <(tr ',' '\n' <<<"${NEWER#*:}" | sed "s|\$|/$newer_suite|")
+    # shellcheck disable=SC2016 # for the inner shell
+    unshare -m --propagation private /bin/sh -euc 'mount -t proc proc "$1/proc"; r=$1 s=$2; shift 2
+        chroot "$r" apt-get -o Acquire::Check-Valid-Until=false update
+        chroot "$r" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"' \
+        newer "$TMP" "$newer_suite" "${newer_pkgs[@]}" >"$TMP.log" 2>&1 || {
+        log "installing ${NEWER#*:} from $newer_suite failed; last lines of $TMP.log:"
+        tail -n 30 "$TMP.log" >&2
+        exit 1
+    }
+    rm -f "$TMP/etc/apt/sources.list.d/km-$newer_suite.list"
+    rm -rf "$TMP"/var/lib/apt/lists/*
+fi
 
 # Trim: downloaded .debs are not needed.
 rm -f "$TMP"/var/cache/apt/archives/*.deb

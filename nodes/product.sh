@@ -39,7 +39,10 @@
 # Env: KUBE_MIGRATE_NODES_DIR [/tmp/kube-migrate-nodes]; KM_MANIFESTS [the repository's manifests/]
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test|plugin-test|leader-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
+# Sourced (nodes/tcp-test.sh), it only defines its helpers.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test|plugin-test|leader-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
+fi
 # shellcheck source=nodes/lib.sh
 source "$here/lib.sh"
 [[ $(id -u) == 0 ]] || { echo "SKIPPED: needs root"; exit 77; }
@@ -103,20 +106,20 @@ EOF2
   sleep 3
 }
 
-# migration_ends PHASE SECONDS: the name of stateful-counter's latest PodMigration, once it is
-# in PHASE (waited for; dies with its message otherwise).
+# migration_ends PHASE SECONDS [POD]: the name of POD's (stateful-counter's) latest PodMigration,
+# once it is in PHASE (waited for; dies with its message otherwise).
 migration_ends() {
-  local pm; pm=$(latest_migration)
-  [[ -n $pm ]] || km_die "no PodMigration for stateful-counter"
+  local pm; pm=$(latest_migration "${3:-stateful-counter}")
+  [[ -n $pm ]] || km_die "no PodMigration for ${3:-stateful-counter}"
   wait_until "$2" "PodMigration $pm $1" \
     bash -c "[[ \$(kubectl get podmigration $pm -o jsonpath={.status.phase}) == $1 ]]" ||
     km_die "PodMigration $pm: $(kubectl get podmigration "$pm" -o jsonpath='{.status.phase}: {.status.message}')"
   echo "$pm"
 }
 
-latest_migration() {
+latest_migration() { # [POD]
   kubectl get podmigrations --sort-by=.metadata.creationTimestamp \
-    -o jsonpath='{range .items[?(@.spec.podName=="stateful-counter")]}{.metadata.name}{"\n"}{end}' | tail -n 1
+    -o jsonpath="{range .items[?(@.spec.podName==\"${1:-stateful-counter}\")]}{.metadata.name}{\"\\n\"}{end}" | tail -n 1
 }
 
 # pause_in_log [FROM]: "<number before> <number after> <seconds>" of the longest pause between two
@@ -464,6 +467,7 @@ rollback_test() {
   migrate_by_drain "$counted"
 }
 
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 case $1 in
   install) install "${2:-}" ;;
   install-release) install_release ;;

@@ -128,7 +128,7 @@ start_node() {
   name=$(node_name "$i"); ip=$(node_ip "$i"); d=$(node_dir "$i"); netns=$name
   if helper_pid "$i" > /dev/null; then km_log "$name: already running"; return 0; fi
   mkdir -p "$d"/{containers,kubelet,crio,cni,kube-migrate,log,run,logs} \
-    "$d"/etc/{crio/crio.conf.d,cni/net.d,kubernetes/pki,containers}
+    "$d"/etc/{crio/crio.conf.d,cni/net.d,kubernetes/pki,containers,kube-migrate}
 
   # Network: veth eth0 in the node, km-n<i> on the host bridge; routes to the other nodes' pod
   # CIDRs via their node IPs (pod to pod across nodes without forwarding on the host).
@@ -174,6 +174,8 @@ start_node() {
       km_die "deploy/node/crun-hold: no runtime= line to chain the oom clamp behind"
   fi
   chmod 0755 "$d/libexec/kube-migrate/crun-hold"
+  # kube-migrate's CRIU options, which the wrapper hands CRIU (docs/install-cri-o.md, section 6).
+  cp "$here/../deploy/node/criu.conf" "$d/etc/kube-migrate/criu.conf"
   [[ -s $d/etc/containers/policy.json ]] || cp -a "$ROOT/etc/containers/." "$d/etc/containers/"
   cp "$here/conf/storage.conf" "$d/etc/containers/storage.conf"
   # Distinct per node (cAdvisor's system UUID, Node.status.nodeInfo.machineID).
@@ -288,6 +290,7 @@ EOF2
     b "$d/etc/cni" /etc/cni
     b "$d/etc/containers" /etc/containers
     b "$d/etc/kubernetes" /etc/kubernetes
+    b "$d/etc/kube-migrate" /etc/kube-migrate
     [[ -e $R/etc/machine-id ]] || : > "$R/etc/machine-id"
     mount --bind "$d/etc/machine-id" "$R/etc/machine-id"
     b "$k8s" /opt/km/k8s
