@@ -4,12 +4,18 @@
 # CA; the running pods pick the new certificates up without a restart.
 #
 #   certs/install.sh [OUT_DIR]      (needs kubectl pointed at the cluster)
+#
+# Env: KM_NAMESPACE (kube-migrate's namespace, default kube-migrate: the Helm release's),
+#      KM_EXTRA_SANS, KM_CERTS_BIN (a built kube-migrate-certs instead of `cargo run`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-certs/out}
 ns=${KM_NAMESPACE:-kube-migrate}
 # The dev profile: a one-shot tool, and a release build of its dependencies would take minutes.
-cargo run --quiet --locked -p kube-migrate-certs -- --out "$out" --namespace "$ns" ${KM_EXTRA_SANS:+$(printf -- '--san %s ' $KM_EXTRA_SANS)}
+if [[ -n ${KM_CERTS_BIN:-} ]]; then certs=("$KM_CERTS_BIN"); else certs=(cargo run --quiet --locked -p kube-migrate-certs --); fi
+sans=()
+for san in ${KM_EXTRA_SANS:-}; do sans+=(--san "$san"); done
+"${certs[@]}" --out "$out" --namespace "$ns" "${sans[@]}"
 for name in webhook agent; do
   kubectl -n "$ns" create secret generic "kube-migrate-$name-tls" \
     --from-file=tls.crt="$out/$name.crt" --from-file=tls.key="$out/$name.key" --from-file=ca.crt="$out/ca.crt" \

@@ -2,9 +2,11 @@
 # The project's test command (README "Tests"); CI runs exactly this.
 #   1. formatting and lints (clippy -D warnings)
 #   2. the committed CRD matches the Rust types (crdgen)
-#   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh)
+#   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh);
+#      the Helm chart: lint, template, no drift from manifests/ (scripts/check-helm.sh)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
-#      real crun + CRIU containers included where the machine allows;
+#      real crun + CRIU containers included where the machine allows; the Helm chart installed
+#      on a local control plane (scripts/helm-live.sh);
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
 #   5. short versions of the benchmarks (scripts/bench.sh --quick: admission, transfer, image
 #      build; scripts/bench-drain.sh --quick: drain on the local cluster), so they cannot rot
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Tools the scripts use that a fresh machine may lack, from Debian's archive.
+# shellcheck disable=SC2043 # a list of tools, with one in it today
 for tool in jq; do
   if ! command -v "$tool" >/dev/null; then
     step "installing $tool (apt)"
@@ -48,11 +51,16 @@ python3 -m unittest discover -s scripts -p 'test_*.py'
 step "monitoring: alert rules (promtool check + test) and dashboard metric names (scripts/check-monitoring.sh)"
 scripts/check-monitoring.sh
 
+step "Helm chart: lint, template, drift against kubectl kustomize manifests (scripts/check-helm.sh)"
+scripts/check-helm.sh
+
 if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
   echo "end-to-end scenarios skipped (KUBE_MIGRATE_SKIP_E2E=1)"
 else
   step "end-to-end scenarios (scripts/e2e.sh)"
   scripts/e2e.sh 2>&1 | tee -a "$results"
+  step "Helm chart installed, upgraded and uninstalled on a local control plane (scripts/helm-live.sh)"
+  scripts/helm-live.sh 2>&1 | tee -a "$results"
   step "end-to-end on real nodes: kubelet + CRI-O + CRIU (scripts/e2e-real.sh)"
   scripts/e2e-real.sh 2>&1 | tee -a "$results"
   step "benchmarks, short versions (figures: docs/benchmarks.md)"
@@ -63,4 +71,5 @@ fi
 # prints "SKIPPED: <why>" and counts as skipped, not passed.
 grep '^SKIPPED:' "$results" || true
 awk '/^test result:/ { p += $4; f += $6 } /^SKIPPED:/ { s++ }
+     /^helm-live: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p - s, f, s }' "$results"
