@@ -1,7 +1,7 @@
 //! kube-migrate-agent: see `kube_migrate::app::agent`.
 use clap::Parser;
 use kube_migrate::{
-    app::agent::{AwaitRestore, Options, run},
+    app::agent::{AwaitRestore, Options, UnpackVolume, run},
     telemetry, tls,
 };
 
@@ -11,6 +11,14 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(AwaitRestore::COMMAND) {
         let wait = AwaitRestore::parse_from(std::env::args().skip(1));
         std::process::exit(if wait.run() { 0 } else { 1 });
+    }
+    if std::env::args().nth(1).as_deref() == Some(UnpackVolume::COMMAND) {
+        let unpack = UnpackVolume::parse_from(std::env::args().skip(1));
+        if let Err(e) = unpack.run() {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        return Ok(());
     }
     tls::install_crypto_provider();
     let options = Options::parse();

@@ -64,7 +64,8 @@ async fn do_place(state: &AgentState, id: &str, req: &VolumesRequest) -> Result<
                 wanted.container, held.digest, wanted.digest
             )));
         }
-        let dir = volumes::inside(&root, &format!("{HELPER_VOLUMES_DIR}/{}", wanted.container))?;
+        let dir = format!("{HELPER_VOLUMES_DIR}/{}", wanted.container);
+        volumes::inside(&root, &dir)?;
         jobs.push((
             wanted.container.clone(),
             std::path::PathBuf::from(&held.path),
@@ -74,9 +75,10 @@ async fn do_place(state: &AgentState, id: &str, req: &VolumesRequest) -> Result<
     }
     let bytes = jobs.iter().map(|j| j.3).sum();
     let filled = jobs.len();
+    let (unpacker, in_root) = (state.roots.unpacker.clone(), root.clone());
     tokio::task::spawn_blocking(move || -> Result<(), VolumeError> {
         for (name, tar, dir, _) in jobs {
-            volumes::unpack(&name, &tar, &dir)?;
+            unpacker.unpack(&name, &tar, &in_root, &dir)?;
         }
         Ok(())
     })

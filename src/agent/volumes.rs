@@ -68,6 +68,64 @@ impl VolumeError {
 pub struct ContainerRoots {
     /// The host's `/proc` (another directory in tests).
     pub proc_dir: PathBuf,
+    pub unpacker: Unpacker,
+}
+
+/// How the target agent unpacks into a container's volume.
+#[derive(Debug, Clone)]
+pub enum Unpacker {
+    /// A child of this program (`kube-migrate-agent unpack-volume`) that chroots into the
+    /// container's root first. `/proc/<pid>/root` is a magic link: path canonicalization (the
+    /// `tar` crate's containment check) reads it as the agent's own `/` (met on real nodes:
+    /// "No such file or directory while canonicalizing /proc/<pid>/root/..."), and an absolute
+    /// symlink in the volume would resolve in the agent's file system. Inside the chroot both
+    /// resolve in the container.
+    Chrooted(PathBuf),
+    /// In this process, into the path as given: for tests, whose container roots are plain
+    /// directories.
+    InProcess,
+}
+
+impl Unpacker {
+    /// Unpack the tar at `tar_path` into `dir` (absolute, as the container sees it) of the
+    /// container whose root is `root`.
+    pub fn unpack(&self, volume: &str, tar_path: &Path, root: &Path, dir: &str) -> Result<(), VolumeError> {
+        let target = inside(root, dir)?;
+        match self {
+            Unpacker::InProcess => unpack(volume, tar_path, &target),
+            Unpacker::Chrooted(program) => {
+                let io = |source| VolumeError::Io {
+                    volume: volume.to_string(),
+                    path: target.clone(),
+                    source,
+                };
+                let tar = File::open(tar_path).map_err(|source| VolumeError::Io {
+                    volume: volume.to_string(),
+                    path: tar_path.to_owned(),
+                    source,
+                })?;
+                let out = std::process::Command::new(program)
+                    .arg("unpack-volume")
+                    .arg("--root")
+                    .arg(root)
+                    .arg("--dir")
+                    .arg(dir)
+                    .arg("--volume")
+                    .arg(volume)
+                    .stdin(tar)
+                    .stdout(std::process::Stdio::null())
+                    .output()
+                    .map_err(io)?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(io(io::Error::other(
+                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    )))
+                }
+            }
+        }
+    }
 }
 
 impl ContainerRoots {
@@ -203,6 +261,17 @@ pub fn pack(volume: &str, dir: &Path, out: &Path) -> Result<Packed, VolumeError>
 /// Existing files of the same names are replaced: what the replacement's own init containers
 /// wrote is superseded by the source's state.
 pub fn unpack(volume: &str, tar_path: &Path, dir: &Path) -> Result<(), VolumeError> {
+    let file = File::open(tar_path).map_err(|source| VolumeError::Io {
+        volume: volume.to_string(),
+        path: tar_path.to_owned(),
+        source,
+    })?;
+    unpack_from(volume, file, dir)
+}
+
+/// [`unpack`] from a reader (the chrooted child reads the tar on its stdin, opened before the
+/// chroot).
+pub fn unpack_from(volume: &str, tar: impl io::Read, dir: &Path) -> Result<(), VolumeError> {
     let io = |path: &Path| {
         let volume = volume.to_string();
         let path = path.to_owned();
@@ -215,14 +284,22 @@ pub fn unpack(volume: &str, tar_path: &Path, dir: &Path) -> Result<(), VolumeErr
             path: dir.to_owned(),
         });
     }
-    let file = File::open(tar_path).map_err(io(tar_path))?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, tar));
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     // `unpack` refuses entries that would land outside `dir` (`..`, links through symlinks).
-    archive.unpack(dir).map_err(io(dir))?;
+    // Its errors wrap their cause: keep the whole chain in the message.
+    archive.unpack(dir).map_err(|e| {
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        io(dir)(io::Error::new(e.kind(), why))
+    })?;
     sync_tree(dir).map_err(io(dir))
 }
 

@@ -117,6 +117,7 @@ fn container_roots_come_from_the_cgroup_and_mount_paths_stay_plain() {
     let freezer = Freezer::new(tmp.path().join("cgroup"), tmp.path().join("holds"));
     let roots = ContainerRoots {
         proc_dir: tmp.path().join("proc"),
+        unpacker: Unpacker::InProcess,
     };
     std::fs::write(cgroup.join("cgroup.procs"), "").unwrap();
     let err = roots.root_of(&freezer, &format!("cri-o://{id}")).unwrap_err();

@@ -14,7 +14,7 @@ use crate::{
         server::{AgentState, router, spawn_gc},
         source::spawn_expiry,
         store::Store,
-        volumes::ContainerRoots,
+        volumes::{ContainerRoots, Unpacker},
     },
     metrics::Metrics,
     server::{Health, admin_router, serve_admin, serve_tls},
@@ -122,6 +122,32 @@ pub struct AwaitRestore {
     pub timeout_seconds: u64,
 }
 
+/// `kube-migrate-agent unpack-volume`: the agent's own child that unpacks an emptyDir's tar
+/// (on stdin) into a directory of a container, chrooted into that container's root first (see
+/// `agent::volumes::Unpacker`).
+#[derive(clap::Parser, Debug)]
+#[command(name = "kube-migrate-agent unpack-volume")]
+pub struct UnpackVolume {
+    /// The container's root as the agent sees it (`/proc/<pid>/root`).
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The directory inside it.
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub volume: String,
+}
+
+impl UnpackVolume {
+    pub const COMMAND: &'static str = "unpack-volume";
+
+    pub fn run(&self) -> Result<(), String> {
+        rustix::process::chroot(&self.root).map_err(|e| format!("chroot {}: {e}", self.root.display()))?;
+        std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+        crate::agent::volumes::unpack_from(&self.volume, std::io::stdin().lock(), &self.dir).map_err(|e| e.to_string())
+    }
+}
+
 impl AwaitRestore {
     /// The first argument that selects this program instead of the agent.
     pub const COMMAND: &'static str = "await-restore";
@@ -172,6 +198,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             Freezer::new(&opts.cgroup_root, &opts.hold_dir),
             ContainerRoots {
                 proc_dir: opts.proc_dir.clone(),
+                // This very program, as `unpack-volume` (see `Unpacker`).
+                unpacker: Unpacker::Chrooted(std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into())),
             },
         ),
         AgentClient::new(

@@ -19,7 +19,7 @@ use kube_migrate::{
         registry,
         server::{AgentState, router},
         store::Store,
-        volumes::ContainerRoots,
+        volumes::{ContainerRoots, Unpacker},
     },
     certs,
     metrics::Metrics,
@@ -98,6 +98,7 @@ pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
             Freezer::new(state_dir.join("cgroup"), state_dir.join("holds")),
             ContainerRoots {
                 proc_dir: state_dir.join("proc"),
+                unpacker: Unpacker::InProcess,
             },
         ),
         AgentClient::new(
