@@ -142,7 +142,7 @@ impl UnpackVolume {
     pub const COMMAND: &'static str = "unpack-volume";
 
     pub fn run(&self) -> Result<(), String> {
-        rustix::process::chroot(&self.root).map_err(|e| format!("chroot {}: {e}", self.root.display()))?;
+        std::os::unix::fs::chroot(&self.root).map_err(|e| format!("chroot {}: {e}", self.root.display()))?;
         std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
         crate::agent::volumes::unpack_from(&self.volume, std::io::stdin().lock(), &self.dir).map_err(|e| e.to_string())
     }
