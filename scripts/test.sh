@@ -2,7 +2,8 @@
 # The project's test command (README "Tests"); CI runs exactly this.
 #   1. formatting and lints (clippy -D warnings)
 #   2. the committed CRD matches the Rust types (crdgen)
-#   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh)
+#   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh);
+#      20 s of coverage-guided fuzzing per fuzz target (scripts/fuzz.sh --quick, docs/fuzzing.md)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows;
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
@@ -48,6 +49,9 @@ python3 -m unittest discover -s scripts -p 'test_*.py'
 step "monitoring: alert rules (promtool check + test) and dashboard metric names (scripts/check-monitoring.sh)"
 scripts/check-monitoring.sh
 
+step "fuzzing, 20 s per target (scripts/fuzz.sh --quick; longer runs: docs/fuzzing.md)"
+scripts/fuzz.sh --quick 2>&1 | tee -a "$results"
+
 if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
   echo "end-to-end scenarios skipped (KUBE_MIGRATE_SKIP_E2E=1)"
 else
@@ -60,7 +64,8 @@ else
   scripts/bench-drain.sh --quick
 fi
 # One closing line for everything that ran. A scenario that could not run on this machine
-# prints "SKIPPED: <why>" and counts as skipped, not passed.
+# prints "SKIPPED: <why>" and counts as skipped, not passed (its test passed: p - s). Each fuzz
+# target that ran clean counts as one test; a fuzz step that could not run is one skip.
 grep '^SKIPPED:' "$results" || true
-awk '/^test result:/ { p += $4; f += $6 } /^SKIPPED:/ { s++ }
+awk '/^test result:/ { p += $4; f += $6 } /^FUZZ PASSED:/ || /^SKIPPED: fuzz/ { p++ } /^SKIPPED:/ { s++ }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p - s, f, s }' "$results"
