@@ -3,7 +3,8 @@
 #   1. formatting and lints (clippy -D warnings)
 #   2. the committed CRD matches the Rust types (crdgen)
 #   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh);
-#      the Helm chart: lint, template, no drift from manifests/ (scripts/check-helm.sh)
+#      the Helm chart: lint, template, no drift from manifests/ (scripts/check-helm.sh);
+#      20 s of coverage-guided fuzzing per fuzz target (scripts/fuzz.sh --quick, docs/fuzzing.md)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows; the Helm chart installed
 #      on a local control plane (scripts/helm-live.sh);
@@ -54,6 +55,9 @@ scripts/check-monitoring.sh
 step "Helm chart: lint, template, drift against kubectl kustomize manifests (scripts/check-helm.sh)"
 scripts/check-helm.sh
 
+step "fuzzing, 20 s per target (scripts/fuzz.sh --quick; longer runs: docs/fuzzing.md)"
+scripts/fuzz.sh --quick 2>&1 | tee -a "$results"
+
 if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
   echo "end-to-end scenarios skipped (KUBE_MIGRATE_SKIP_E2E=1)"
 else
@@ -68,8 +72,9 @@ else
   scripts/bench-drain.sh --quick
 fi
 # One closing line for everything that ran. A scenario that could not run on this machine
-# prints "SKIPPED: <why>" and counts as skipped, not passed.
+# prints "SKIPPED: <why>" and counts as skipped, not passed (its test passed: p - s). Each fuzz
+# target that ran clean counts as one test; a fuzz step that could not run is one skip.
 grep '^SKIPPED:' "$results" || true
-awk '/^test result:/ { p += $4; f += $6 } /^SKIPPED:/ { s++ }
+awk '/^test result:/ { p += $4; f += $6 } /^FUZZ PASSED:/ || /^SKIPPED: fuzz/ { p++ } /^SKIPPED:/ { s++ }
      /^helm-live: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p - s, f, s }' "$results"

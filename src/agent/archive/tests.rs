@@ -383,6 +383,23 @@ fn entries_are_checked_against_the_tree_before_them() {
                 .entry(b'2', "checkpoint/d", ".."),
             "symlink on the way of an earlier link",
         ),
+        // A later symlink on a path the target walks through and leaves again with `..`:
+        // `l -> x/..` looked like the directory `l` is in, but with `x -> .` it is one level
+        // up (at the archive root: outside the extraction directory). Found writing the
+        // tar_validator fuzz target, whose unpack check reproduces it.
+        (
+            good()
+                .entry(b'2', "checkpoint/l", "x/..")
+                .entry(b'2', "checkpoint/x", "."),
+            "symlink on the way of an earlier link",
+        ),
+        (
+            good()
+                .entry(b'2', "checkpoint/l", "x/y/../../pages-1.img")
+                .entry(b'5', "checkpoint/x/", "")
+                .entry(b'2', "checkpoint/x/y", ".."),
+            "symlink on the way of an earlier link",
+        ),
         // Replacing a directory (with entries in it) by a symlink.
         (
             good().entry(b'2', "checkpoint", ".."),
@@ -443,6 +460,11 @@ fn the_nested_rootfs_diff_is_checked_the_same_way() {
             Tar::default().entry(b'2', "tmp/a", "/").file("tmp/a/etc/shadow", b""),
             "path through a symlink",
             "rootfs-diff.tar/tmp/a/etc/shadow",
+        ),
+        (
+            Tar::default().entry(b'2', "l", "x/..").entry(b'2', "x", "."),
+            "symlink on the way of an earlier link",
+            "rootfs-diff.tar/x",
         ),
         (
             Tar::default().raw(with_mode(header(b'0', b"usr/bin/su", 0, b""), 0o4755), b""),

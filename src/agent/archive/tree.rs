@@ -101,8 +101,9 @@ impl Tree {
                 if before.is_some() {
                     return Err(TreeError("link replaces an earlier entry"));
                 }
-                // A hard link's target is relative to the archive root.
-                let resolved = self.resolve(Path::new(""), target, false)?;
+                // A hard link's target is relative to the archive root. It is resolved once,
+                // when unpacked: later entries cannot redirect it.
+                let resolved = self.resolve(Path::new(""), target, false, &mut Vec::new())?;
                 if self.kinds.get(&resolved) != Some(&Kind::File) {
                     return Err(TreeError("hard link to no earlier regular file"));
                 }
@@ -116,13 +117,18 @@ impl Tree {
                     return Err(TreeError("symlink on the way of an earlier link"));
                 }
                 let base = path.parent().unwrap_or(Path::new(""));
-                let resolved = self.resolve(base, target, self.rootfs)?;
+                let mut walked = Vec::new();
+                let resolved = self.resolve(base, target, self.rootfs, &mut walked)?;
                 if resolved.starts_with(path) {
                     return Err(TreeError("symlink to itself or below it"));
                 }
+                // A symlink is followed when used, after every entry: none of the places its
+                // target walks through may become a symlink later, not even those a `..`
+                // leaves again (`l -> x/..` then `x -> .` makes `l` the parent of the root).
                 for prefix in resolved.ancestors() {
                     self.on_link_paths.insert(prefix.to_path_buf());
                 }
+                self.on_link_paths.extend(walked);
                 Kind::Symlink
             }
         };
@@ -140,8 +146,15 @@ impl Tree {
     }
 
     /// `target` seen from directory `base`, normalised; it must stay inside the root and
-    /// pass through no symlink known so far.
-    fn resolve(&self, base: &Path, target: &Path, absolute_ok: bool) -> Result<PathBuf, TreeError> {
+    /// pass through no symlink known so far. Every path it walks through (before any `..`
+    /// takes it back) is added to `walked`.
+    fn resolve(
+        &self,
+        base: &Path,
+        target: &Path,
+        absolute_ok: bool,
+        walked: &mut Vec<PathBuf>,
+    ) -> Result<PathBuf, TreeError> {
         if target.as_os_str().is_empty() {
             return Err(TreeError("link without target"));
         }
@@ -160,6 +173,7 @@ impl Tree {
                     if self.kinds.get(&out) == Some(&Kind::Symlink) {
                         return Err(TreeError("link through a symlink"));
                     }
+                    walked.push(out.clone());
                 }
                 Component::CurDir | Component::RootDir => {}
                 Component::ParentDir => {
