@@ -59,6 +59,10 @@ if [[ ! -x $bindir/cargo-fuzz ]]; then
 fi
 export PATH="$bindir:$PATH"
 
+# The product's `cargo fmt --all` does not reach this separate workspace. (Its clippy, not run
+# here to keep the CI step short: cd fuzz && cargo clippy --all-targets -- -D warnings.)
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
+
 # cargo-fuzz builds with one codegen unit; 16 roughly halve the rebuild of the product crate
 # after a change (flags given in RUSTFLAGS come after cargo-fuzz's own and win).
 export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-Ccodegen-units=16"

@@ -187,7 +187,7 @@ fn check_eviction(request: &AdmissionRequest<DynamicObject>, pod: Option<&Pod>, 
         pod,
         pod_node_schedulable: [None, Some(true), Some(false)][request.uid.len() % 3],
         migrations: ms,
-        static_on_node: if request.uid.len() % 5 == 0 {
+        static_on_node: if request.uid.len().is_multiple_of(5) {
             &static_on_node
         } else {
             &[]

@@ -25,7 +25,10 @@ use libfuzzer_sys::{
 use sha2::{Digest, Sha256};
 
 fn verdict(r: &Result<ArchiveInfo, ArchiveError>) -> Result<ArchiveInfo, String> {
-    r.as_ref().map(Clone::clone).map_err(ToString::to_string)
+    match r {
+        Ok(info) => Ok(info.clone()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn feed<'a>(rootfs: bool, parts: impl IntoIterator<Item = &'a [u8]>) -> (String, Result<ArchiveInfo, ArchiveError>) {
