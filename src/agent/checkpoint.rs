@@ -139,6 +139,9 @@ async fn pack_volumes(
     req: &CheckpointRequest,
     retaken: bool,
 ) -> Result<(), AgentError> {
+    if !req.empty_dirs.is_empty() {
+        state.store.create_dir(id)?;
+    }
     for spec in &req.empty_dirs {
         if !retaken
             && record
@@ -150,7 +153,6 @@ async fn pack_volumes(
         }
         let started = Instant::now();
         let out = state.store.volume_path(id, &spec.name)?;
-        state.store.create_dir(id)?;
         let root = state.roots.root_of(&state.freezer, &spec.container_id)?;
         let dir = volumes::inside(&root, &spec.mount_path)?;
         let name = spec.name.clone();

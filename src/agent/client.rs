@@ -195,51 +195,41 @@ impl AgentClient {
         }
     }
 
+    /// POST `req` as JSON to `/v1/migrations/{id}/{path}` and decode the answer.
+    async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        base: &str,
+        id: &str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/{path}");
+        send(&self.http, request(Method::POST, &url, json_body(req))?, timeout).await
+    }
+
     pub async fn checkpoint(
         &self,
         base: &str,
         id: &str,
         req: &CheckpointRequest,
     ) -> Result<CheckpointResponse, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/checkpoint");
-        send(
-            &self.http,
-            request(Method::POST, &url, json_body(req))?,
-            self.long_timeout,
-        )
-        .await
+        self.post(base, id, "checkpoint", req, self.long_timeout).await
     }
 
     /// Thaw (`"thaw"`) or kill (`"kill"`) the frozen source containers of migration `id`.
     pub async fn source(&self, base: &str, id: &str, action: &str, req: &SourceRequest) -> Result<(), ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/source/{action}");
-        send::<serde_json::Value>(
-            &self.http,
-            request(Method::POST, &url, json_body(req))?,
-            Duration::from_secs(30),
-        )
-        .await
-        .map(|_| ())
+        self.post::<_, serde_json::Value>(base, id, &format!("source/{action}"), req, Duration::from_secs(30))
+            .await
+            .map(|_| ())
     }
 
     pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/push");
-        send(
-            &self.http,
-            request(Method::POST, &url, json_body(req))?,
-            self.long_timeout,
-        )
-        .await
+        self.post(base, id, "push", req, self.long_timeout).await
     }
 
     pub async fn build_image(&self, base: &str, id: &str, req: &ImageRequest) -> Result<ImageResponse, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/image");
-        send(
-            &self.http,
-            request(Method::POST, &url, json_body(req))?,
-            self.long_timeout,
-        )
-        .await
+        self.post(base, id, "image", req, self.long_timeout).await
     }
 
     /// Fill a replacement's emptyDirs from what this agent received, then release it.
@@ -249,13 +239,7 @@ impl AgentClient {
         id: &str,
         req: &VolumesRequest,
     ) -> Result<VolumesResponse, ClientError> {
-        let url = format!("{base}/v1/migrations/{id}/volumes");
-        send(
-            &self.http,
-            request(Method::POST, &url, json_body(req))?,
-            self.long_timeout,
-        )
-        .await
+        self.post(base, id, "volumes", req, self.long_timeout).await
     }
 
     pub async fn delete(&self, base: &str, id: &str) -> Result<serde_json::Value, ClientError> {
