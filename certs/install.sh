@@ -16,11 +16,17 @@ if [[ -n ${KM_CERTS_BIN:-} ]]; then certs=("$KM_CERTS_BIN"); else certs=(cargo r
 sans=()
 for san in ${KM_EXTRA_SANS:-}; do sans+=(--san "$san"); done
 "${certs[@]}" --out "$out" --namespace "$ns" "${sans[@]}"
-for name in webhook agent; do
-  kubectl -n "$ns" create secret generic "kube-migrate-$name-tls" \
-    --from-file=tls.crt="$out/$name.crt" --from-file=tls.key="$out/$name.key" --from-file=ca.crt="$out/ca.crt" \
-    --dry-run=client -o yaml | kubectl apply -f -
-done
+secret() { # name, --from-file args...
+  local name=$1; shift
+  kubectl -n "$ns" create secret generic "$name" "$@" --dry-run=client -o yaml | kubectl apply -f -
+}
+secret kube-migrate-webhook-tls \
+  --from-file=tls.crt="$out/webhook.crt" --from-file=tls.key="$out/webhook.key" --from-file=ca.crt="$out/ca.crt"
+# The agents get the CA only; the controller signs each node's agent certificate with the
+# agent issuer. (agent.crt/key in $out: the shared certificate of `--identity files`.)
+secret kube-migrate-agent-tls --from-file=ca.crt="$out/ca.crt"
+secret kube-migrate-agent-issuer \
+  --from-file=tls.crt="$out/agent-issuer.crt" --from-file=tls.key="$out/agent-issuer.key" --from-file=ca.crt="$out/ca.crt"
 bundle=$(base64 -w0 < "$out/ca.crt")
 kubectl patch validatingwebhookconfiguration kube-migrate-eviction --type=json \
   -p "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"$bundle\"}]"

@@ -142,15 +142,22 @@ def all_on(chart_path, rule_path):
         expect(exprs[1:] == [{"key": "team", "operator": "In", "values": ["db"]}], f"{name}: expressions {exprs!r}")
 
     certs = {n: o for (k, n), o in objs.items() if k == "Certificate"}
-    expect(set(certs) == {"kube-migrate-ca", "kube-migrate-webhook", "kube-migrate-agent"}, f"Certificates {sorted(certs)}")
+    expect(set(certs) == {"kube-migrate-ca", "kube-migrate-webhook", "kube-migrate-agent-issuer", "kube-migrate-agent-ca"},
+           f"Certificates {sorted(certs)}")
     expect({n for (k, n) in objs if k == "Issuer"} == {"kube-migrate-selfsigned", "kube-migrate-ca"}, "Issuers")
-    if {"kube-migrate-webhook", "kube-migrate-agent"} <= set(certs):
+    if {"kube-migrate-webhook", "kube-migrate-agent-issuer", "kube-migrate-agent-ca"} <= set(certs):
+        ca_issuer = {"name": "kube-migrate-ca", "kind": "Issuer", "group": "cert-manager.io"}
         expect(certs["kube-migrate-webhook"]["spec"]["secretName"] == "kube-migrate-webhook-tls", "webhook secretName")
-        expect(certs["kube-migrate-agent"]["spec"]["secretName"] == "kube-migrate-agent-tls", "agent secretName")
         expect("kube-migrate-webhook.kube-migrate.svc" in certs["kube-migrate-webhook"]["spec"]["dnsNames"], "webhook dnsNames")
-        expect(certs["kube-migrate-agent"]["spec"]["ipAddresses"] == ["127.0.0.1"], "agent ipAddresses")
-        expect(certs["kube-migrate-agent"]["spec"]["issuerRef"] ==
-               {"name": "kube-migrate-ca", "kind": "Issuer", "group": "cert-manager.io"}, "agent issuerRef")
+        # The controller mounts the agent issuer (a CA); the agents only the CA bundle, whose
+        # own key must be no identity (no client/server usage).
+        issuer = certs["kube-migrate-agent-issuer"]["spec"]
+        expect(issuer["secretName"] == "kube-migrate-agent-issuer" and issuer.get("isCA") is True, "agent issuer is a CA")
+        expect(issuer["issuerRef"] == ca_issuer, "agent issuer issuerRef")
+        bundle = certs["kube-migrate-agent-ca"]["spec"]
+        expect(bundle["secretName"] == "kube-migrate-agent-tls", "agent CA bundle secretName")
+        expect(not {"client auth", "server auth"} & set(bundle["usages"]), "the agent CA bundle's key is no identity")
+        expect(bundle["issuerRef"] == ca_issuer, "agent CA bundle issuerRef")
 
     sm = objs.get(("ServiceMonitor", "kube-migrate"))
     expect(sm is not None and sm["metadata"]["labels"].get("release") == "kps", "ServiceMonitor with label release=kps")

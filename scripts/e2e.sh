@@ -9,14 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 trap 'scripts/local-cluster.sh down >/dev/null 2>&1 || true' EXIT
 # Build the scenarios before the cluster starts, so its clock runs only while they do.
-cargo test --locked -p kube-migrate-e2e --test drain --test criu --test promise --test freeze --test limits --test plugin --no-run
+cargo test --locked -p kube-migrate-e2e --test drain --test criu --test promise --test freeze --test limits --test plugin --test identity --no-run
 scripts/local-cluster.sh up >/dev/null
 # shellcheck disable=SC1091
 source "${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}/km/env"
 # `kubectl migrate` finds the plugin on PATH, as it would for a user who copied it there.
 export PATH="${CARGO_TARGET_DIR:-$PWD/target}/${KUBE_MIGRATE_PROFILE:-debug}:$PATH"
 status=0
-cargo test --locked -p kube-migrate-e2e --test drain --test criu --test promise --test freeze --test limits --test plugin -- --ignored --test-threads=1 --nocapture "$@" || status=$?
+cargo test --locked -p kube-migrate-e2e --test drain --test criu --test promise --test freeze --test limits --test plugin --test identity -- --ignored --test-threads=1 --nocapture "$@" || status=$?
 if ((status != 0)); then
   echo "---- logs ----"
   tail -n 40 "$KUBE_MIGRATE_CLUSTER_DIR"/km/logs/*.log || true

@@ -132,9 +132,9 @@ YAML
 done
 check "helm upgrade to cert-manager, ServiceMonitor and PrometheusRule" "$HELM" upgrade "${release[@]}" \
   --set tls.source=cert-manager --set monitoring.serviceMonitor.enabled=true --set monitoring.prometheusRule.enabled=true
-check "3 Certificates, 2 Issuers, a ServiceMonitor, a PrometheusRule stored" equals \
+check "4 Certificates, 2 Issuers, a ServiceMonitor, a PrometheusRule stored" equals \
   "$(kubectl -n "$ns" get certificates,issuers,servicemonitors,prometheusrules -o name | sort | tr '\n' ' ')" \
-  "certificate.cert-manager.io/kube-migrate-agent certificate.cert-manager.io/kube-migrate-ca certificate.cert-manager.io/kube-migrate-webhook issuer.cert-manager.io/kube-migrate-ca issuer.cert-manager.io/kube-migrate-selfsigned prometheusrule.monitoring.coreos.com/kube-migrate servicemonitor.monitoring.coreos.com/kube-migrate "
+  "certificate.cert-manager.io/kube-migrate-agent-ca certificate.cert-manager.io/kube-migrate-agent-issuer certificate.cert-manager.io/kube-migrate-ca certificate.cert-manager.io/kube-migrate-webhook issuer.cert-manager.io/kube-migrate-ca issuer.cert-manager.io/kube-migrate-selfsigned prometheusrule.monitoring.coreos.com/kube-migrate servicemonitor.monitoring.coreos.com/kube-migrate "
 inject() { kubectl get "$1" "$2" -o jsonpath='{.metadata.annotations.cert-manager\.io/inject-ca-from} {.webhooks[0].clientConfig.caBundle}'; }
 check "the webhooks ask cert-manager's injector for the CA and carry no caBundle of their own" equals \
   "$(inject validatingwebhookconfiguration kube-migrate-eviction)|$(inject mutatingwebhookconfiguration kube-migrate-restore)" \

@@ -68,6 +68,7 @@ start_webhook() { # [replica index, default 0: the one the webhook configuration
     --listen "127.0.0.1:$((WEBHOOK_PORT + i))" --admin-listen "127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))" \
     --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
     --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain \
+    --agent-issuer-cert "$KM/certs/agent-issuer.crt" --agent-issuer-key "$KM/certs/agent-issuer.key" \
     --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" --shutdown-delay-seconds "$delay" \
     >>"$KM/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$KM/run/$name.pid"
@@ -95,13 +96,21 @@ start_node() {
     --tls-cert "$STATE/nodes/$n-serving.crt" --tls-key "$STATE/nodes/$n-serving.key" \
     --registry-ca "$KM/certs/ca.crt" \
     --checkpoint-dir "$KM/$n/checkpoints" --cgroup-root "$KM/$n/cgroup" "${crun[@]}"
-  start "agent-$n" "$BIN/kube-migrate-agent" --node-name "$n" \
+  # The agent's own identity, as in a cluster: a ServiceAccount token bound to its Node (a
+  # DaemonSet pod's token names its node the same way), with which it asks the controller
+  # for its per-node certificate (CertificateSigningRequest) and reads PodMigrations.
+  wait_for "node $n registered" 60 kubectl get node "$n"
+  kubectl -n kube-migrate create token kube-migrate-agent --bound-object-kind Node --bound-object-name "$n" \
+    --duration=24h > "$KM/$n/agent.token"
+  kubectl config view --raw --minify --flatten > "$KM/$n/agent.kubeconfig"
+  KUBECONFIG=$KM/$n/agent.kubeconfig kubectl config set-credentials kube-migrate-agent --token="$(cat "$KM/$n/agent.token")" >/dev/null
+  KUBECONFIG=$KM/$n/agent.kubeconfig kubectl config set-context --current --user=kube-migrate-agent >/dev/null
+  start "agent-$n" env KUBECONFIG="$KM/$n/agent.kubeconfig" "$BIN/kube-migrate-agent" --node-name "$n" \
     --listen "127.0.0.1:$(agent_port "$i")" \
     --registry-listen "127.0.0.1:$(registry_port "$i")" \
     --admin-listen "127.0.0.1:$(agent_admin_port "$i")" \
     --kubelet-url "https://127.0.0.1:$(kubelet_port "$i")" --kubelet-ca "$STATE/nodes/ca.crt" \
-    --token-file "$KM/agent.token" --state-dir "$KM/$n/agent" \
-    --tls-cert "$KM/certs/agent.crt" --tls-key "$KM/certs/agent.key" --ca "$KM/certs/ca.crt" \
+    --token-file "$KM/$n/agent.token" --state-dir "$KM/$n/agent" --ca "$KM/certs/ca.crt" \
     --cgroup-root "$KM/$n/cgroup" --hold-dir "$KM/$n/holds" \
     --retention-seconds 3600 --log-format plain
 }
@@ -131,6 +140,7 @@ power_on() { # node
   local n=$1 i; i=$(node_index "$n")
   start_node "$i"
   wait_for "node $n Ready" 60 kubectl wait --for=condition=Ready "node/$n" --timeout=2s
+  wait_for "agent $n ready" 120 curl -sf "http://127.0.0.1:$(agent_admin_port "$i")/readyz"
 }
 
 # SIGKILL: no graceful shutdown, no lease release, as when a node dies under the controller.
@@ -267,7 +277,6 @@ YAML
   log "ServiceAccount tokens for the product's own identities"
   local server; server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
   kubectl -n kube-migrate create token kube-migrate-webhook --duration=24h > "$KM/webhook.token"
-  kubectl -n kube-migrate create token kube-migrate-agent --duration=24h > "$KM/agent.token"
   kubectl config view --raw --minify --flatten > "$KM/webhook.kubeconfig"
   KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-credentials kube-migrate-webhook --token="$(cat "$KM/webhook.token")" >/dev/null
   KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-context --current --user=kube-migrate-webhook >/dev/null
@@ -287,6 +296,10 @@ YAML
 
   log "webhook + controller"
   start_webhook
+  # Agents are Ready once the controller signed their per-node certificates.
+  for i in "${!NODES[@]}"; do
+    wait_for "agent ${NODES[$i]} ready" 120 curl -sf "http://127.0.0.1:$(agent_admin_port "$i")/readyz"
+  done
 
   log "webhook configurations from manifests/webhooks.yaml (local URL and caBundle)"
   local bundle; bundle=$(base64 -w0 < "$KM/certs/ca.crt")

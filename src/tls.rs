@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     client::ResolvesClientCert,
-    pki_types::{CertificateDer, PrivateKeyDer},
+    pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
@@ -72,16 +72,6 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
-}
-
 pub fn root_store(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
@@ -90,7 +80,9 @@ pub fn root_store(ca: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// A certificate and key pair read from two files, reloaded when their content changes.
+/// A certificate and key pair read from two files, reloaded when their content changes; or
+/// held in memory and replaced by [`CertReloader::install`] (agent certificates from the
+/// CertificateSigningRequest API).
 pub struct CertReloader {
     cert_path: PathBuf,
     key_path: PathBuf,
@@ -120,13 +112,55 @@ impl CertReloader {
         }))
     }
 
+    /// A pair held in memory only (never polled).
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<Arc<Self>, TlsError> {
+        let (key, hash) = Self::parse(cert, key, Path::new("(memory)"))?;
+        Ok(Arc::new(Self {
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            current: ArcSwap::from_pointee(key),
+            hash: ArcSwap::from_pointee(hash),
+        }))
+    }
+
+    /// Replace the pair with one given in PEM; the previous one stays on error.
+    pub fn install(&self, cert: &[u8], key: &[u8]) -> Result<(), TlsError> {
+        let (key, hash) = Self::parse(cert, key, Path::new("(memory)"))?;
+        self.current.store(Arc::new(key));
+        self.hash.store(Arc::new(hash));
+        Ok(())
+    }
+
     fn load(cert: &Path, key: &Path) -> Result<(CertifiedKey, [u8; 32]), TlsError> {
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        let (certified, hash) = Self::parse(&cert_pem, &key_pem, cert)?;
+        Ok((certified, hash))
+    }
+
+    fn parse(cert_pem: &[u8], key_pem: &[u8], origin: &Path) -> Result<(CertifiedKey, [u8; 32]), TlsError> {
         let mut hasher = Sha256::new();
-        hasher.update(read(cert)?);
-        hasher.update(read(key)?);
+        hasher.update(cert_pem);
+        hasher.update(key_pem);
         let hash: [u8; 32] = hasher.finalize().into();
+        let io = |source| TlsError::Read {
+            path: origin.to_owned(),
+            source,
+        };
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &*cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: origin.to_owned(),
+            });
+        }
+        let key = rustls_pemfile::private_key(&mut &*key_pem)
+            .map_err(io)?
+            .ok_or_else(|| TlsError::NoKey {
+                path: origin.to_owned(),
+            })?;
         let provider = rustls::crypto::ring::default_provider();
-        let certified = CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider)?;
+        let certified = CertifiedKey::from_der(certs, key, &provider)?;
         Ok((certified, hash))
     }
 
@@ -271,11 +305,25 @@ pub fn agent_client_config(
         .with_client_cert_resolver(identity))
 }
 
+/// How long the leaf certificate of `key` is still valid (none when it cannot be read).
+pub fn remaining(key: &CertifiedKey) -> Option<Duration> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(key.end_entity_cert().ok()?).ok()?;
+    let left = cert.validity().time_to_expiration()?;
+    Some(Duration::from_secs(left.whole_seconds().max(0) as u64))
+}
+
+/// URI SAN prefix of a per-node agent certificate: `urn:kube-migrate:node:<node name>`. Node
+/// names may be 253 bytes long, too long to fit a DNS name under a suffix, hence a URI.
+pub const NODE_URI_PREFIX: &str = "urn:kube-migrate:node:";
+
 /// The names a TLS client proved with its certificate (DNS SANs and the common name), for
-/// handlers that authorise by caller. Empty when the client showed no certificate.
+/// handlers that authorise by caller, and the node a per-node agent certificate names. Empty
+/// when the client showed no certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub names: Vec<String>,
+    pub node: Option<String>,
 }
 
 impl PeerIdentity {
@@ -290,13 +338,22 @@ impl PeerIdentity {
             .iter_common_name()
             .filter_map(|cn| cn.as_str().ok().map(str::to_string))
             .collect();
+        let mut nodes = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
-            names.extend(san.value.general_names.iter().filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            }));
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => names.push(d.to_string()),
+                    GeneralName::URI(u) => nodes.extend(u.strip_prefix(NODE_URI_PREFIX).map(str::to_string)),
+                    _ => {}
+                }
+            }
         }
-        Self { names }
+        // A certificate naming two nodes names none.
+        let node = match nodes.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
+        Self { names, node }
     }
 
     pub fn is(&self, name: &str) -> bool {

@@ -204,16 +204,34 @@ for i in "${!NODES[@]}"; do
     --admin-listen "127.0.0.1:$((BASE + 7840 + i))" \
     --kubelet-url "https://127.0.0.1:$((BASE + i))" --kubelet-ca "$STATE/nodes/ca.crt" \
     --token-file "$TK/agent.token" --state-dir "$TK/$n/agent" \
-    --tls-cert "$TK/certs/agent.crt" --tls-key "$TK/certs/agent.key" --ca "$TK/certs/ca.crt" --log-format plain
+    --identity files --tls-cert "$TK/certs/agent.crt" --tls-key "$TK/certs/agent.key" --ca "$TK/certs/ca.crt" \
+    --log-format plain
 done
 AGENT_A=https://127.0.0.1:$((BASE + 8193)) AGENT_B=https://127.0.0.1:$((BASE + 8194))
 MTLS=(--cacert "$TK/certs/ca.crt" --cert "$TK/certs/webhook.crt" --key "$TK/certs/webhook.key" -sf -H content-type:application/json)
 for i in 0 1; do eventually 20 curl -sf "http://127.0.0.1:$((BASE + 7840 + i))/readyz"; done
-ID=smoke-1
+# An agent checkpoints only what a PodMigration in Checkpointing asks for (it reads it with the
+# admin kubeconfig here): the pod opts in and a PodMigration stands in for the controller's.
+kubectl apply -f "$ROOT/manifests/crd.yaml" > /dev/null
+kubectl wait --for condition=Established crd/podmigrations.migrate.io --timeout=60s > /dev/null
+kubectl -n "$NS" annotate pod "$POD" migrate.io/stateful=true --overwrite > /dev/null
+kubectl apply -f - > /dev/null << YAML
+apiVersion: migrate.io/v1alpha1
+kind: PodMigration
+metadata: { name: smoke, namespace: $NS }
+spec:
+  podName: $POD
+  podUid: $(kubectl -n "$NS" get pod "$POD" -o jsonpath='{.metadata.uid}')
+  sourceNode: node-a
+  trigger: Manual
+YAML
+kubectl -n "$NS" patch podmigration smoke --subresource=status --type=merge -p '{"status":{"phase":"Checkpointing"}}' > /dev/null
+ID=$(kubectl -n "$NS" get podmigration smoke -o jsonpath='{.metadata.uid}')
 cp_json=$(curl "${MTLS[@]}" -X POST "$AGENT_A/v1/migrations/$ID/checkpoint" \
-  -d "{\"namespace\":\"$NS\",\"pod\":\"$POD\",\"containers\":[\"app\"],\"timeoutSeconds\":30}")
+  -d "{\"migration\":\"smoke\",\"namespace\":\"$NS\",\"pod\":\"$POD\",\"containers\":[\"app\"],\"timeoutSeconds\":30}")
 echo "agent-a checkpoint: $cp_json"
 ref=$(python3 -c 'import json,sys; a=json.loads(sys.argv[1])["archives"][0]; print(json.dumps([{"container":a["container"],"digest":a["digest"],"sizeBytes":a["sizeBytes"]}]))' "$cp_json")
+curl "${MTLS[@]}" -X POST "$AGENT_B/v1/migrations/$ID/expect" -d "{\"sourceNode\":\"node-a\",\"archives\":$ref}" > /dev/null
 curl "${MTLS[@]}" -X POST "$AGENT_A/v1/migrations/$ID/push" -d "{\"target\":\"$AGENT_B\",\"archives\":$ref}" > /dev/null
 img_json=$(curl "${MTLS[@]}" -X POST "$AGENT_B/v1/migrations/$ID/image" -d "{\"namespace\":\"$NS\",\"pod\":\"$POD\",\"archives\":$ref}")
 echo "agent-b image: $img_json"

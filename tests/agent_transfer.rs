@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agents::{ID, checkpoint_request, setup};
+use common::agents::{ID, checkpoint_request, expect_of, node_identity, setup};
 
 use std::time::Duration;
 
@@ -50,19 +50,17 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
             size_bytes: a.size_bytes,
         })
         .collect();
-    let pushed = controller
-        .push(
-            &source.url,
-            ID,
-            &PushRequest {
-                volumes: Vec::new(),
-                target_id: None,
-                target: target.url.clone(),
-                archives: refs.clone(),
-            },
-        )
+    let push = PushRequest {
+        volumes: Vec::new(),
+        target_id: None,
+        target: target.url.clone(),
+        archives: refs.clone(),
+    };
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
         .await
         .unwrap();
+    let pushed = controller.push(&source.url, ID, &push).await.unwrap();
     assert_eq!(pushed.bytes, answer.archives.iter().map(|a| a.size_bytes).sum::<u64>());
     let received = target
         .state_dir
@@ -185,8 +183,15 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
         size_bytes: answer.archives[0].size_bytes,
     };
     let file = tokio::fs::File::open(path).await.unwrap();
-    // Upload directly, as a source agent with a corrupted archive would.
-    let identity = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    // Upload directly, as a source agent with a corrupted archive would: what was expected
+    // is not what arrives.
+    let expected = kube_migrate::agent::api::ExpectRequest {
+        source_node: "node-a".into(),
+        archives: vec![wrong.clone()],
+        volumes: Vec::new(),
+    };
+    controller.expect(&target.url, ID, &expected).await.unwrap();
+    let identity = node_identity(&env, "node-a");
     let peer = AgentClient::new(
         agent_client_config(&env.certs.join("ca.crt"), identity, "kube-migrate-agent").unwrap(),
         Duration::from_secs(60),
@@ -254,6 +259,10 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
         target: target.url.clone(),
         archives: refs_of(&answer),
     };
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
+        .await
+        .unwrap();
     let first = controller.push(&source.url, ID, &push).await.unwrap();
     assert_eq!((first.bytes, first.already_held_bytes), (total, 0));
     let second = controller.push(&source.url, ID, &push).await.unwrap();
@@ -449,7 +458,91 @@ async fn each_caller_may_do_only_its_own_part() {
             .unwrap_err(),
     );
     // The real path still works end to end.
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
+        .await
+        .unwrap();
     controller.push(&source.url, ID, &push).await.unwrap();
+}
+
+async fn nothing_held(controller: &AgentClient, target: &common::agents::Agent) -> bool {
+    controller
+        .held(&target.url, ID, Kind::Archive, "app")
+        .await
+        .unwrap()
+        .is_none()
+}
+
+/// A target keeps only what the controller told it to expect, by digest, and only from the
+/// expected source node's own certificate: another node's agent (root there holds its key)
+/// cannot plant archives, nor can the source send what was not checkpointed for it.
+#[tokio::test]
+async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
+    let (env, source, target, controller) = setup().await;
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let push = PushRequest {
+        volumes: Vec::new(),
+        target_id: None,
+        target: target.url.clone(),
+        archives: refs_of(&answer),
+    };
+    // Nothing expected yet; expected from another node (node-a's agent may not deliver it);
+    // expected from node-a but with another digest.
+    let mut other_digest = expect_of(&push, "node-a");
+    other_digest.archives[0].digest = format!("sha256:{}", "1".repeat(64));
+    for (expect, why) in [
+        (None, "no upload is expected"),
+        (
+            Some(expect_of(&push, "node-c")),
+            "the caller's certificate names node-a",
+        ),
+        (Some(other_digest), "expected digest sha256:111"),
+    ] {
+        if let Some(expect) = expect {
+            controller.expect(&target.url, ID, &expect).await.unwrap();
+        }
+        let err = controller.push(&source.url, ID, &push).await.unwrap_err();
+        assert!(!err.retryable(), "{err}");
+        assert!(err.to_string().contains(why), "{err} should say {why:?}");
+        assert!(nothing_held(&controller, &target).await);
+    }
+    // Rightly expected from node-a: node-c's agent still may not upload it, however it
+    // learnt the digest (the status of the PodMigration shows it).
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
+        .await
+        .unwrap();
+    let rogue = AgentClient::new(
+        agent_client_config(
+            &env.certs.join("ca.crt"),
+            node_identity(&env, "node-c"),
+            "kube-migrate-agent",
+        )
+        .unwrap(),
+        Duration::from_secs(30),
+    );
+    let file = tokio::fs::File::open(&answer.archives[0].path).await.unwrap();
+    let err = rogue
+        .upload(&target.url, ID, Kind::Archive, &push.archives[0], file)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Status { status, .. } if status.as_u16() == 403),
+        "{err}"
+    );
+    assert!(nothing_held(&controller, &target).await);
+    // The agent of node-a delivers it.
+    let pushed = controller.push(&source.url, ID, &push).await.unwrap();
+    assert_eq!(pushed.bytes, answer.archives[0].size_bytes);
+    let held = controller
+        .held(&target.url, ID, Kind::Archive, "app")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.digest, answer.archives[0].digest);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::agents::{Agent, ID, checkpoint_request, setup};
+use common::agents::{Agent, ID, checkpoint_request, expect_of, setup};
 use kube_migrate::agent::{
     api::{ArchiveRef, EmptyDirSpec, Kind, PushRequest, RESTORED_MARKER, VolumesRequest},
     archive::digest_file,
@@ -92,6 +92,10 @@ async fn empty_dir_contents_travel_verified_and_release_the_replacement_once_in_
         target_id: None,
         volumes: refs(&answer.volumes),
     };
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
+        .await
+        .unwrap();
     let pushed = controller.push(&source.url, ID, &push).await.unwrap();
     assert!(pushed.bytes > packed.size_bytes, "archives and volume: {pushed:?}");
     let held = controller
@@ -154,6 +158,10 @@ async fn a_volume_damaged_after_packing_is_named_corrupt_and_never_held_by_the_t
         target_id: None,
         volumes: refs(&answer.volumes),
     };
+    controller
+        .expect(&target.url, ID, &expect_of(&push, "node-a"))
+        .await
+        .unwrap();
     let err = controller.push(&source.url, ID, &push).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::Status { reason, .. } if reason == "archive_corrupt"),

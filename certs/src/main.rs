@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
         days: o.days,
     };
     issue(&o.out, &request)?;
-    println!("wrote ca.crt, webhook.crt/key and agent.crt/key to {}", o.out.display());
+    println!(
+        "wrote ca.crt, webhook.crt/key, agent.crt/key and agent-issuer.crt/key to {}",
+        o.out.display()
+    );
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! * `POST   /v1/migrations/{id}/source/kill`           kill frozen source containers for good
 //!   (any other action: 404)
 //! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
+//! * `POST   /v1/migrations/{id}/expect`                tell the target agent which archives (by
+//!   digest) to accept from which node; it refuses every other upload
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
 //! * `GET    /v1/migrations/{id}/archives/{container}`  the verified archive held, if any
 //!   (lets a resumed push skip what the target already verified)
@@ -25,6 +27,10 @@ pub const DIGEST_HEADER: &str = "x-kube-migrate-digest";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointRequest {
+    /// Name of the PodMigration (in `namespace`) that asks for this checkpoint: the agent reads
+    /// it from the API server and checkpoints only what it describes.
+    #[serde(default)]
+    pub migration: String,
     pub namespace: String,
     pub pod: String,
     pub containers: Vec<String>,
@@ -143,6 +149,18 @@ pub struct PushRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_id: Option<String>,
     /// emptyDir contents to send after the archives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<ArchiveRef>,
+}
+
+/// `POST /v1/migrations/{id}/expect`: what the target agent may receive for migration `id`
+/// and from which node's agent. Uploads of anything else are refused before a byte is kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpectRequest {
+    /// The node whose agent pushes (the migration's source node).
+    pub source_node: String,
+    pub archives: Vec<ArchiveRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<ArchiveRef>,
 }

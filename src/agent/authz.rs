@@ -38,6 +38,18 @@ pub enum Caller {
     Agent,
 }
 
+/// Everything an agent checks about its callers: their certificate names, whether pushes
+/// must come from the expected node's own certificate, and the API server check before a
+/// checkpoint (none in tests without an API server).
+#[derive(Clone, Default)]
+pub struct Access {
+    pub callers: Callers,
+    /// Per-node agent certificates are in use: an upload must come from the certificate of
+    /// the node the controller said (see [`super::expect`]).
+    pub require_node: bool,
+    pub consent: Option<super::consent::Consent>,
+}
+
 /// Who may make the request `method path` (the matched route).
 pub fn allowed(method: &Method, path: &str) -> &'static [Caller] {
     if path.ends_with("/archives/{container}") || path.ends_with("/volumes/{volume}") {
@@ -79,7 +91,7 @@ pub async fn authorise(
         .cloned()
         .unwrap_or_default();
     let may = allowed(request.method(), &path);
-    if !may.iter().any(|c| state.callers.is(&peer, *c)) {
+    if !may.iter().any(|c| state.access.callers.is(&peer, *c)) {
         return Err(AgentError::Forbidden(format!(
             "{} {path} is for {may:?}; the caller's certificate names {:?}",
             request.method(),
@@ -115,6 +127,7 @@ mod tests {
         let callers = Callers::default();
         let agent = PeerIdentity {
             names: vec!["kube-migrate-agent".into(), "127.0.0.1".into()],
+            node: None,
         };
         assert!(callers.is(&agent, Caller::Agent));
         assert!(!callers.is(&agent, Caller::Controller));

@@ -66,6 +66,15 @@ async fn do_checkpoint(
     }) {
         return Err(AgentError::BadRequest(format!("invalid emptyDir {bad:?}")));
     }
+    if let Some(consent) = &state.access.consent {
+        consent
+            .check(id, &state.node, req)
+            .await
+            .map_err(|refusal| match refusal {
+                super::consent::Refusal::Denied(why) => AgentError::Forbidden(why),
+                super::consent::Refusal::Unavailable(e) => AgentError::Api(e),
+            })?;
+    }
     let timeout = Duration::from_secs(req.timeout_seconds.clamp(1, api::MAX_CHECKPOINT_TIMEOUT_SECONDS));
     let _guard = state.lock(id).await;
     let mut record = state.store.load(id)?.unwrap_or_else(|| Record {

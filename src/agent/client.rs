@@ -16,8 +16,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{
     api::{
-        self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ImageRequest, ImageResponse, Kind,
-        PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
+        self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ExpectRequest, ImageRequest, ImageResponse,
+        Kind, PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
     },
     chunks,
 };
@@ -226,6 +226,13 @@ impl AgentClient {
 
     pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {
         self.post(base, id, "push", req, self.long_timeout).await
+    }
+
+    /// Tell a target agent what to accept for migration `id`.
+    pub async fn expect(&self, base: &str, id: &str, req: &ExpectRequest) -> Result<(), ClientError> {
+        self.post::<_, serde_json::Value>(base, id, "expect", req, Duration::from_secs(30))
+            .await
+            .map(|_| ())
     }
 
     pub async fn build_image(&self, base: &str, id: &str, req: &ImageRequest) -> Result<ImageResponse, ClientError> {

@@ -20,9 +20,10 @@ use tracing::instrument;
 use super::{
     api::{ErrorBody, ImageRecord, ImageRequest, ImageResponse},
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
-    authz::{self, Callers},
+    authz::{self, Access},
     checkpoint,
     client::{AgentClient, ClientError},
+    expect,
     freezer::{FreezeError, Freezer},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
@@ -66,6 +67,8 @@ pub enum AgentError {
     Freeze(#[from] FreezeError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error("API server: {0}")]
+    Api(#[from] kube::Error),
 }
 
 impl AgentError {
@@ -84,6 +87,7 @@ impl AgentError {
             AgentError::Forbidden(_) => "forbidden",
             AgentError::Freeze(e) => e.metric_label(),
             AgentError::Volume(e) => e.metric_label(),
+            AgentError::Api(_) => "api_server",
         }
     }
 
@@ -112,6 +116,7 @@ impl AgentError {
             }
             AgentError::Peer(e) if !e.retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Receive(ReceiveError::Interrupted(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Api(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -140,8 +145,8 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     /// `host:port` under which this node's runtime reaches the registry endpoint.
     pub registry_host: String,
-    /// The certificate names of the controller and of agents (see [`super::authz`]).
-    pub callers: Callers,
+    /// Who may ask what (see [`super::authz`]).
+    pub access: Access,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -153,7 +158,7 @@ impl AgentState {
         peers: AgentClient,
         metrics: Arc<Metrics>,
         registry_host: String,
-        callers: Callers,
+        access: Access,
     ) -> Arc<Self> {
         Arc::new(Self {
             node,
@@ -164,7 +169,7 @@ impl AgentState {
             peers,
             metrics,
             registry_host,
-            callers,
+            access,
             locks: Default::default(),
         })
     }
@@ -209,6 +214,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/migrations/{id}/checkpoint", post(checkpoint::checkpoint))
         .route("/v1/migrations/{id}/source/{action}", post(source::source))
         .route("/v1/migrations/{id}/push", post(transfer::push))
+        .route("/v1/migrations/{id}/expect", post(expect::expect))
         .route(
             "/v1/migrations/{id}/archives/{container}",
             put(transfer::receive_archive).get(transfer::held_archive),

@@ -73,6 +73,9 @@ pub struct Record {
     /// The replacement pod whose volumes were filled (and released) from them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes_placed_in: Option<String>,
+    /// What the controller said this node may receive (target side; see [`api::ExpectRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<api::ExpectRequest>,
     /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_digest: Option<String>,

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 use axum::{
     Json,
     body::Body,
-    extract::{Path, State},
+    extract::{Extension, Path, State},
     http::HeaderMap,
 };
 use tracing::instrument;
@@ -15,11 +15,11 @@ use tracing::instrument;
 use super::{
     api::{self, ArchiveRecord, Kind, PushRequest, PushResponse, ReceiveResponse},
     archive::Validator,
-    receive,
+    expect, receive,
     server::{AgentError, AgentState, base_image},
     store::Record,
 };
-use crate::metrics::PhaseLabels;
+use crate::{metrics::PhaseLabels, tls::PeerIdentity};
 
 #[instrument(skip_all, fields(id = %id, target = %req.target))]
 pub async fn push(
@@ -131,11 +131,12 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
 pub async fn receive_archive(
     State(state): State<Arc<AgentState>>,
     Path((id, container)): Path<(String, String)>,
+    peer: Option<Extension<Arc<PeerIdentity>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ReceiveResponse>, AgentError> {
     let started = Instant::now();
-    let result = do_receive(&state, Kind::Archive, &id, &container, &headers, body).await;
+    let result = do_receive(&state, Kind::Archive, &id, &container, (peer, &headers), body).await;
     state.record_op("receive", started, &result);
     result.map(Json)
 }
@@ -144,11 +145,12 @@ pub async fn receive_archive(
 pub async fn receive_volume(
     State(state): State<Arc<AgentState>>,
     Path((id, volume)): Path<(String, String)>,
+    peer: Option<Extension<Arc<PeerIdentity>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ReceiveResponse>, AgentError> {
     let started = Instant::now();
-    let result = do_receive(&state, Kind::Volume, &id, &volume, &headers, body).await;
+    let result = do_receive(&state, Kind::Volume, &id, &volume, (peer, &headers), body).await;
     state.record_op("receive", started, &result);
     result.map(Json)
 }
@@ -158,7 +160,7 @@ async fn do_receive(
     kind: Kind,
     id: &str,
     name: &str,
-    headers: &HeaderMap,
+    (peer, headers): (Option<Extension<Arc<PeerIdentity>>>, &HeaderMap),
     body: Body,
 ) -> Result<ReceiveResponse, AgentError> {
     let expected = headers
@@ -169,6 +171,17 @@ async fn do_receive(
         .to_string();
     let final_path = state.store.path_of(kind, id, name)?;
     let _guard = state.lock(id).await;
+    let peer = peer.map(|Extension(p)| p).unwrap_or_default();
+    let record = state.store.load(id)?;
+    expect::admit_upload(
+        record.as_ref().and_then(|r| r.expected.as_ref()),
+        kind,
+        name,
+        &expected,
+        &peer,
+        state.access.require_node,
+    )
+    .map_err(AgentError::Forbidden)?;
     state.store.create_dir(id)?;
     let part = final_path.with_extension("part");
     let validator = match kind {

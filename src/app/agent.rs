@@ -6,9 +6,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agent::{
-        authz::Callers,
+        authz::{Access, Callers},
         client::AgentClient,
+        consent::Consent,
         freezer::Freezer,
+        identity::Identity,
         kubelet::{KubeletClient, kubelet_tls},
         registry,
         server::{AgentState, router, spawn_gc},
@@ -72,6 +74,15 @@ pub struct Options {
     /// Where archives and images are kept.
     #[arg(long, env = "KM_STATE_DIR", default_value = "/var/lib/kube-migrate")]
     pub state_dir: PathBuf,
+    /// Where this agent's certificate comes from: `csr` asks the controller for one naming
+    /// this node through the CertificateSigningRequest API (key in memory only, renewed at two
+    /// thirds of its life); `files` reads the one certificate all agents share from
+    /// `--tls-cert`/`--tls-key` (then any agent may push to any other: see README "Decisions").
+    #[arg(long, env = "KM_IDENTITY", value_enum, default_value = "csr")]
+    pub identity: IdentityMode,
+    /// Lifetime asked for a `csr` certificate (the controller gives at most a week).
+    #[arg(long, env = "KM_CERTIFICATE_SECONDS", default_value_t = 86_400)]
+    pub certificate_seconds: u64,
     #[arg(long, env = "KM_TLS_CERT", default_value = "/etc/kube-migrate/tls/tls.crt")]
     pub tls_cert: PathBuf,
     #[arg(long, env = "KM_TLS_KEY", default_value = "/etc/kube-migrate/tls/tls.key")]
@@ -107,6 +118,12 @@ pub struct Options {
     pub proc_dir: PathBuf,
     #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    Csr,
+    Files,
 }
 
 /// `kube-migrate-agent await-restore`: the program of the restore init container that
@@ -165,6 +182,10 @@ pub enum RunError {
     Store(#[from] crate::agent::store::StoreError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("stopped before this node's agent certificate was signed")]
+    NoCertificate,
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
@@ -173,11 +194,50 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
         .map_err(|source| RunError::Listen { addr, source })
 }
 
+/// This node's agent certificate: read from files, or asked for (and renewed) through the
+/// CertificateSigningRequest API.
+async fn own_certificate(
+    opts: &Options,
+    client: &kube::Client,
+    shutdown: &CancellationToken,
+) -> Result<Arc<CertReloader>, RunError> {
+    match opts.identity {
+        IdentityMode::Files => {
+            let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
+            certs.spawn_poll(Duration::from_secs(10));
+            Ok(certs)
+        }
+        IdentityMode::Csr => {
+            let identity = Identity {
+                csrs: kube::Api::all(client.clone()),
+                node: opts.node_name.clone(),
+                agent_name: opts.agent_server_name.clone(),
+                seconds: opts.certificate_seconds,
+                wait: Duration::from_secs(60),
+            };
+            let (chain, key) = tokio::select! {
+                pair = identity.first() => pair,
+                _ = shutdown.cancelled() => return Err(RunError::NoCertificate),
+            };
+            let certs = CertReloader::from_pem(chain.as_bytes(), key.as_bytes())?;
+            tracing::info!(node = %opts.node_name, "this node's agent certificate is signed");
+            identity.spawn_renewal(Arc::clone(&certs));
+            Ok(certs)
+        }
+    }
+}
+
 pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let health = Health::default();
-    let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
-    certs.spawn_poll(Duration::from_secs(10));
+    // Probes and metrics answer while the certificate is being signed (not Ready meanwhile).
+    let admin = tokio::spawn(serve_admin(
+        opts.admin_listen,
+        admin_router(Arc::clone(&metrics), health.clone()),
+        shutdown.clone(),
+    ));
+    let client = kube::Client::try_default().await?;
+    let certs = own_certificate(&opts, &client, &shutdown).await?;
 
     let kubelet_tls = if opts.kubelet_insecure_tls {
         tracing::warn!("--kubelet-insecure-tls: the kubelet's serving certificate is not verified");
@@ -208,9 +268,13 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         ),
         Arc::clone(&metrics),
         registry_host,
-        Callers {
-            controller: opts.controller_name.clone(),
-            agent: opts.agent_server_name.clone(),
+        Access {
+            callers: Callers {
+                controller: opts.controller_name.clone(),
+                agent: opts.agent_server_name.clone(),
+            },
+            require_node: opts.identity == IdentityMode::Csr,
+            consent: Some(Consent::new(client)),
         },
     );
     spawn_expiry(Arc::clone(&state), Duration::from_secs(10));
@@ -234,10 +298,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     );
     tracing::info!(node = %opts.node_name, api = %opts.listen, registry = %opts.registry_listen, "agent listening");
     health.set_ready(true);
-    let admin = serve_admin(opts.admin_listen, admin_router(metrics, health), shutdown.clone());
     let (admin, _, _) = tokio::join!(admin, api, images);
-    admin.map_err(|source| RunError::Listen {
-        addr: opts.admin_listen,
-        source,
-    })
+    admin
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| RunError::Listen {
+            addr: opts.admin_listen,
+            source,
+        })
 }

@@ -106,8 +106,55 @@ pub struct Options {
     pub restore_deadline_seconds: u64,
     #[command(flatten)]
     pub deadlines: DeadlineArgs,
+    #[command(flatten)]
+    pub signer: SignerArgs,
     #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// The signer of per-node agent certificates (agents with `--identity csr`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SignerArgs {
+    /// The agent issuer (an intermediate CA under the kube-migrate CA, from
+    /// `certs/install.sh`); when absent, no agent certificate is signed.
+    #[arg(
+        long,
+        env = "KM_AGENT_ISSUER_CERT",
+        default_value = "/etc/kube-migrate/agent-issuer/tls.crt"
+    )]
+    pub agent_issuer_cert: PathBuf,
+    #[arg(
+        long,
+        env = "KM_AGENT_ISSUER_KEY",
+        default_value = "/etc/kube-migrate/agent-issuer/tls.key"
+    )]
+    pub agent_issuer_key: PathBuf,
+    /// The agents' ServiceAccount (in `--namespace`): only it may get agent certificates.
+    #[arg(long, env = "KM_AGENT_SERVICE_ACCOUNT", default_value = "kube-migrate-agent")]
+    pub agent_service_account: String,
+    /// Extra SANs of every agent certificate (DNS names or IPs), comma-separated.
+    #[arg(long = "agent-extra-san", env = "KM_AGENT_EXTRA_SANS", value_delimiter = ',')]
+    pub agent_extra_sans: Vec<String>,
+}
+
+impl SignerArgs {
+    fn config(&self, namespace: &str, agent_name: &str) -> Option<controller::signer::SignerConfig> {
+        if !self.agent_issuer_key.exists() {
+            tracing::warn!(
+                issuer = %self.agent_issuer_key.display(),
+                "no agent issuer: agent certificate requests are not signed (agents with --identity files need none)"
+            );
+            return None;
+        }
+        Some(controller::signer::SignerConfig {
+            issuer_cert: self.agent_issuer_cert.clone(),
+            issuer_key: self.agent_issuer_key.clone(),
+            agent_user: format!("system:serviceaccount:{namespace}:{}", self.agent_service_account),
+            agent_name: agent_name.to_string(),
+            namespace: namespace.to_string(),
+            extra_sans: self.agent_extra_sans.clone(),
+        })
+    }
 }
 
 /// Upper bound of each phase (README "Deadlines" says why these defaults).
@@ -328,6 +375,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             Duration::from_secs(15),
         );
         let webhook_only = opts.webhook_only;
+        let signer = opts.signer.config(&opts.namespace, &opts.agent_server_name);
         let metrics = Arc::clone(&metrics);
         let shutdown = shutdown.clone();
         async move {
@@ -343,6 +391,15 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                         namespaces.clone(),
                         token.clone(),
                     );
+                    let signing = {
+                        let (client, token) = (client.clone(), token.clone());
+                        let signer = signer.clone();
+                        async move {
+                            if let Some(cfg) = signer {
+                                controller::signer::run(client, cfg, token).await;
+                            }
+                        }
+                    };
                     let (agent_client, recorder, metrics, config, helper_image) = (
                         agent_client.clone(),
                         Arc::clone(&recorder),
@@ -368,7 +425,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 slots: Default::default(),
                             })
                         };
-                        tokio::join!(controller::run(client, shared, token), labeller);
+                        tokio::join!(controller::run(client, shared, token), labeller, signing);
                     }
                 })
                 .await;

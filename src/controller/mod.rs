@@ -4,7 +4,8 @@
 //! * [`reconcile`]: the kube-rs `Controller` and the finalizer;
 //! * `phase`: one file per phase (the I/O of each step);
 //! * [`decide`], [`placement`], [`state`]: pure decisions, unit-tested without a cluster;
-//! * [`context`]: what the steps share (caches, clients, slots, status writes, Events).
+//! * [`context`]: what the steps share (caches, clients, slots, status writes, Events);
+//! * [`signer`]: signs the per-node agent certificates (CertificateSigningRequest API).
 
 pub mod agents;
 pub mod context;
@@ -16,6 +17,7 @@ pub mod placement;
 pub mod pull;
 pub mod quantity;
 pub mod reconcile;
+pub mod signer;
 pub mod state;
 
 pub use context::{Config, Context};

@@ -11,8 +11,8 @@ use axum::{
 };
 use kube_migrate::{
     agent::{
-        api::CheckpointRequest,
-        authz::Callers,
+        api::{CheckpointRequest, ExpectRequest, PushRequest},
+        authz::Access,
         client::AgentClient,
         freezer::Freezer,
         kubelet::{KubeletClient, kubelet_tls},
@@ -77,8 +77,31 @@ pub struct Agent {
     pub state_dir: PathBuf,
 }
 
+/// The certificate the controller signs for node `node`'s agent (`--identity csr`), made
+/// here without the CertificateSigningRequest API.
+pub fn node_identity(env: &Env, node: &str) -> Arc<CertReloader> {
+    let read = |f: &str| std::fs::read_to_string(env.certs.join(f)).unwrap();
+    let (request, key) = certs::agent_request("kube-migrate-agent", node).unwrap();
+    let leaf = certs::AgentLeaf {
+        node: node.into(),
+        sans: certs::agent_sans("kube-migrate-agent", "kube-migrate", &[]),
+        seconds: 3600,
+    };
+    let chain = certs::sign_agent(&read("agent-issuer.crt"), &read("agent-issuer.key"), &request, &leaf).unwrap();
+    CertReloader::from_pem(chain.as_bytes(), key.as_bytes()).unwrap()
+}
+
+/// What the controller tells the target before a push from `source_node`.
+pub fn expect_of(push: &PushRequest, source_node: &str) -> ExpectRequest {
+    ExpectRequest {
+        source_node: source_node.into(),
+        archives: push.archives.clone(),
+        volumes: push.volumes.clone(),
+    }
+}
+
 pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
-    let cert = CertReloader::new(env.certs.join("agent.crt"), env.certs.join("agent.key")).unwrap();
+    let cert = node_identity(env, name);
     let state_dir = env._dir.path().join(name);
     let store = Store::open(&state_dir).unwrap();
     let token = env._dir.path().join("token");
@@ -107,7 +130,10 @@ pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
         ),
         Arc::new(Metrics::new()),
         registry_addr.to_string(),
-        Callers::default(),
+        Access {
+            require_node: true,
+            ..Default::default()
+        },
     );
     tokio::spawn(serve_tls(
         reg_listener,
@@ -170,6 +196,7 @@ pub const ID: &str = "9e9e9e9e-0000-4000-8000-000000000001";
 
 pub fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
     CheckpointRequest {
+        migration: "db-0-migration".into(),
         namespace: "shop".into(),
         pod: "db-0".into(),
         containers: containers.iter().map(|c| c.to_string()).collect(),

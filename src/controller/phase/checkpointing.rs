@@ -69,6 +69,7 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
         _ => Vec::new(),
     };
     let request = CheckpointRequest {
+        migration: pm.name_any(),
         freeze,
         empty_dirs,
         namespace: ns,

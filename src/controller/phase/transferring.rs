@@ -9,7 +9,7 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{frozen, hold, lose_state_because, pending, retry_after_stop, transition};
 use crate::{
-    agent::api::PushRequest,
+    agent::api::{ExpectRequest, PushRequest},
     api::{Phase, PodMigration, PodMigrationStatus},
     controller::{
         context::{Context, Error},
@@ -45,7 +45,21 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         volumes: decide::volume_refs(status),
     };
     let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
-    match ctx.agent_client.push(&source, &source_id, &request).await {
+    // The target accepts exactly these digests, and only from the source node's agent.
+    let expect = ExpectRequest {
+        source_node: pm.spec.source_node.clone(),
+        archives: request.archives.clone(),
+        volumes: request.volumes.clone(),
+    };
+    let pushed = match ctx.agent_client.expect(&request.target, &id, &expect).await {
+        Ok(()) => ctx.agent_client.push(&source, &source_id, &request).await,
+        // The target's agent is gone, as when the source cannot reach it below.
+        Err(e) if agent_down(&e) && status.attempts >= 1 => {
+            return replace_target(pm, status, ctx, &target, &e.to_string()).await;
+        }
+        Err(e) => Err(e),
+    };
+    match pushed {
         Ok(answer) => {
             state::mark(status, crate::api::Step::Verified, Timestamp::now());
             status.transferred_bytes = Some(answer.bytes);

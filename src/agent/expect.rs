@@ -1,0 +1,147 @@
+//! `POST /v1/migrations/{id}/expect`: the controller tells a target agent what it may receive
+//! for a migration (each archive and emptyDir by digest) and from which node. An upload of
+//! anything else is refused before a byte is stored: an agent certificate (all that root on
+//! some node can take) cannot fill another node's disk or plant an archive the controller did
+//! not ask for.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, State},
+};
+use tracing::instrument;
+
+use super::{
+    api::{self, ExpectRequest, Kind},
+    server::{AgentError, AgentState},
+};
+use crate::tls::PeerIdentity;
+
+#[instrument(skip_all, fields(id = %id, source = %req.source_node))]
+pub async fn expect(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    Json(req): Json<ExpectRequest>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let bad = req
+        .archives
+        .iter()
+        .chain(&req.volumes)
+        .find(|a| !api::valid_container(&a.container) || !a.digest.starts_with("sha256:"));
+    if let Some(bad) = bad {
+        return Err(AgentError::BadRequest(format!("invalid expected archive {bad:?}")));
+    }
+    if !api::valid_pod_name(&req.source_node) {
+        return Err(AgentError::BadRequest(format!(
+            "invalid node name {:?}",
+            req.source_node
+        )));
+    }
+    state.store.path_of(Kind::Archive, &id, "x")?; // validates the id
+    let _guard = state.lock(&id).await;
+    state.store.create_dir(&id)?;
+    let mut record = state.store.load(&id)?.unwrap_or_default();
+    // Replaced, not merged: a migration retried from a new checkpoint expects new digests.
+    record.expected = Some(req);
+    state.store.save(&id, &record)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+/// May `peer` upload `name` (of `kind`) with `digest` for a migration expecting `expected`?
+/// With `require_node`, the uploader's certificate must name the expected source node (per-node
+/// agent certificates); without, any agent certificate may (one shared certificate).
+pub fn admit_upload(
+    expected: Option<&ExpectRequest>,
+    kind: Kind,
+    name: &str,
+    digest: &str,
+    peer: &PeerIdentity,
+    require_node: bool,
+) -> Result<(), String> {
+    let Some(expected) = expected else {
+        return Err("no upload is expected for this migration".into());
+    };
+    if require_node && peer.node.as_deref() != Some(expected.source_node.as_str()) {
+        return Err(format!(
+            "uploads for this migration come from node {}'s agent; the caller's certificate names {}",
+            expected.source_node,
+            peer.node.as_deref().unwrap_or("no node")
+        ));
+    }
+    let list = match kind {
+        Kind::Archive => &expected.archives,
+        Kind::Volume => &expected.volumes,
+    };
+    match list.iter().find(|a| a.container == name) {
+        None => Err(format!("{} {name} is not expected", kind.segment())),
+        Some(a) if a.digest != digest => Err(format!(
+            "{} {name}: expected digest {}, the upload claims {digest}",
+            kind.segment(),
+            a.digest
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::api::ArchiveRef;
+
+    fn expected() -> ExpectRequest {
+        let r = |c: &str, d: &str| ArchiveRef {
+            container: c.into(),
+            digest: d.into(),
+            size_bytes: 1,
+        };
+        ExpectRequest {
+            source_node: "node-a".into(),
+            archives: vec![r("app", "sha256:aa")],
+            volumes: vec![r("scratch", "sha256:bb")],
+        }
+    }
+
+    fn agent_of(node: Option<&str>) -> PeerIdentity {
+        PeerIdentity {
+            names: vec!["kube-migrate-agent".into()],
+            node: node.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn only_what_was_expected_from_the_expected_node() {
+        let e = expected();
+        let a = agent_of(Some("node-a"));
+        assert_eq!(
+            admit_upload(Some(&e), Kind::Archive, "app", "sha256:aa", &a, true),
+            Ok(())
+        );
+        assert_eq!(
+            admit_upload(Some(&e), Kind::Volume, "scratch", "sha256:bb", &a, true),
+            Ok(())
+        );
+        // Nothing expected, another container, another digest, an archive posing as a volume.
+        assert!(admit_upload(None, Kind::Archive, "app", "sha256:aa", &a, true).is_err());
+        assert!(admit_upload(Some(&e), Kind::Archive, "other", "sha256:aa", &a, true).is_err());
+        assert!(admit_upload(Some(&e), Kind::Archive, "app", "sha256:cc", &a, true).is_err());
+        assert!(admit_upload(Some(&e), Kind::Volume, "app", "sha256:aa", &a, true).is_err());
+        // Another node's agent, or a certificate naming no node, when nodes are required.
+        let why = admit_upload(
+            Some(&e),
+            Kind::Archive,
+            "app",
+            "sha256:aa",
+            &agent_of(Some("node-c")),
+            true,
+        )
+        .unwrap_err();
+        assert!(why.contains("node-a") && why.contains("node-c"), "{why}");
+        assert!(admit_upload(Some(&e), Kind::Archive, "app", "sha256:aa", &agent_of(None), true).is_err());
+        // The shared certificate of `--identity files`: no node to compare.
+        assert_eq!(
+            admit_upload(Some(&e), Kind::Archive, "app", "sha256:aa", &agent_of(None), false),
+            Ok(())
+        );
+    }
+}
