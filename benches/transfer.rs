@@ -293,6 +293,8 @@ fn main() {
         .arg(dir.path().join("token"))
         .arg("--state-dir")
         .arg(&state_dir)
+        // No API server here: the shared certificate, and no checkpoint (none is benched).
+        .args(["--standalone", "--identity", "files"])
         .arg("--tls-cert")
         .arg(certs_dir.join("agent.crt"))
         .arg("--tls-key")
@@ -501,12 +503,27 @@ async fn agent_run(
     archive: &Path,
     reference: &ArchiveRef,
 ) -> AgentRun {
+    // The controller tells the target what to expect (not timed: one small request before a
+    // push, as in a migration).
+    let expect = kube_migrate::agent::api::ExpectRequest {
+        source_node: "bench-source".into(),
+        archives: vec![reference.clone()],
+        volumes: Vec::new(),
+    };
+    client.expect(url, id, &expect).await.unwrap();
     reset_peak_rss(pid);
     let (cpu, send_cpu) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let start = Instant::now();
     let file = tokio::fs::File::open(archive).await.unwrap();
     let received = sender
-        .upload(url, id, kube_migrate::agent::api::Kind::Archive, reference, file)
+        .upload(
+            url,
+            id,
+            kube_migrate::agent::api::Kind::Archive,
+            reference,
+            file,
+            Default::default(),
+        )
         .await
         .unwrap();
     let seconds = start.elapsed().as_secs_f64();

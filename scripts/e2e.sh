@@ -17,6 +17,10 @@ source "${KUBE_MIGRATE_CLUSTER_DIR:-/tmp/kube-migrate-cluster}/km/env"
 export PATH="${CARGO_TARGET_DIR:-$PWD/target}/${KUBE_MIGRATE_PROFILE:-debug}:$PATH"
 status=0
 cargo test --locked -p kube-migrate-e2e --test drain --test criu --test promise --test freeze --test limits --test plugin --test identity -- --ignored --test-threads=1 --nocapture "$@" || status=$?
+# What the product's ServiceAccounts did against what manifests/rbac.yaml grants them; a
+# refused request (403) is a missing grant and fails the run.
+echo "---- RBAC: requests of kube-migrate's ServiceAccounts (audit log) against manifests/rbac.yaml ----"
+python3 scripts/rbac_audit.py "$KUBE_MIGRATE_CLUSTER_DIR/audit/audit.log" manifests/rbac.yaml || status=1
 if ((status != 0)); then
   echo "---- logs ----"
   tail -n 40 "$KUBE_MIGRATE_CLUSTER_DIR"/km/logs/*.log || true

@@ -234,7 +234,21 @@ up() {
   log "building kube-migrate ($PROFILE)"
   if [[ $PROFILE == release ]]; then cargo build --release --workspace --bins --locked >&2; else cargo build --workspace --bins --locked >&2; fi
   stop_all
-  eval "$(cluster/up.sh "$STATE" | tail -n 1)"
+  # Every API request of kube-migrate's ServiceAccounts is audited (metadata only), so that
+  # scripts/rbac_audit.py can hold what they did against what manifests/rbac.yaml grants.
+  mkdir -p "$STATE/audit"
+  cat > "$STATE/audit/policy.yaml" <<'YAML'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts:kube-migrate"]
+  - level: None
+YAML
+  local audit="--audit-policy-file=$STATE/audit/policy.yaml --audit-log-path=$STATE/audit/audit.log"
+  eval "$(KUBE_MIGRATE_APISERVER_ARGS="${KUBE_MIGRATE_APISERVER_ARGS:-} $audit --audit-log-maxsize=500" \
+    cluster/up.sh "$STATE" | tail -n 1)"
   export KUBECONFIG
   mkdir -p "$KM"
   log "certificates"

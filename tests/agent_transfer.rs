@@ -53,6 +53,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
     let push = PushRequest {
         volumes: Vec::new(),
         target_id: None,
+        transfer: Default::default(),
         target: target.url.clone(),
         archives: refs.clone(),
     };
@@ -197,7 +198,7 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
         Duration::from_secs(60),
     );
     let err = peer
-        .upload(&target.url, ID, Kind::Archive, &wrong, file)
+        .upload(&target.url, ID, Kind::Archive, &wrong, file, Default::default())
         .await
         .unwrap_err();
     let ClientError::Status {
@@ -222,6 +223,7 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
             &PushRequest {
                 volumes: Vec::new(),
                 target_id: None,
+                transfer: Default::default(),
                 target: target.url.clone(),
                 archives: vec![wrong],
             },
@@ -256,6 +258,7 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
     let push = PushRequest {
         volumes: Vec::new(),
         target_id: None,
+        transfer: Default::default(),
         target: target.url.clone(),
         archives: refs_of(&answer),
     };
@@ -307,6 +310,7 @@ async fn a_truncated_archive_is_named_corrupt_before_sending() {
             &PushRequest {
                 volumes: Vec::new(),
                 target_id: None,
+                transfer: Default::default(),
                 target: target.url.clone(),
                 archives: refs_of(&answer),
             },
@@ -436,6 +440,7 @@ async fn each_caller_may_do_only_its_own_part() {
     let push = PushRequest {
         volumes: Vec::new(),
         target_id: None,
+        transfer: Default::default(),
         target: target.url.clone(),
         archives: refs_of(&answer),
     };
@@ -453,7 +458,7 @@ async fn each_caller_may_do_only_its_own_part() {
     let file = tokio::fs::File::open(&empty).await.unwrap();
     forbidden(
         controller
-            .upload(&target.url, ID, Kind::Archive, &nothing, file)
+            .upload(&target.url, ID, Kind::Archive, &nothing, file, Default::default())
             .await
             .unwrap_err(),
     );
@@ -486,6 +491,7 @@ async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
     let push = PushRequest {
         volumes: Vec::new(),
         target_id: None,
+        transfer: Default::default(),
         target: target.url.clone(),
         archives: refs_of(&answer),
     };
@@ -526,7 +532,14 @@ async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
     );
     let file = tokio::fs::File::open(&answer.archives[0].path).await.unwrap();
     let err = rogue
-        .upload(&target.url, ID, Kind::Archive, &push.archives[0], file)
+        .upload(
+            &target.url,
+            ID,
+            Kind::Archive,
+            &push.archives[0],
+            file,
+            Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(

@@ -90,6 +90,7 @@ async fn empty_dir_contents_travel_verified_and_release_the_replacement_once_in_
         target: target.url.clone(),
         archives: refs(&answer.archives),
         target_id: None,
+        transfer: Default::default(),
         volumes: refs(&answer.volumes),
     };
     controller
@@ -156,6 +157,7 @@ async fn a_volume_damaged_after_packing_is_named_corrupt_and_never_held_by_the_t
         target: target.url.clone(),
         archives: Vec::new(),
         target_id: None,
+        transfer: Default::default(),
         volumes: refs(&answer.volumes),
     };
     controller

@@ -151,7 +151,26 @@ pub struct PushRequest {
     /// emptyDir contents to send after the archives.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<ArchiveRef>,
+    #[serde(default)]
+    pub transfer: TransferOptions,
 }
+
+/// How archives travel between agents: optionally compressed and paced (slow links).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferOptions {
+    /// zstd level (1 to [`MAX_ZSTD_LEVEL`]) on the wire; the target stores and verifies the
+    /// archive as it was checkpointed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd_level: Option<i32>,
+    /// At most this many bytes per second on the wire, per migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+}
+
+pub const MAX_ZSTD_LEVEL: i32 = 19;
+/// `content-encoding` of a zstd-compressed upload.
+pub const ZSTD_ENCODING: &str = "zstd";
 
 /// `POST /v1/migrations/{id}/expect`: what the target agent may receive for migration `id`
 /// and from which node's agent. Uploads of anything else are refused before a byte is kept.
@@ -202,6 +221,9 @@ pub struct PushResponse {
     /// Bytes the target already held verified (same digest) and that were not sent again.
     #[serde(default)]
     pub already_held_bytes: u64,
+    /// Bytes that went over the wire (less than `bytes` when compressed or already held).
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

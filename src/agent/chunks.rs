@@ -5,7 +5,11 @@
 use std::{
     io::{self, Read},
     ops::Deref,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -67,10 +71,28 @@ impl Drop for Chunk {
 
 /// Stream `file` in chunks read on a blocking thread into recycled buffers: one copy out of
 /// the page cache, constant memory. Reading stops when the stream is dropped.
-pub fn file_stream(mut file: std::fs::File) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+pub fn file_stream(file: std::fs::File) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    reader_stream(file, Pace::default())
+}
+
+/// How fast [`reader_stream`] may go, and the count of what it read.
+#[derive(Debug, Clone, Default)]
+pub struct Pace {
+    /// At most this many bytes per second on average (none: as fast as it goes).
+    pub bytes_per_second: Option<u64>,
+    pub sent: Arc<AtomicU64>,
+}
+
+/// [`file_stream`] of any reader (a compressing one, for example), paced: a chunk waits on the
+/// reading thread until the bytes before it are due.
+pub fn reader_stream(
+    mut file: impl Read + Send + 'static,
+    pace: Pace,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
         let pool = Arc::new(Pool::default());
+        let started = Instant::now();
         loop {
             let mut buf = pool.take();
             // Only a new buffer is zeroed here; a recycled one keeps its length.
@@ -79,6 +101,11 @@ pub fn file_stream(mut file: std::fs::File) -> impl Stream<Item = io::Result<Byt
                 Ok(0) => return,
                 Ok(n) => {
                     buf.truncate(n);
+                    let before = pace.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(rate) = pace.bytes_per_second.filter(|r| *r > 0) {
+                        let due = started + Duration::from_secs_f64(before as f64 / rate as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
                     Ok(Bytes::from_owner(Chunk::new(buf, &pool)))
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -117,5 +144,26 @@ mod tests {
             .await
             .unwrap();
         assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_paced_stream_keeps_to_its_rate_and_counts_what_went_through() {
+        let pace = Pace {
+            bytes_per_second: Some(8 * CHUNK as u64),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let out: Vec<Bytes> = reader_stream(std::io::repeat(7).take(4 * CHUNK as u64), pace.clone())
+            .try_collect()
+            .await
+            .unwrap();
+        // The 4th MiB may start once 3 MiB went at 8 MiB/s.
+        assert!(
+            started.elapsed() >= Duration::from_millis(375),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(out.concat().len(), 4 * CHUNK);
+        assert_eq!(pace.sent.load(Ordering::Relaxed), 4 * CHUNK as u64);
     }
 }

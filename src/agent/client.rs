@@ -1,6 +1,10 @@
 //! HTTPS clients: controller to agent, agent to agent (both mTLS) and agent to kubelet.
 
-use std::{io, time::Duration};
+use std::{
+    io,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -101,12 +105,6 @@ pub fn json_body<T: Serialize>(value: &T) -> Body {
     Full::new(Bytes::from(serde_json::to_vec(value).expect("request types serialize")))
         .map_err(|never| match never {})
         .boxed()
-}
-
-/// Stream a file as a request body in 1 MiB chunks (constant memory).
-pub async fn file_body(file: tokio::fs::File) -> Body {
-    let stream = chunks::file_stream(file.into_std().await).map_ok(Frame::data);
-    BodyExt::boxed(StreamBody::new(stream))
 }
 
 /// Largest answer read from an agent or a kubelet (they are small JSON documents).
@@ -281,7 +279,8 @@ impl AgentClient {
         }
     }
 
-    /// Upload one archive (or emptyDir contents) to another agent, streamed from disk.
+    /// Upload one archive (or emptyDir contents) to another agent, streamed from disk,
+    /// compressed and paced as `transfer` says. `wire` counts the bytes sent.
     pub async fn upload(
         &self,
         base: &str,
@@ -289,16 +288,37 @@ impl AgentClient {
         kind: Kind,
         archive: &ArchiveRef,
         file: tokio::fs::File,
+        (transfer, wire): (api::TransferOptions, Arc<AtomicU64>),
     ) -> Result<ReceiveResponse, ClientError> {
         let url = format!("{base}/v1/migrations/{id}/{}/{}", kind.segment(), archive.container);
-        let req = Request::builder()
+        let file = file.into_std().await;
+        let mut req = Request::builder()
             .method(Method::PUT)
             .uri(&url)
             .header("content-type", "application/x-tar")
-            .header("content-length", archive.size_bytes)
-            .header(api::DIGEST_HEADER, &archive.digest)
-            .body(file_body(file).await)
-            .map_err(|_| ClientError::Url(url.clone()))?;
+            .header(api::DIGEST_HEADER, &archive.digest);
+        let pace = chunks::Pace {
+            bytes_per_second: transfer.bytes_per_second,
+            sent: wire,
+        };
+        let body: Body = match transfer.zstd_level {
+            Some(level) => {
+                req = req.header("content-encoding", api::ZSTD_ENCODING);
+                let level = level.clamp(1, api::MAX_ZSTD_LEVEL);
+                let encoder = zstd::stream::read::Encoder::new(file, level).map_err(|source| ClientError::Body {
+                    url: url.clone(),
+                    source: Box::new(source),
+                })?;
+                BodyExt::boxed(StreamBody::new(
+                    chunks::reader_stream(encoder, pace).map_ok(Frame::data),
+                ))
+            }
+            None => {
+                req = req.header("content-length", archive.size_bytes);
+                BodyExt::boxed(StreamBody::new(chunks::reader_stream(file, pace).map_ok(Frame::data)))
+            }
+        };
+        let req = req.body(body).map_err(|_| ClientError::Url(url.clone()))?;
         send(&self.http, req, self.long_timeout).await
     }
 }

@@ -10,25 +10,35 @@ use super::api::CheckpointRequest;
 use crate::api::{self, Mode, Phase, PodMigration};
 
 /// Reads what a checkpoint request claims from the API server (`get` on pods and
-/// podmigrations: the agent's ClusterRole allows nothing more).
+/// podmigrations: the agent's ClusterRole allows nothing more); or, for an agent without an
+/// API server (`--standalone`: benches), refuses every checkpoint.
 #[derive(Clone)]
-pub struct Consent {
-    client: kube::Client,
+pub enum Consent {
+    Api(kube::Client),
+    RefuseAll,
 }
 
 impl Consent {
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self::Api(client)
     }
 
     /// `Ok` when the checkpoint may go ahead; otherwise why not, or that the API server could
     /// not be asked (the caller may retry that).
     pub async fn check(&self, id: &str, node: &str, req: &CheckpointRequest) -> Result<(), Refusal> {
+        let client = match self {
+            Consent::Api(client) => client,
+            Consent::RefuseAll => {
+                return Err(Refusal::Denied(
+                    "a standalone agent has no API server to check a checkpoint against".into(),
+                ));
+            }
+        };
         if req.migration.is_empty() {
             return Err(Refusal::Denied("the request names no PodMigration".into()));
         }
-        let pms: Api<PodMigration> = Api::namespaced(self.client.clone(), &req.namespace);
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &req.namespace);
+        let pms: Api<PodMigration> = Api::namespaced(client.clone(), &req.namespace);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &req.namespace);
         let pm = pms.get_opt(&req.migration).await.map_err(Refusal::Unavailable)?;
         let pod = pods.get_opt(&req.pod).await.map_err(Refusal::Unavailable)?;
         may_checkpoint(id, node, req, pm.as_ref(), pod.as_ref()).map_err(Refusal::Denied)

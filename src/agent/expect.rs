@@ -50,7 +50,8 @@ pub async fn expect(
 
 /// May `peer` upload `name` (of `kind`) with `digest` for a migration expecting `expected`?
 /// With `require_node`, the uploader's certificate must name the expected source node (per-node
-/// agent certificates); without, any agent certificate may (one shared certificate).
+/// agent certificates); without, any agent certificate may (one shared certificate). `Ok` holds
+/// the expected size: no more is accepted.
 pub fn admit_upload(
     expected: Option<&ExpectRequest>,
     kind: Kind,
@@ -58,7 +59,7 @@ pub fn admit_upload(
     digest: &str,
     peer: &PeerIdentity,
     require_node: bool,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let Some(expected) = expected else {
         return Err("no upload is expected for this migration".into());
     };
@@ -80,7 +81,7 @@ pub fn admit_upload(
             kind.segment(),
             a.digest
         )),
-        Some(_) => Ok(()),
+        Some(a) => Ok(a.size_bytes),
     }
 }
 
@@ -115,11 +116,11 @@ mod tests {
         let a = agent_of(Some("node-a"));
         assert_eq!(
             admit_upload(Some(&e), Kind::Archive, "app", "sha256:aa", &a, true),
-            Ok(())
+            Ok(1)
         );
         assert_eq!(
             admit_upload(Some(&e), Kind::Volume, "scratch", "sha256:bb", &a, true),
-            Ok(())
+            Ok(1)
         );
         // Nothing expected, another container, another digest, an archive posing as a volume.
         assert!(admit_upload(None, Kind::Archive, "app", "sha256:aa", &a, true).is_err());
@@ -141,7 +142,7 @@ mod tests {
         // The shared certificate of `--identity files`: no node to compare.
         assert_eq!(
             admit_upload(Some(&e), Kind::Archive, "app", "sha256:aa", &agent_of(None), false),
-            Ok(())
+            Ok(1)
         );
     }
 }

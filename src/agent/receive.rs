@@ -6,6 +6,10 @@
 //! Each body frame is copied into a recycled chunk and dropped at once, so that hyper reuses
 //! its read buffer: keeping hyper's frames in the queues instead would make it read every
 //! frame into fresh memory, whose page faults cost more than the copy.
+//!
+//! A zstd-compressed upload (`content-encoding: zstd`) is decompressed on a thread of its own
+//! before the tee; what is hashed, validated, counted against the expected size and kept is
+//! the archive as checkpointed.
 
 use std::{
     fs::File,
@@ -37,6 +41,8 @@ pub enum ReceiveError {
     Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error("the upload is larger than the {expected} bytes expected")]
+    TooLarge { expected: u64 },
 }
 
 impl ReceiveError {
@@ -45,6 +51,7 @@ impl ReceiveError {
             ReceiveError::Interrupted(_) => "upload_interrupted",
             ReceiveError::Io { .. } => "io",
             ReceiveError::Archive(e) => e.metric_label(),
+            ReceiveError::TooLarge { .. } => "upload_too_large",
         }
     }
 }
@@ -58,14 +65,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
 
 /// Stream `body` into `part`, keeping it (fsynced) only when its digest is `expected` and
 /// `validator` finds it complete and safe (a checkpoint archive, or a plain tree for an
-/// emptyDir's contents). On any error `part` is removed.
+/// emptyDir's contents), never more than `max_bytes`; `compressed`: the body is zstd. On any
+/// error `part` is removed.
 pub async fn receive(
     body: Body,
     part: &Path,
     expected: &str,
-    validator: Validator,
+    (validator, max_bytes, compressed): (Validator, u64, bool),
 ) -> Result<ArchiveInfo, ReceiveError> {
-    let result = receive_checked(body, part, expected, validator).await;
+    let body = if compressed { zstd_decoded(body) } else { body };
+    let result = receive_checked(body, part, expected, validator, max_bytes).await;
     if result.is_err() {
         let _ = tokio::fs::remove_file(part).await;
     }
@@ -77,6 +86,7 @@ async fn receive_checked(
     part: &Path,
     expected: &str,
     validator: Validator,
+    max_bytes: u64,
 ) -> Result<ArchiveInfo, ReceiveError> {
     let (to_validator, validator_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
     let (to_writer, writer_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
@@ -92,6 +102,7 @@ async fn receive_checked(
     current.clear();
     let mut interrupted = None;
     let mut writer_gone = false;
+    let mut total = 0u64;
     loop {
         let frame = match body.frame().await {
             Some(Ok(frame)) => frame,
@@ -102,6 +113,12 @@ async fn receive_checked(
             None => break,
         };
         let Ok(data) = frame.into_data() else { continue }; // trailers
+        total += data.len() as u64;
+        if total > max_bytes {
+            drop((to_validator, to_writer));
+            let _ = (writer.await, validator.await);
+            return Err(ReceiveError::TooLarge { expected: max_bytes });
+        }
         let mut rest = &data[..];
         while !rest.is_empty() {
             let n = (CHUNK - current.len()).min(rest.len());
@@ -149,6 +166,76 @@ async fn receive_checked(
         .map_err(joined)?
         .map_err(io_err(part))?;
     Ok(info)
+}
+
+/// The decompressed stream of a zstd `body`, decoded on a blocking thread into 1 MiB chunks.
+/// A broken or truncated stream ends the body with an error (or short, which the digest
+/// catches).
+fn zstd_decoded(mut body: Body) -> Body {
+    let (to_decoder, mut compressed) = mpsc::channel::<io::Result<bytes::Bytes>>(QUEUE);
+    let (to_receiver, decoded) = mpsc::channel::<io::Result<bytes::Bytes>>(QUEUE);
+    tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            let item = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => Ok(data),
+                    Err(_) => continue, // trailers
+                },
+                Err(e) => Err(io::Error::other(e.to_string())),
+            };
+            let failed = item.is_err();
+            if to_decoder.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio::task::spawn_blocking(move || {
+        let sink = ChunkSink {
+            tx: to_receiver.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let decoded = zstd::stream::write::Decoder::new(sink).and_then(|mut decoder| {
+            while let Some(item) = compressed.blocking_recv() {
+                decoder.write_all(&item?)?;
+            }
+            decoder.flush()?;
+            decoder.into_inner().flush()
+        });
+        if let Err(e) = decoded {
+            let _ = to_receiver.blocking_send(Err(io::Error::new(e.kind(), format!("zstd: {e}"))));
+        }
+    });
+    Body::from_stream(futures::stream::unfold(decoded, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+/// Gathers decompressed bytes into chunks for [`zstd_decoded`].
+struct ChunkSink {
+    tx: mpsc::Sender<io::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = (CHUNK - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    /// Sends what is gathered (nothing when empty).
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(bytes::Bytes::from(full)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the receiver stopped"))
+    }
 }
 
 /// Hand a chunk to both threads; false when the writer has stopped.
@@ -212,6 +299,11 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// An uncompressed upload with no size limit.
+    fn plain() -> (Validator, u64, bool) {
+        (Validator::new(), u64::MAX, false)
+    }
+
     fn digest(bytes: &[u8]) -> String {
         format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
     }
@@ -232,7 +324,7 @@ mod tests {
         let bytes = archive(3 << 20, "checkpoint/pages-1.img");
         for frame in [1000, 64 << 10, 5 << 20] {
             let part = dir.path().join(format!("app-{frame}.part"));
-            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes), Validator::new())
+            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes), plain())
                 .await
                 .unwrap();
             assert_eq!(info.digest, digest(&bytes));
@@ -249,7 +341,7 @@ mod tests {
         let good = archive(100_000, "checkpoint/pages-1.img");
 
         let wrong = format!("sha256:{}", "0".repeat(64));
-        let err = receive(body(&good, 4096, None), &part, &wrong, Validator::new())
+        let err = receive(body(&good, 4096, None), &part, &wrong, plain())
             .await
             .unwrap_err();
         assert!(
@@ -260,7 +352,7 @@ mod tests {
 
         // Digest right, content unsafe: refused for what it is.
         let hostile = archive(100_000, "../../etc/cron.d/x");
-        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile), Validator::new())
+        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile), plain())
             .await
             .unwrap_err();
         assert!(
@@ -279,7 +371,7 @@ mod tests {
         // A corrupt archive whose corruption happened before hashing (digest matches).
         let mut corrupt = good.clone();
         corrupt[1024 + 10] ^= 0xff; // the name of the spec.dump header
-        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt), Validator::new())
+        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt), plain())
             .await
             .unwrap_err();
         assert!(
@@ -288,11 +380,62 @@ mod tests {
         );
         assert!(!part.exists());
 
-        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good), Validator::new())
+        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good), plain())
             .await
             .unwrap_err();
         assert!(matches!(err, ReceiveError::Interrupted(_)), "{err}");
         assert_eq!(err.metric_label(), "upload_interrupted");
+        assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn a_compressed_upload_is_kept_as_checkpointed_and_no_larger_than_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("app.part");
+        let bytes = archive(3 << 20, "checkpoint/pages-1.img");
+        let size = bytes.len() as u64;
+        let packed = zstd::encode_all(&bytes[..], 3).unwrap();
+        assert!(packed.len() < bytes.len() / 10, "the memory pattern compresses");
+        let info = receive(
+            body(&packed, 64 << 10, None),
+            &part,
+            &digest(&bytes),
+            (Validator::new(), size, true),
+        )
+        .await
+        .unwrap();
+        assert_eq!((info.digest, info.size), (digest(&bytes), size));
+        assert!(std::fs::read(&part).unwrap() == bytes);
+
+        // One byte more than expected, plain or expanding from a small compressed stream.
+        for (upload, compressed) in [(bytes.clone(), false), (packed.clone(), true)] {
+            let err = receive(
+                body(&upload, 4096, None),
+                &part,
+                &digest(&bytes),
+                (Validator::new(), size - 1, compressed),
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(err, ReceiveError::TooLarge { expected } if expected == size - 1),
+                "{err}"
+            );
+            assert!(!part.exists());
+        }
+        // Not zstd at all.
+        let err = receive(
+            body(&bytes, 4096, None),
+            &part,
+            &digest(&bytes),
+            (Validator::new(), size, true),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, ReceiveError::Interrupted(why) if why.contains("zstd")),
+            "{err}"
+        );
         assert!(!part.exists());
     }
 }

@@ -116,6 +116,7 @@ impl AgentError {
             }
             AgentError::Peer(e) if !e.retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Receive(ReceiveError::Interrupted(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Receive(ReceiveError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::Api(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }

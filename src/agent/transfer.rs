@@ -2,7 +2,14 @@
 //! receives them (digest and structure checked while they arrive) and says what it holds
 //! verified, so that a resumed push sends only the rest.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use axum::{
     Json,
@@ -58,6 +65,7 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
     let started = Instant::now();
     let mut bytes = 0;
     let mut already_held = 0;
+    let wire = Arc::new(AtomicU64::new(0));
     let files = (req.archives.iter().map(|a| (Kind::Archive, a))).chain(req.volumes.iter().map(|v| (Kind::Volume, v)));
     for (kind, archive) in files {
         let what = match kind {
@@ -94,7 +102,12 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
                 held.path, held.size_bytes
             )));
         }
-        let received = match state.peers.upload(&req.target, target_id, kind, archive, file).await {
+        let sending = (req.transfer, Arc::clone(&wire));
+        let received = match state
+            .peers
+            .upload(&req.target, target_id, kind, archive, file, sending)
+            .await
+        {
             Ok(r) => r,
             // The target refused the bytes themselves (digest or structure): name it.
             Err(e)
@@ -119,11 +132,13 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
     if seconds > 0.0 {
         state.metrics.transfer_throughput.observe(bytes as f64 / seconds);
     }
-    tracing::info!(bytes, already_held, seconds, "archives sent");
+    let wire_bytes = wire.load(Ordering::Relaxed);
+    tracing::info!(bytes, already_held, wire_bytes, seconds, "archives sent");
     Ok(PushResponse {
         bytes: bytes + already_held,
         seconds,
         already_held_bytes: already_held,
+        wire_bytes,
     })
 }
 
@@ -173,7 +188,7 @@ async fn do_receive(
     let _guard = state.lock(id).await;
     let peer = peer.map(|Extension(p)| p).unwrap_or_default();
     let record = state.store.load(id)?;
-    expect::admit_upload(
+    let size = expect::admit_upload(
         record.as_ref().and_then(|r| r.expected.as_ref()),
         kind,
         name,
@@ -182,6 +197,11 @@ async fn do_receive(
         state.access.require_node,
     )
     .map_err(AgentError::Forbidden)?;
+    let compressed = match headers.get("content-encoding").map(|v| v.to_str().unwrap_or("?")) {
+        None | Some("identity") => false,
+        Some(api::ZSTD_ENCODING) => true,
+        Some(other) => return Err(AgentError::BadRequest(format!("unknown content-encoding {other:?}"))),
+    };
     state.store.create_dir(id)?;
     let part = final_path.with_extension("part");
     let validator = match kind {
@@ -190,7 +210,9 @@ async fn do_receive(
         Kind::Volume => Validator::rootfs(),
     };
     // Hashed, validated and written in one pass; the part file is gone on any error.
-    let info = receive::receive(body, &part, &expected, validator).await?;
+    // Never more than was checkpointed: a hostile or broken sender (or a small compressed
+    // stream that expands) cannot fill this node's disk.
+    let info = receive::receive(body, &part, &expected, (validator, size, compressed)).await?;
     tokio::fs::rename(&part, &final_path).await?;
     if let Some(dir) = final_path.parent() {
         crate::agent::private::sync_dir(dir)?;

@@ -80,6 +80,10 @@ pub struct Options {
     /// `--tls-cert`/`--tls-key` (then any agent may push to any other: see README "Decisions").
     #[arg(long, env = "KM_IDENTITY", value_enum, default_value = "csr")]
     pub identity: IdentityMode,
+    /// No API server (benches of the transfer path): needs `--identity files`, and every
+    /// checkpoint request is refused, as none can be checked against a PodMigration.
+    #[arg(long, env = "KM_STANDALONE")]
+    pub standalone: bool,
     /// Lifetime asked for a `csr` certificate (the controller gives at most a week).
     #[arg(long, env = "KM_CERTIFICATE_SECONDS", default_value_t = 86_400)]
     pub certificate_seconds: u64,
@@ -186,6 +190,8 @@ pub enum RunError {
     Kube(#[from] kube::Error),
     #[error("stopped before this node's agent certificate was signed")]
     NoCertificate,
+    #[error("--standalone needs --identity files (no API server to ask for a certificate)")]
+    StandaloneCsr,
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
@@ -198,16 +204,17 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
 /// CertificateSigningRequest API.
 async fn own_certificate(
     opts: &Options,
-    client: &kube::Client,
+    client: Option<&kube::Client>,
     shutdown: &CancellationToken,
 ) -> Result<Arc<CertReloader>, RunError> {
-    match opts.identity {
-        IdentityMode::Files => {
+    match (opts.identity, client) {
+        (IdentityMode::Csr, None) => Err(RunError::StandaloneCsr),
+        (IdentityMode::Files, _) => {
             let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
             certs.spawn_poll(Duration::from_secs(10));
             Ok(certs)
         }
-        IdentityMode::Csr => {
+        (IdentityMode::Csr, Some(client)) => {
             let identity = Identity {
                 csrs: kube::Api::all(client.clone()),
                 node: opts.node_name.clone(),
@@ -236,8 +243,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         admin_router(Arc::clone(&metrics), health.clone()),
         shutdown.clone(),
     ));
-    let client = kube::Client::try_default().await?;
-    let certs = own_certificate(&opts, &client, &shutdown).await?;
+    let client = match opts.standalone {
+        true => None,
+        false => Some(kube::Client::try_default().await?),
+    };
+    let certs = own_certificate(&opts, client.as_ref(), &shutdown).await?;
 
     let kubelet_tls = if opts.kubelet_insecure_tls {
         tracing::warn!("--kubelet-insecure-tls: the kubelet's serving certificate is not verified");
@@ -274,7 +284,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                 agent: opts.agent_server_name.clone(),
             },
             require_node: opts.identity == IdentityMode::Csr,
-            consent: Some(Consent::new(client)),
+            consent: Some(client.map_or(Consent::RefuseAll, Consent::new)),
         },
     );
     spawn_expiry(Arc::clone(&state), Duration::from_secs(10));

@@ -108,6 +108,8 @@ pub struct Options {
     pub deadlines: DeadlineArgs,
     #[command(flatten)]
     pub signer: SignerArgs,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     #[arg(long, env = "KM_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
 }
@@ -154,6 +156,53 @@ impl SignerArgs {
             namespace: namespace.to_string(),
             extra_sans: self.agent_extra_sans.clone(),
         })
+    }
+}
+
+/// How archives travel between agents (docs/benchmarks.md "Slow links" has the figures).
+#[derive(clap::Args, Debug, Clone)]
+pub struct TransferArgs {
+    /// Compress archives on the wire with zstd at this level (1-19; 0: off). Pays off when the
+    /// link is slower than the source compresses and the target decompresses, on one core each.
+    #[arg(long, env = "KM_TRANSFER_ZSTD_LEVEL", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub transfer_zstd_level: i32,
+    /// At most this much per second on the wire per migration, as a quantity (`50Mi`, `1G`);
+    /// unset: no limit.
+    #[arg(long, env = "KM_TRANSFER_BANDWIDTH", value_parser = bandwidth)]
+    pub transfer_bandwidth: Option<u64>,
+}
+
+fn bandwidth(s: &str) -> Result<u64, String> {
+    match controller::quantity::parse_quantity(s) {
+        Some(q) if q >= 1.0 => Ok(q as u64),
+        _ => Err(format!("{s:?} is not a bandwidth in bytes per second (e.g. 50Mi)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Options;
+
+    #[test]
+    fn transfer_flags_parse_into_options() {
+        let opts = Options::parse_from(["w"]);
+        assert_eq!(opts.transfer.options(), Default::default());
+        let opts = Options::parse_from(["w", "--transfer-zstd-level=3", "--transfer-bandwidth=50Mi"]);
+        let t = opts.transfer.options();
+        assert_eq!((t.zstd_level, t.bytes_per_second), (Some(3), Some(50 << 20)));
+        assert!(Options::try_parse_from(["w", "--transfer-bandwidth=fast"]).is_err());
+        assert!(Options::try_parse_from(["w", "--transfer-zstd-level=20"]).is_err());
+    }
+}
+
+impl TransferArgs {
+    pub fn options(&self) -> crate::agent::api::TransferOptions {
+        crate::agent::api::TransferOptions {
+            zstd_level: (self.transfer_zstd_level > 0).then_some(self.transfer_zstd_level),
+            bytes_per_second: self.transfer_bandwidth,
+        }
     }
 }
 
@@ -361,6 +410,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             deadlines: opts.deadlines.deadlines(),
             agent_address_override: opts.agent_address_override.clone(),
             pull_key_file: Some(opts.tls_key.clone()),
+            transfer: opts.transfer.options(),
         };
         let agent_client = AgentClient::new(agent_tls, config.checkpoint_timeout + Duration::from_secs(60));
         let recorder = Arc::new(controller::events::Recorder::new(

@@ -110,6 +110,8 @@ pub struct Config {
     /// Key of the per-migration pull credentials (see [`super::pull`]); the controller's own
     /// TLS key. None: images are built without a credential, and no runtime may pull them.
     pub pull_key_file: Option<std::path::PathBuf>,
+    /// Compression and pace of archives between agents (slow links).
+    pub transfer: crate::agent::api::TransferOptions,
 }
 
 impl Default for Config {
@@ -125,6 +127,7 @@ impl Default for Config {
             deadlines: decide::Deadlines::default(),
             agent_address_override: None,
             pull_key_file: None,
+            transfer: Default::default(),
         }
     }
 }

@@ -43,6 +43,7 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         archives: decide::archive_refs(status),
         target_id: Some(id.clone()),
         volumes: decide::volume_refs(status),
+        transfer: ctx.config.transfer,
     };
     let source_id = status.source_id.clone().unwrap_or_else(|| id.clone());
     // The target accepts exactly these digests, and only from the source node's agent.
@@ -68,14 +69,16 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
             } else {
                 0.0
             };
-            let resumed = if answer.already_held_bytes > 0 {
-                format!(
+            let mut resumed = String::new();
+            if ctx.config.transfer.zstd_level.is_some() && answer.wire_bytes > 0 {
+                resumed += &format!(", {} on the wire", human_bytes(answer.wire_bytes));
+            }
+            if answer.already_held_bytes > 0 {
+                resumed += &format!(
                     ", {} of it already verified there before",
                     human_bytes(answer.already_held_bytes)
-                )
-            } else {
-                String::new()
-            };
+                );
+            }
             if frozen::resumable(status) {
                 // Verified on the target: the frozen source may go. Persisted first, so the
                 // webhook lets our eviction through and a new leader does not resume it.
