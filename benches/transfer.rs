@@ -47,6 +47,10 @@ use kube_migrate::{
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{cpu_seconds, load_average};
+
 const MIB: f64 = (1 << 20) as f64;
 /// Set in the environment of the raw receiver process (this same binary), to its directory.
 const RAW_RECEIVER: &str = "KM_BENCH_RAW_RECEIVER";
@@ -126,15 +130,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// CPU seconds (user + system, exited threads included) used by process `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): state is the first, utime the
-    // 12th, stime the 13th; in clock ticks of 1/100 s (USER_HZ).
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
 fn peak_rss_mib(pid: u32) -> f64 {
     status_kib(pid, "VmHWM:") as f64 / 1024.0
 }
@@ -146,12 +141,6 @@ fn reset_peak_rss(pid: u32) {
     if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
         WARNED.call_once(|| println!("cannot reset the agent's VmHWM ({e}): peaks are since it started"));
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn free_port() -> u16 {

@@ -10,7 +10,8 @@
 #      on a local control plane (scripts/helm-live.sh);
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
 #   5. short versions of the benchmarks (scripts/bench.sh --quick: admission, transfer, image
-#      build; scripts/bench-drain.sh --quick: drain on the local cluster), so they cannot rot
+#      build; scripts/bench-compression.sh --quick: zstd on a CRIU image; scripts/bench-drain.sh
+#      --quick: drain on the local cluster), so they cannot rot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +70,7 @@ else
   scripts/e2e-real.sh 2>&1 | tee -a "$results"
   step "benchmarks, short versions (figures: docs/benchmarks.md)"
   scripts/bench.sh --quick
+  scripts/bench-compression.sh --quick
   scripts/bench-drain.sh --quick
 fi
 # One closing line for everything that ran. A scenario that could not run on this machine
