@@ -45,7 +45,21 @@ cargo bench --profile "$profile" --locked --no-run --bench admission --bench tra
 step "admission (eviction webhook over HTTPS)"
 cargo bench --profile "$profile" --locked --bench admission
 
+# What bounds the receive path on this machine, then the agent against it (issue #14 goal 4:
+# the agent's upload rate >= 0.9 of the lowest ceiling).
+largest=$(tr ',' '\n' <<< "${KM_BENCH_SIZES_MIB:-64,256,1024}" | sort -n | tail -n 1)
+step "receive-path ceilings at $largest MiB (scripts/bench-ceiling.sh)"
+ceiling=$(scripts/bench-ceiling.sh "$largest")
+echo "$ceiling"
+
 step "transfer into an agent against a raw TLS copy; image build"
-cargo bench --profile "$profile" --locked --bench transfer
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+cargo bench --profile "$profile" --locked --bench transfer | tee "$out"
+agent=$(awk -F'|' -v size=" $largest MiB " '$2 == size { gsub(/[^0-9.]/, "", $4); print $4; exit }' "$out")
+read -r _ lowest what <<< "$(grep '^lowest' <<< "$ceiling")"
+[[ -n $agent && -n $lowest ]] || { echo "no agent rate for $largest MiB or no ceiling" >&2; exit 1; }
+awk -v a="$agent" -v l="$lowest" -v w="$what" -v m="$largest" 'BEGIN {
+  printf "\nagent upload of %s MiB: %s MiB/s = %.2f of the lowest ceiling (%s, %s MiB/s); goal >= 0.9\n", m, a, a / l, w, l }'
 
 printf '\nall benches passed in %ds\n' "$SECONDS"
