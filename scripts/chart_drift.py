@@ -159,6 +159,15 @@ def all_on(chart_path, rule_path):
         expect(not {"client auth", "server auth"} & set(bundle["usages"]), "the agent CA bundle's key is no identity")
         expect(bundle["issuerRef"] == ca_issuer, "agent CA bundle issuerRef")
 
+    with open("deploy/network-policy/networkpolicy.yaml") as f:
+        policy = yaml.safe_load(f)
+    chart_policy = objs.get(("NetworkPolicy", "kube-migrate-webhook"))
+    expect(chart_policy is not None and chart_policy["spec"] == policy["spec"],
+           "the chart's NetworkPolicy spec is not deploy/network-policy/networkpolicy.yaml's")
+    webhook_env, _ = env_of(objs[("Deployment", "kube-migrate-webhook")])
+    expect(webhook_env.get("KM_CLIENT_CA") == "/etc/kube-migrate/client-ca/ca.crt"
+           and webhook_env.get("KM_CLIENT_NAMES") == "kube-apiserver-webhook-client", "webhook client auth env")
+
     sm = objs.get(("ServiceMonitor", "kube-migrate"))
     expect(sm is not None and sm["metadata"]["labels"].get("release") == "kps", "ServiceMonitor with label release=kps")
     expect(("Service", "kube-migrate-agent-metrics") in objs, "Service kube-migrate-agent-metrics")

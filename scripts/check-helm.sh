@@ -124,7 +124,8 @@ echo "ok: crds/ and files/ are their sources; chart version $crate"
 
 log "2. helm lint"
 all_on=(--set tls.source=cert-manager --set monitoring.serviceMonitor.enabled=true
-  --set monitoring.prometheusRule.enabled=true)
+  --set monitoring.prometheusRule.enabled=true --set networkPolicy.enabled=true
+  --set webhook.clientAuth.caSecret=apiserver-client-ca --set 'webhook.clientAuth.names={kube-apiserver-webhook-client}')
 "$HELM" lint --strict "$chart"
 "$HELM" lint --strict "$chart" "${all_on[@]}"
 

@@ -130,8 +130,11 @@ spec:
 YAML
   kubectl wait --for condition=Established "crd/$plural.$group" --timeout=60s >/dev/null
 done
-check "helm upgrade to cert-manager, ServiceMonitor and PrometheusRule" "$HELM" upgrade "${release[@]}" \
-  --set tls.source=cert-manager --set monitoring.serviceMonitor.enabled=true --set monitoring.prometheusRule.enabled=true
+check "helm upgrade to cert-manager, ServiceMonitor, PrometheusRule and the NetworkPolicy" "$HELM" upgrade "${release[@]}" \
+  --set tls.source=cert-manager --set monitoring.serviceMonitor.enabled=true --set monitoring.prometheusRule.enabled=true \
+  --set networkPolicy.enabled=true
+check "the webhooks' NetworkPolicy stored (admission port from the API server's CIDRs, metrics from monitoring)" equals \
+  "$(kubectl -n "$ns" get networkpolicy kube-migrate-webhook -o jsonpath='{.spec.ingress[*].ports[0].port}')" "8443 8080"
 check "4 Certificates, 2 Issuers, a ServiceMonitor, a PrometheusRule stored" equals \
   "$(kubectl -n "$ns" get certificates,issuers,servicemonitors,prometheusrules -o name | sort | tr '\n' ' ')" \
   "certificate.cert-manager.io/kube-migrate-agent-ca certificate.cert-manager.io/kube-migrate-agent-issuer certificate.cert-manager.io/kube-migrate-ca certificate.cert-manager.io/kube-migrate-webhook issuer.cert-manager.io/kube-migrate-ca issuer.cert-manager.io/kube-migrate-selfsigned prometheusrule.monitoring.coreos.com/kube-migrate servicemonitor.monitoring.coreos.com/kube-migrate "

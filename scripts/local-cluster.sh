@@ -69,6 +69,7 @@ start_webhook() { # [replica index, default 0: the one the webhook configuration
     --tls-cert "$KM/certs/webhook.crt" --tls-key "$KM/certs/webhook.key" --ca "$KM/certs/ca.crt" \
     --namespace kube-migrate --agent-address-override 127.0.0.1 --log-format plain \
     --agent-issuer-cert "$KM/certs/agent-issuer.crt" --agent-issuer-key "$KM/certs/agent-issuer.key" \
+    --client-ca "$STATE/webhook-client/ca.crt" --client-name kube-apiserver-webhook-client \
     --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" --shutdown-delay-seconds "$delay" \
     >>"$KM/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$KM/run/$name.pid"
@@ -227,6 +228,45 @@ stop_all() {
   pkill -f "$KM/" 2>/dev/null || true
 }
 
+# The API server authenticates to the webhooks with a client certificate (README "Webhook
+# trust"): its own small CA, a certificate named kube-apiserver-webhook-client, and the
+# AdmissionConfiguration whose kubeconfig presents it to every webhook ("*"); the webhook runs
+# with --client-ca and --client-name, so every scenario goes through it.
+webhook_client_auth() {
+  local d=$STATE/webhook-client
+  mkdir -p "$d"
+  if [[ ! -s $d/client.crt ]]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=webhook client CA" \
+      -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=kube-apiserver-webhook-client \
+      -keyout "$d/client.key" -out "$d/client.csr" 2>/dev/null
+    openssl x509 -req -in "$d/client.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+      -extfile <(printf 'extendedKeyUsage=clientAuth\n') -out "$d/client.crt" 2>/dev/null
+  fi
+  cat > "$d/kubeconfig" <<YAML
+apiVersion: v1
+kind: Config
+users:
+  - name: "*"
+    user: { client-certificate: $d/client.crt, client-key: $d/client.key }
+YAML
+  cat > "$d/admission.yaml" <<YAML
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+  - name: ValidatingAdmissionWebhook
+    configuration:
+      apiVersion: apiserver.config.k8s.io/v1
+      kind: WebhookAdmissionConfiguration
+      kubeConfigFile: $d/kubeconfig
+  - name: MutatingAdmissionWebhook
+    configuration:
+      apiVersion: apiserver.config.k8s.io/v1
+      kind: WebhookAdmissionConfiguration
+      kubeConfigFile: $d/kubeconfig
+YAML
+}
+
 up() {
   command -v kubectl >/dev/null || die "kubectl is needed"
   log "building the control plane (cached after the first time)"
@@ -247,7 +287,9 @@ rules:
   - level: None
 YAML
   local audit="--audit-policy-file=$STATE/audit/policy.yaml --audit-log-path=$STATE/audit/audit.log"
-  eval "$(KUBE_MIGRATE_APISERVER_ARGS="${KUBE_MIGRATE_APISERVER_ARGS:-} $audit --audit-log-maxsize=500" \
+  webhook_client_auth
+  local admission="--admission-control-config-file=$STATE/webhook-client/admission.yaml"
+  eval "$(KUBE_MIGRATE_APISERVER_ARGS="${KUBE_MIGRATE_APISERVER_ARGS:-} $audit --audit-log-maxsize=500 $admission" \
     cluster/up.sh "$STATE" | tail -n 1)"
   export KUBECONFIG
   mkdir -p "$KM"

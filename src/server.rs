@@ -112,6 +112,32 @@ pub async fn serve_tls_with(
     }
 }
 
+/// Only callers whose client certificate names one of `names` (DNS SAN or CN) reach `router`;
+/// others get 403. For a listener whose TLS config already requires a client certificate of a
+/// CA (the webhook with `--client-ca`): the CA may sign more than the API server's identity.
+pub fn require_peer_names(router: Router, names: Vec<String>) -> Router {
+    let names = Arc::new(names);
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let names = Arc::clone(&names);
+            async move {
+                let peer = request
+                    .extensions()
+                    .get::<Arc<PeerIdentity>>()
+                    .cloned()
+                    .unwrap_or_default();
+                if names.iter().any(|n| peer.is(n)) {
+                    next.run(request).await
+                } else {
+                    let message = format!("client certificate names {:?}, none of {:?}", peer.names, names);
+                    tracing::warn!(%message, "admission request refused");
+                    (axum::http::StatusCode::FORBIDDEN, message).into_response()
+                }
+            }
+        },
+    ))
+}
+
 /// A token cancelled on SIGTERM (what the kubelet sends) or Ctrl-C: every server and loop of
 /// a binary stops on it.
 pub fn shutdown_on_signals() -> CancellationToken {

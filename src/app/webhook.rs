@@ -51,6 +51,15 @@ pub struct Options {
     /// CA that signed the agents' certificates.
     #[arg(long, env = "KM_CA", default_value = "/etc/kube-migrate/tls/ca.crt")]
     pub ca: PathBuf,
+    /// Require the API server to authenticate to the webhooks with a client certificate from
+    /// this CA (its AdmissionConfiguration's kubeConfigFile; README "Webhook trust"). Unset:
+    /// any client may connect (the API server does not authenticate by default).
+    #[arg(long, env = "KM_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// With `--client-ca`: names (CN or DNS SAN) accepted in that client certificate,
+    /// comma-separated; empty: any certificate of the CA.
+    #[arg(long = "client-name", env = "KM_CLIENT_NAMES", value_delimiter = ',')]
+    pub client_names: Vec<String>,
     /// Name the agents' certificates carry (they are dialled by IP).
     #[arg(long, env = "KM_AGENT_SERVER_NAME", default_value = "kube-migrate-agent")]
     pub agent_server_name: String,
@@ -294,7 +303,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
 
     let certs = CertReloader::new(&opts.tls_cert, &opts.tls_key)?;
     certs.spawn_poll(Duration::from_secs(10));
-    let tls = server_config(Arc::clone(&certs), None)?;
+    // Read once: a new client CA takes a restart (the serving certificate reloads by itself).
+    let tls = server_config(Arc::clone(&certs), opts.client_ca.as_deref())?;
     let agent_tls = agent_client_config(&opts.ca, Arc::clone(&certs), &opts.agent_server_name)?;
 
     // The caches live as long as admission is answered (`serving`, which ends after the
@@ -375,7 +385,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             serving.cancel();
         });
     }
-    let webhooks = serve_tls(listener, tls, router(state), serving);
+    let mut admission = router(state);
+    if opts.client_ca.is_some() && !opts.client_names.is_empty() {
+        admission = crate::server::require_peer_names(admission, opts.client_names.clone());
+    }
+    let webhooks = serve_tls(listener, tls, admission, serving);
 
     // Ready once every cache has its first full list: answers before that would be guesses.
     let readiness = {
