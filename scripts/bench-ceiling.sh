@@ -20,7 +20,10 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-command -v socat > /dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends socat > /dev/null
+if ! command -v socat > /dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends socat > /dev/null ||
+    { apt-get update > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends socat > /dev/null; }
+fi
 
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / s / 1048576 }'; }
 now() { date +%s.%N; }

@@ -56,7 +56,10 @@ step "transfer into an agent against a raw TLS copy; image build"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 cargo bench --profile "$profile" --locked --bench transfer | tee "$out"
-agent=$(awk -F'|' -v size=" $largest MiB " '$2 == size { gsub(/[^0-9.]/, "", $4); print $4; exit }' "$out")
+# The bench names sizes of whole GiB in GiB.
+label="$largest MiB"
+if ((largest >= 1024 && largest % 1024 == 0)); then label="$((largest / 1024)) GiB"; fi
+agent=$(awk -F'|' -v size=" $label " '$2 == size { gsub(/[^0-9.]/, "", $4); print $4; exit }' "$out")
 read -r _ lowest what <<< "$(grep '^lowest' <<< "$ceiling")"
 [[ -n $agent && -n $lowest ]] || { echo "no agent rate for $largest MiB or no ceiling" >&2; exit 1; }
 awk -v a="$agent" -v l="$lowest" -v w="$what" -v m="$largest" 'BEGIN {

@@ -18,8 +18,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Tools the scripts use that a fresh machine may lack, from Debian's archive.
-# shellcheck disable=SC2043 # a list of tools, with one in it today
-for tool in jq; do
+# socat: scripts/bench-ceiling.sh's raw TLS copy.
+for tool in jq socat; do
   if ! command -v "$tool" >/dev/null; then
     step "installing $tool (apt)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$tool" ||
