@@ -4,7 +4,7 @@
 #   one test kubelet per node (testkit), one kube-migrate agent per node, and the
 #   kube-migrate webhook/controller, all on 127.0.0.1 with the repository's certificates.
 #
-#   scripts/local-cluster.sh up     start everything; prints `export KUBECONFIG=...`
+#   scripts/local-cluster.sh up     start everything from a clean state; prints `export KUBECONFIG=...`
 #   scripts/local-cluster.sh down   stop everything and delete the state
 #   scripts/local-cluster.sh kill-webhook | start-webhook [i] [shutdown delay s] | term-webhook [i]
 #                                                            (tests: controller restarts)
@@ -85,6 +85,13 @@ signal_webhook() { # signal, [replica index]
   kill "-$1" -- "-$pid" 2>/dev/null || kill "-$1" "$pid"
 }
 
+# A kubeconfig for the current cluster that authenticates as `user` with the token in a file.
+token_kubeconfig() { # file, user, token file
+  kubectl config view --raw --minify --flatten > "$1"
+  KUBECONFIG=$1 kubectl config set-credentials "$2" --token="$(cat "$3")" >/dev/null
+  KUBECONFIG=$1 kubectl config set-context --current --user="$2" >/dev/null
+}
+
 # The test kubelet and the agent of node index $1.
 start_node() {
   local i=$1 n=${NODES[$1]}
@@ -103,9 +110,7 @@ start_node() {
   wait_for "node $n registered" 60 kubectl get node "$n"
   kubectl -n kube-migrate create token kube-migrate-agent --bound-object-kind Node --bound-object-name "$n" \
     --duration=24h > "$KM/$n/agent.token"
-  kubectl config view --raw --minify --flatten > "$KM/$n/agent.kubeconfig"
-  KUBECONFIG=$KM/$n/agent.kubeconfig kubectl config set-credentials kube-migrate-agent --token="$(cat "$KM/$n/agent.token")" >/dev/null
-  KUBECONFIG=$KM/$n/agent.kubeconfig kubectl config set-context --current --user=kube-migrate-agent >/dev/null
+  token_kubeconfig "$KM/$n/agent.kubeconfig" kube-migrate-agent "$KM/$n/agent.token"
   start "agent-$n" env KUBECONFIG="$KM/$n/agent.kubeconfig" "$BIN/kube-migrate-agent" --node-name "$n" \
     --listen "127.0.0.1:$(agent_port "$i")" \
     --registry-listen "127.0.0.1:$(registry_port "$i")" \
@@ -204,7 +209,8 @@ crun_cleanup() {
   done
   local c
   for c in /sys/fs/cgroup/*/kube-migrate-node-*; do
-    [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    [[ -d $c ]] || continue
+    find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   done
 }
 
@@ -274,6 +280,9 @@ up() {
   log "building kube-migrate ($PROFILE)"
   if [[ $PROFILE == release ]]; then cargo build --release --workspace --bins --locked >&2; else cargo build --workspace --bins --locked >&2; fi
   stop_all
+  # Always a clean slate: a state directory left by a run that was killed (a machine restart,
+  # a killed CI job) would otherwise bring back its etcd, pods and PodMigrations.
+  [[ ! -e $STATE/.kube-migrate-cluster ]] || cluster/down.sh --purge "$STATE" >&2
   # Every API request of kube-migrate's ServiceAccounts is audited (metadata only), so that
   # scripts/rbac_audit.py can hold what they did against what manifests/rbac.yaml grants.
   mkdir -p "$STATE/audit"
@@ -333,9 +342,7 @@ YAML
   log "ServiceAccount tokens for the product's own identities"
   local server; server=$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')
   kubectl -n kube-migrate create token kube-migrate-webhook --duration=24h > "$KM/webhook.token"
-  kubectl config view --raw --minify --flatten > "$KM/webhook.kubeconfig"
-  KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-credentials kube-migrate-webhook --token="$(cat "$KM/webhook.token")" >/dev/null
-  KUBECONFIG=$KM/webhook.kubeconfig kubectl config set-context --current --user=kube-migrate-webhook >/dev/null
+  token_kubeconfig "$KM/webhook.kubeconfig" kube-migrate-webhook "$KM/webhook.token"
   : "$server"
 
   log "real containers (crun + CRIU)"
@@ -359,6 +366,9 @@ YAML
 
   log "webhook configurations from manifests/webhooks.yaml (local URL and caBundle)"
   local bundle; bundle=$(base64 -w0 < "$KM/certs/ca.crt")
+  # Replaced, not applied: a three-way merge onto a configuration already patched to a URL
+  # would ask for both url and service.
+  kubectl delete -f manifests/webhooks.yaml --ignore-not-found >&2
   kubectl apply -f manifests/webhooks.yaml >&2
   kubectl patch validatingwebhookconfiguration kube-migrate-eviction --type=json -p \
     "[{\"op\":\"replace\",\"path\":\"/webhooks/0/clientConfig\",\"value\":{\"url\":\"https://127.0.0.1:$WEBHOOK_PORT/validate/eviction\",\"caBundle\":\"$bundle\"}}]" >&2

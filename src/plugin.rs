@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Node, Pod};
 
 use crate::{
-    api::{self, Phase, PodMigration},
+    api::{self, Phase, PodMigration, TransferProgress},
     controller::{
         decide::human_bytes,
         placement::{self, Placement, PlacementInput},
@@ -129,15 +129,76 @@ pub fn check_target(
     }
 }
 
+/// What a running transfer's figures say: share done, rate, time left.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransferFigures {
+    pub percent: u8,
+    pub bytes_per_second: f64,
+    /// None until a rate is known.
+    pub eta_seconds: Option<f64>,
+}
+
+impl TransferFigures {
+    pub fn of(p: &TransferProgress) -> Self {
+        let done = p.bytes.min(p.total_bytes);
+        let percent = if p.total_bytes == 0 {
+            100
+        } else {
+            (done as u128 * 100 / p.total_bytes as u128) as u8
+        };
+        let bytes_per_second = if p.seconds > 0.0 { done as f64 / p.seconds } else { 0.0 };
+        let eta_seconds = (bytes_per_second > 0.0).then(|| (p.total_bytes - done) as f64 / bytes_per_second);
+        Self {
+            percent,
+            bytes_per_second,
+            eta_seconds,
+        }
+    }
+
+    /// `45%, 12.0 MiB/s, ETA 3 s` (the bar shows the bytes).
+    pub fn summary(&self) -> String {
+        let eta = match self.eta_seconds {
+            Some(s) => format!("ETA {}", human_seconds(s)),
+            None => "ETA ?".into(),
+        };
+        format!(
+            "{}%, {}/s, {eta}",
+            self.percent,
+            human_bytes(self.bytes_per_second as u64)
+        )
+    }
+}
+
+/// `42 s`, `3 m 05 s`: coarse on purpose, a rate that varies makes finer figures noise.
+pub fn human_seconds(seconds: f64) -> String {
+    let s = seconds.max(0.0).ceil() as u64;
+    if s < 60 {
+        format!("{s} s")
+    } else {
+        format!("{} m {:02} s", s / 60, s % 60)
+    }
+}
+
+/// The transfer part of a line: `12.0 MiB/64.0 MiB (18%, 10.0 MiB/s, ETA 6 s)`.
+pub fn transfer_text(p: &TransferProgress) -> String {
+    format!(
+        "{}/{} ({})",
+        human_bytes(p.bytes.min(p.total_bytes)),
+        human_bytes(p.total_bytes),
+        TransferFigures::of(p).summary()
+    )
+}
+
 /// One progress line: phase, bytes moved, elapsed, latest message.
 pub fn progress_line(pm: &PodMigration, elapsed_secs: f64) -> String {
     let status = pm.status.clone().unwrap_or_default();
     let total: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum();
     let moved = status.transferred_bytes.unwrap_or(0);
-    let bytes = match (status.phase, total) {
-        (_, 0) => String::new(),
-        (Phase::Pending | Phase::Checkpointing, t) => format!(" checkpoint {}", human_bytes(t)),
-        (_, t) => format!(" moved {}/{}", human_bytes(moved), human_bytes(t)),
+    let bytes = match (status.phase, total, &status.transfer) {
+        (Phase::Transferring, _, Some(p)) => format!(" sent {}", transfer_text(p)),
+        (_, 0, _) => String::new(),
+        (Phase::Pending | Phase::Checkpointing, t, _) => format!(" checkpoint {}", human_bytes(t)),
+        (_, t, _) => format!(" moved {}/{}", human_bytes(moved), human_bytes(t)),
     };
     let target = pm.target_node().map(|t| format!(" -> {t}")).unwrap_or_default();
     let message = status.message.map(|m| format!(" | {m}")).unwrap_or_default();
@@ -218,6 +279,46 @@ mod tests {
         assert_eq!(
             progress_line(&pm, 3.25),
             "[   3.2s] Transferring  -> b moved 32.0 MiB/64.0 MiB | sending"
+        );
+        // While the agent reports a running push, its figures replace the byte count.
+        pm.status.as_mut().unwrap().transfer = Some(TransferProgress {
+            bytes: 16 << 20,
+            total_bytes: 64 << 20,
+            seconds: 2.0,
+        });
+        assert_eq!(
+            progress_line(&pm, 3.25),
+            "[   3.2s] Transferring  -> b sent 16.0 MiB/64.0 MiB (25%, 8.0 MiB/s, ETA 6 s) | sending"
+        );
+    }
+
+    #[test]
+    fn transfer_figures_are_bounded_and_honest_about_unknowns() {
+        let p = |bytes, total_bytes, seconds| TransferProgress {
+            bytes,
+            total_bytes,
+            seconds,
+        };
+        let f = TransferFigures::of(&p(0, 100, 0.0));
+        assert_eq!((f.percent, f.eta_seconds), (0, None), "no rate yet, no ETA");
+        assert_eq!(f.summary(), "0%, 0 B/s, ETA ?");
+        // Read-ahead may count past the total: never above 100%, never a negative ETA.
+        let f = TransferFigures::of(&p(120, 100, 1.0));
+        assert_eq!((f.percent, f.eta_seconds), (100, Some(0.0)));
+        assert_eq!(
+            TransferFigures::of(&p(0, 0, 1.0)).percent,
+            100,
+            "nothing to send is done"
+        );
+        // Sizes of many GiB do not overflow the percentage.
+        let f = TransferFigures::of(&p(u64::MAX / 2, u64::MAX, 10.0));
+        assert_eq!(f.percent, 49);
+        assert_eq!(human_seconds(41.3), "42 s");
+        assert_eq!(human_seconds(59.2), "1 m 00 s");
+        assert_eq!(human_seconds(185.0), "3 m 05 s");
+        assert_eq!(
+            transfer_text(&p(3 << 30, 4 << 30, 6.0)),
+            "3.0 GiB/4.0 GiB (75%, 512.0 MiB/s, ETA 2 s)"
         );
     }
 }

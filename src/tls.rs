@@ -132,9 +132,7 @@ impl CertReloader {
     }
 
     fn load(cert: &Path, key: &Path) -> Result<(CertifiedKey, [u8; 32]), TlsError> {
-        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-        let (certified, hash) = Self::parse(&cert_pem, &key_pem, cert)?;
-        Ok((certified, hash))
+        Self::parse(&read(cert)?, &read(key)?, cert)
     }
 
     fn parse(cert_pem: &[u8], key_pem: &[u8], origin: &Path) -> Result<(CertifiedKey, [u8; 32]), TlsError> {

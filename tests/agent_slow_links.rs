@@ -6,7 +6,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::agents::{ID, checkpoint_request, expect_of, setup};
-use kube_migrate::agent::api::{ArchiveRef, Kind, PushRequest, TransferOptions};
+use kube_migrate::agent::api::{ArchiveRecord, Kind, PushRequest, TransferOptions};
+
+/// A push of the one archive `a` to `target`, sent as `transfer` says.
+fn push_of(target: &str, a: &ArchiveRecord, transfer: TransferOptions) -> PushRequest {
+    PushRequest {
+        target: target.to_string(),
+        archives: vec![a.reference()],
+        target_id: None,
+        volumes: Vec::new(),
+        transfer,
+    }
+}
 
 #[tokio::test]
 async fn compressed_and_paced_transfers_deliver_the_checkpoint_as_it_was() {
@@ -16,17 +27,7 @@ async fn compressed_and_paced_transfers_deliver_the_checkpoint_as_it_was() {
         .await
         .unwrap();
     let a = &answer.archives[0];
-    let push = |transfer| PushRequest {
-        target: target.url.clone(),
-        archives: vec![ArchiveRef {
-            container: a.container.clone(),
-            digest: a.digest.clone(),
-            size_bytes: a.size_bytes,
-        }],
-        target_id: None,
-        volumes: Vec::new(),
-        transfer,
-    };
+    let push = |transfer| push_of(&target.url, a, transfer);
     let received = target
         .state_dir
         .join("migrations")
@@ -74,4 +75,57 @@ async fn compressed_and_paced_transfers_deliver_the_checkpoint_as_it_was() {
     );
     assert_eq!(pushed.wire_bytes, a.size_bytes);
     assert!(std::fs::read(&received).unwrap() == std::fs::read(&a.path).unwrap());
+}
+
+/// While a paced push runs, the source agent says how far it is (what the controller writes
+/// into the PodMigration for `kubectl migrate`'s bar): between nothing and everything, never
+/// backwards, with the archive's size as the total; nothing once it ended.
+#[tokio::test]
+async fn a_running_push_reports_its_progress() {
+    let (_env, source, target, controller) = setup().await;
+    let answer = controller
+        .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
+        .await
+        .unwrap();
+    let a = &answer.archives[0];
+    assert_eq!(controller.push_progress(&source.url, ID).await.unwrap(), None);
+    // About 3 s for the 3 MiB archive.
+    let paced = push_of(
+        &target.url,
+        a,
+        TransferOptions {
+            zstd_level: None,
+            bytes_per_second: Some(1 << 20),
+        },
+    );
+    controller
+        .expect(&target.url, ID, &expect_of(&paced, "node-a"))
+        .await
+        .unwrap();
+    let push = controller.push(&source.url, ID, &paced);
+    tokio::pin!(push);
+    let mut seen = Vec::new();
+    let pushed = loop {
+        tokio::select! {
+            pushed = &mut push => break pushed.unwrap(),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                if let Some(p) = controller.push_progress(&source.url, ID).await.unwrap() {
+                    seen.push(p);
+                }
+            }
+        }
+    };
+    assert_eq!(pushed.bytes, a.size_bytes);
+    assert!(seen.iter().all(|p| p.total_bytes == a.size_bytes), "{seen:?}");
+    assert!(
+        seen.iter().any(|p| p.bytes > 0 && p.bytes < a.size_bytes),
+        "no figure between nothing and everything: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0].bytes <= w[1].bytes), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].seconds < w[1].seconds), "{seen:?}");
+    assert_eq!(
+        controller.push_progress(&source.url, ID).await.unwrap(),
+        None,
+        "over once the push answered"
+    );
 }

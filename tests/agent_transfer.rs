@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agents::{ID, checkpoint_request, expect_of, node_identity, setup};
+use common::agents::{ID, checkpoint_request, expect_of, node_identity, refs, setup};
 
 use std::time::Duration;
 
@@ -41,15 +41,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
         .unwrap();
     assert_eq!(again.archives, answer.archives);
 
-    let refs: Vec<ArchiveRef> = answer
-        .archives
-        .iter()
-        .map(|a| ArchiveRef {
-            container: a.container.clone(),
-            digest: a.digest.clone(),
-            size_bytes: a.size_bytes,
-        })
-        .collect();
+    let refs = refs(&answer.archives);
     let push = PushRequest {
         volumes: Vec::new(),
         target_id: None,
@@ -233,18 +225,6 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
     assert!(!err.retryable(), "{err}");
 }
 
-fn refs_of(answer: &kube_migrate::agent::api::CheckpointResponse) -> Vec<ArchiveRef> {
-    answer
-        .archives
-        .iter()
-        .map(|a| ArchiveRef {
-            container: a.container.clone(),
-            digest: a.digest.clone(),
-            size_bytes: a.size_bytes,
-        })
-        .collect()
-}
-
 /// A new leader resuming `Transferring` pushes again: what the target already verified is
 /// not sent a second time.
 #[tokio::test]
@@ -260,7 +240,7 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
         target_id: None,
         transfer: Default::default(),
         target: target.url.clone(),
-        archives: refs_of(&answer),
+        archives: refs(&answer.archives),
     };
     controller
         .expect(&target.url, ID, &expect_of(&push, "node-a"))
@@ -312,7 +292,7 @@ async fn a_truncated_archive_is_named_corrupt_before_sending() {
                 target_id: None,
                 transfer: Default::default(),
                 target: target.url.clone(),
-                archives: refs_of(&answer),
+                archives: refs(&answer.archives),
             },
         )
         .await
@@ -442,9 +422,10 @@ async fn each_caller_may_do_only_its_own_part() {
         target_id: None,
         transfer: Default::default(),
         target: target.url.clone(),
-        archives: refs_of(&answer),
+        archives: refs(&answer.archives),
     };
     forbidden(rogue.push(&source.url, ID, &push).await.unwrap_err());
+    forbidden(rogue.push_progress(&source.url, ID).await.unwrap_err());
     forbidden(rogue.delete(&source.url, ID).await.unwrap_err());
     // The controller may not write archives into an agent either: only agents send them.
     // An empty body: the refusal comes before any byte is read, and a body still streaming
@@ -453,7 +434,7 @@ async fn each_caller_may_do_only_its_own_part() {
     std::fs::write(&empty, b"").unwrap();
     let nothing = ArchiveRef {
         size_bytes: 0,
-        ..refs_of(&answer)[0].clone()
+        ..refs(&answer.archives)[0].clone()
     };
     let file = tokio::fs::File::open(&empty).await.unwrap();
     forbidden(
@@ -493,7 +474,7 @@ async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
         target_id: None,
         transfer: Default::default(),
         target: target.url.clone(),
-        archives: refs_of(&answer),
+        archives: refs(&answer.archives),
     };
     // Nothing expected yet; expected from another node (node-a's agent may not deliver it);
     // expected from node-a but with another digest.

@@ -7,9 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::agents::{Agent, ID, checkpoint_request, expect_of, setup};
+use common::agents::{Agent, ID, checkpoint_request, expect_of, refs, setup};
 use kube_migrate::agent::{
-    api::{ArchiveRef, EmptyDirSpec, Kind, PushRequest, RESTORED_MARKER, VolumesRequest},
+    api::{EmptyDirSpec, Kind, PushRequest, RESTORED_MARKER, VolumesRequest},
     archive::digest_file,
     client::ClientError,
 };
@@ -49,17 +49,6 @@ const SOURCE_CTR: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccc
 const HELPER_CTR: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
 
 /// What the controller asks to push: archives and volumes by name and digest.
-fn refs(records: &[kube_migrate::agent::api::ArchiveRecord]) -> Vec<ArchiveRef> {
-    records
-        .iter()
-        .map(|v| ArchiveRef {
-            container: v.container.clone(),
-            digest: v.digest.clone(),
-            size_bytes: v.size_bytes,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn empty_dir_contents_travel_verified_and_release_the_replacement_once_in_place() {
     let (_env, source, target, controller) = setup().await;

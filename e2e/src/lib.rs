@@ -170,9 +170,15 @@ pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
 
 /// `scripts/local-cluster.sh ARGS...` (kill-webhook, power-off NODE, ...), which must succeed.
 pub fn local_cluster(args: &[&str]) {
+    local_cluster_with(args, &[]);
+}
+
+/// [`local_cluster`] with environment variables (a controller started with other flags).
+pub fn local_cluster_with(args: &[&str], env: &[(&str, &str)]) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let out = Command::new(format!("{root}/scripts/local-cluster.sh"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root)
         .output()
         .expect("local-cluster.sh runs");
@@ -274,4 +280,16 @@ spec:{node}
   containers: [{{ name: app, image: registry.local/counter:1, env: [{{ name: STATE_BYTES, value: "{state_bytes}" }}] }}]
 "#
     )
+}
+
+/// The value of the first sample of `url`'s Prometheus text whose line starts with `prefix`
+/// (0 when there is none: a counter not yet incremented).
+pub fn scrape(url: &str, prefix: &str) -> f64 {
+    let out = Command::new("curl").args(["-sf", url]).output().expect("curl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use kube::ResourceExt;
+use kube::{Api, ResourceExt, api::ListParams};
+use kube_migrate::api::{PodMigration, TransferProgress};
 use kube_migrate_e2e::{
-    apply, eventually, field, first_log_line, fresh_namespace, must, node_of, plugin, running_pods_in,
+    apply, client, eventually, field, first_log_line, fresh_namespace, local_cluster, local_cluster_with, must,
+    node_of, opted_in_pod, plugin, running_pods_in, scrape,
 };
 
 /// Scenario (kubectl migrate): move one pod to a named node with a live progress view, refuse
@@ -177,5 +179,94 @@ spec:
     assert!(line.starts_with("restored from checkpoint image"), "{line}");
     must(&["uncordon", &node]);
     must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// A long transfer shows how far it is: the controller writes the source agent's figures into
+/// the PodMigration while the push runs, `kubectl migrate pod` prints them (plain lines: its
+/// stdout is not a terminal here), and the progress writes neither repeat the push nor
+/// outlive it. The controller runs with a 4 MiB/s limit so a 24 MiB state takes seconds.
+#[tokio::test]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s26_a_long_transfer_shows_its_progress_and_is_sent_once() -> anyhow::Result<()> {
+    let ns = "e2e-progress";
+    fresh_namespace(ns);
+    local_cluster(&["kill-webhook"]);
+    local_cluster_with(&["start-webhook"], &[("KM_TRANSFER_BANDWIDTH", "4Mi")]);
+    let result = long_transfer(ns).await;
+    local_cluster(&["kill-webhook"]);
+    local_cluster(&["start-webhook"]);
+    result?;
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+async fn long_transfer(ns: &str) -> anyhow::Result<()> {
+    const STATE: u64 = 24 << 20;
+    apply(&opted_in_pod(ns, "big", "progress", STATE, Some("node-b")));
+    running_pods_in(ns, 1).await?;
+    let original = eventually("first log line", Duration::from_secs(60), || async {
+        Ok(first_log_line(ns, "big", "app").and_then(|l| field(&l, "memory_sha256").map(str::to_string)))
+    })
+    .await?;
+    // node-b's agent (admin port 19090 + its index): pushes it answered.
+    let node_b_metrics = "http://127.0.0.1:19091/metrics";
+    let sends = r#"kube_migrate_agent_operations_total{operation="send",result="ok"}"#;
+    let sends_before = scrape(node_b_metrics, sends);
+
+    let run = tokio::task::spawn_blocking({
+        let ns = ns.to_string();
+        move || plugin(&["pod", "big", "-n", &ns, "--to", "node-c", "--timeout", "180"])
+    });
+    tokio::pin!(run);
+    let pms: Api<PodMigration> = Api::namespaced(client().await, ns);
+    let mut seen: Vec<TransferProgress> = Vec::new();
+    let run = loop {
+        tokio::select! {
+            run = &mut run => break run?,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                for pm in pms.list(&ListParams::default()).await?.items {
+                    seen.extend(pm.status.and_then(|s| s.transfer));
+                }
+            }
+        }
+    };
+    println!("---- kubectl migrate pod (4 MiB/s) ----\n{}", run.all());
+    assert!(run.ok, "{}", run.all());
+    assert!(run.stdout.contains("migrated: big runs on node-c"), "{}", run.stdout);
+
+    // The status showed the transfer part way, against the archive's size.
+    assert!(
+        seen.iter().any(|p| p.bytes > 0 && p.bytes < p.total_bytes),
+        "no progress part way in the status: {seen:?}"
+    );
+    assert!(seen.iter().all(|p| p.total_bytes >= STATE), "{seen:?}");
+    // The plugin printed the figures: percent, rate, time left.
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("Transferring") && l.contains(" sent ") && l.contains("%, ") && l.contains("/s, ETA "))
+        .unwrap_or_else(|| panic!("no progress line: {}", run.stdout));
+    println!("a progress line: {line}");
+
+    // Progress is over with the transfer, and the push happened once (a reconcile woken by a
+    // progress write would push again from a stale object).
+    let pm = pms
+        .list(&ListParams::default())
+        .await?
+        .items
+        .pop()
+        .expect("the migration");
+    let status = pm.status.unwrap_or_default();
+    assert_eq!(status.transfer, None, "progress cleared when the transfer ended");
+    assert!(status.transferred_bytes.unwrap_or_default() >= STATE);
+    assert_eq!(
+        scrape(node_b_metrics, sends) - sends_before,
+        1.0,
+        "one push answered by the source agent"
+    );
+    let line = first_log_line(ns, "big", "app").unwrap_or_default();
+    assert!(line.starts_with("restored from checkpoint image"), "{line}");
+    assert_eq!(field(&line, "memory_sha256"), Some(original.as_str()), "memory intact");
     Ok(())
 }

@@ -99,6 +99,17 @@ pub struct ArchiveRecord {
     pub seconds: f64,
 }
 
+impl ArchiveRecord {
+    /// How a push or an expectation names this archive.
+    pub fn reference(&self) -> ArchiveRef {
+        ArchiveRef {
+            container: self.container.clone(),
+            digest: self.digest.clone(),
+            size_bytes: self.size_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointResponse {
     pub archives: Vec<ArchiveRecord>,
@@ -224,6 +235,19 @@ pub struct PushResponse {
     /// Bytes that went over the wire (less than `bytes` when compressed or already held).
     #[serde(default)]
     pub wire_bytes: u64,
+}
+
+/// How far a push in progress is (`GET /v1/migrations/{id}/push`), for the controller to
+/// show in the PodMigration's status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PushProgress {
+    /// Bytes of the archives and emptyDirs read and sent so far (before compression; those
+    /// the target already held count as sent).
+    pub bytes: u64,
+    pub total_bytes: u64,
+    /// Since the push began.
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

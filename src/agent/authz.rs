@@ -124,6 +124,8 @@ mod tests {
         ] {
             assert_eq!(allowed(&Method::POST, path), &[Caller::Controller], "{path}");
         }
+        // A push's progress tells how much of which migration moves where: the controller's.
+        assert_eq!(allowed(&Method::GET, "/v1/migrations/{id}/push"), &[Caller::Controller]);
         let callers = Callers::default();
         let agent = PeerIdentity {
             names: vec!["kube-migrate-agent".into(), "127.0.0.1".into()],

@@ -83,6 +83,26 @@ pub struct Pace {
     pub sent: Arc<AtomicU64>,
 }
 
+/// A reader that counts what was read through it (a push's progress, before compression).
+pub struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R> Counted<R> {
+    pub fn new(inner: R, read: Arc<AtomicU64>) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// [`file_stream`] of any reader (a compressing one, for example), paced: a chunk waits on the
 /// reading thread until the bytes before it are due.
 pub fn reader_stream(

@@ -21,10 +21,19 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{
     api::{
         self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ExpectRequest, ImageRequest, ImageResponse,
-        Kind, PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
+        Kind, PushProgress, PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
     },
     chunks,
 };
+
+/// How an upload goes ([`AgentClient::upload`]): its options and two counters, of the bytes
+/// read from the file and of the bytes that went on the wire.
+#[derive(Debug, Clone, Default)]
+pub struct Sending {
+    pub options: api::TransferOptions,
+    pub wire: Arc<AtomicU64>,
+    pub read: Arc<AtomicU64>,
+}
 
 pub type Body = BoxBody<Bytes, io::Error>;
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -279,8 +288,24 @@ impl AgentClient {
         }
     }
 
+    /// How far a push of migration `id` on that agent is; `None` when none is running.
+    pub async fn push_progress(&self, base: &str, id: &str) -> Result<Option<PushProgress>, ClientError> {
+        let url = format!("{base}/v1/migrations/{id}/push");
+        match send(
+            &self.http,
+            request(Method::GET, &url, empty_body())?,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(progress) => Ok(Some(progress)),
+            Err(ClientError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Upload one archive (or emptyDir contents) to another agent, streamed from disk,
-    /// compressed and paced as `transfer` says. `wire` counts the bytes sent.
+    /// compressed and paced as `sending` says, counting what it read and sent.
     pub async fn upload(
         &self,
         base: &str,
@@ -288,10 +313,15 @@ impl AgentClient {
         kind: Kind,
         archive: &ArchiveRef,
         file: tokio::fs::File,
-        (transfer, wire): (api::TransferOptions, Arc<AtomicU64>),
+        sending: Sending,
     ) -> Result<ReceiveResponse, ClientError> {
+        let Sending {
+            options: transfer,
+            wire,
+            read,
+        } = sending;
         let url = format!("{base}/v1/migrations/{id}/{}/{}", kind.segment(), archive.container);
-        let file = file.into_std().await;
+        let file = chunks::Counted::new(file.into_std().await, read);
         let mut req = Request::builder()
             .method(Method::PUT)
             .uri(&url)
@@ -301,23 +331,23 @@ impl AgentClient {
             bytes_per_second: transfer.bytes_per_second,
             sent: wire,
         };
-        let body: Body = match transfer.zstd_level {
+        let reader: Box<dyn std::io::Read + Send> = match transfer.zstd_level {
             Some(level) => {
                 req = req.header("content-encoding", api::ZSTD_ENCODING);
                 let level = level.clamp(1, api::MAX_ZSTD_LEVEL);
-                let encoder = zstd::stream::read::Encoder::new(file, level).map_err(|source| ClientError::Body {
-                    url: url.clone(),
-                    source: Box::new(source),
-                })?;
-                BodyExt::boxed(StreamBody::new(
-                    chunks::reader_stream(encoder, pace).map_ok(Frame::data),
-                ))
+                Box::new(
+                    zstd::stream::read::Encoder::new(file, level).map_err(|source| ClientError::Body {
+                        url: url.clone(),
+                        source: Box::new(source),
+                    })?,
+                )
             }
             None => {
                 req = req.header("content-length", archive.size_bytes);
-                BodyExt::boxed(StreamBody::new(chunks::reader_stream(file, pace).map_ok(Frame::data)))
+                Box::new(file)
             }
         };
+        let body = BodyExt::boxed(StreamBody::new(chunks::reader_stream(reader, pace).map_ok(Frame::data)));
         let req = req.body(body).map_err(|_| ClientError::Url(url.clone()))?;
         send(&self.http, req, self.long_timeout).await
     }

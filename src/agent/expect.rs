@@ -38,9 +38,8 @@ pub async fn expect(
             req.source_node
         )));
     }
-    state.store.path_of(Kind::Archive, &id, "x")?; // validates the id
+    state.store.create_dir(&id)?; // also refuses an invalid id
     let _guard = state.lock(&id).await;
-    state.store.create_dir(&id)?;
     let mut record = state.store.load(&id)?.unwrap_or_default();
     // Replaced, not merged: a migration retried from a new checkpoint expects new digests.
     record.expected = Some(req);

@@ -16,6 +16,7 @@ pub mod image;
 pub mod kubelet;
 pub mod place;
 pub mod private;
+pub mod progress;
 pub mod receive;
 pub mod registry;
 pub mod server;

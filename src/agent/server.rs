@@ -148,6 +148,8 @@ pub struct AgentState {
     pub registry_host: String,
     /// Who may ask what (see [`super::authz`]).
     pub access: Access,
+    /// Pushes running now, with their progress.
+    pub pushes: super::progress::Pushes,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -171,6 +173,7 @@ impl AgentState {
             metrics,
             registry_host,
             access,
+            pushes: Default::default(),
             locks: Default::default(),
         })
     }
@@ -214,7 +217,10 @@ pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/v1/migrations/{id}/checkpoint", post(checkpoint::checkpoint))
         .route("/v1/migrations/{id}/source/{action}", post(source::source))
-        .route("/v1/migrations/{id}/push", post(transfer::push))
+        .route(
+            "/v1/migrations/{id}/push",
+            post(transfer::push).get(super::progress::progress),
+        )
         .route("/v1/migrations/{id}/expect", post(expect::expect))
         .route(
             "/v1/migrations/{id}/archives/{container}",

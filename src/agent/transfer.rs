@@ -22,6 +22,7 @@ use tracing::instrument;
 use super::{
     api::{self, ArchiveRecord, Kind, PushRequest, PushResponse, ReceiveResponse},
     archive::Validator,
+    client::Sending,
     expect, receive,
     server::{AgentError, AgentState, base_image},
     store::Record,
@@ -66,7 +67,10 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
     let mut bytes = 0;
     let mut already_held = 0;
     let wire = Arc::new(AtomicU64::new(0));
-    let files = (req.archives.iter().map(|a| (Kind::Archive, a))).chain(req.volumes.iter().map(|v| (Kind::Volume, v)));
+    let files =
+        || (req.archives.iter().map(|a| (Kind::Archive, a))).chain(req.volumes.iter().map(|v| (Kind::Volume, v)));
+    let running = state.pushes.start(id, files().map(|(_, a)| a.size_bytes).sum());
+    let files = files();
     for (kind, archive) in files {
         let what = match kind {
             Kind::Archive => "archive of container",
@@ -87,6 +91,7 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
             Ok(Some(there)) if there.digest == archive.digest => {
                 tracing::info!(name = %archive.container, ?kind, bytes = there.size_bytes, "target already holds this verified; not sent again");
                 already_held += there.size_bytes;
+                running.push.read.fetch_add(there.size_bytes, Ordering::Relaxed);
                 continue;
             }
             Ok(_) => {}
@@ -102,7 +107,11 @@ async fn do_push(state: &AgentState, id: &str, req: &PushRequest) -> Result<Push
                 held.path, held.size_bytes
             )));
         }
-        let sending = (req.transfer, Arc::clone(&wire));
+        let sending = Sending {
+            options: req.transfer,
+            wire: Arc::clone(&wire),
+            read: Arc::clone(&running.push.read),
+        };
         let received = match state
             .peers
             .upload(&req.target, target_id, kind, archive, file, sending)
@@ -187,9 +196,10 @@ async fn do_receive(
     let final_path = state.store.path_of(kind, id, name)?;
     let _guard = state.lock(id).await;
     let peer = peer.map(|Extension(p)| p).unwrap_or_default();
-    let record = state.store.load(id)?;
+    // Loaded once: the migration's lock is held until the received file is recorded.
+    let mut record = state.store.load(id)?.unwrap_or_default();
     let size = expect::admit_upload(
-        record.as_ref().and_then(|r| r.expected.as_ref()),
+        record.expected.as_ref(),
         kind,
         name,
         &expected,
@@ -217,7 +227,6 @@ async fn do_receive(
     if let Some(dir) = final_path.parent() {
         crate::agent::private::sync_dir(dir)?;
     }
-    let mut record = state.store.load(id)?.unwrap_or_default();
     received_map(&mut record, kind).insert(
         name.to_string(),
         ArchiveRecord {

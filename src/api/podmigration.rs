@@ -224,6 +224,10 @@ pub struct PodMigrationStatus {
     /// Bytes moved from the source node to the target node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transferred_bytes: Option<u64>,
+    /// How far the transfer is while it runs (refreshed about every second; cleared when it
+    /// ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferProgress>,
     /// Seconds from the source stop (its freeze, when frozen) to the replacement being Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_seconds: Option<f64>,
@@ -392,6 +396,15 @@ impl Step {
 pub struct TimelineStep {
     pub step: String,
     pub at: MicroTime,
+}
+
+/// A running transfer: bytes sent of the total, and for how long (rate and ETA follow).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferProgress {
+    pub bytes: u64,
+    pub total_bytes: u64,
+    pub seconds: f64,
 }
 
 /// Timing of one phase.

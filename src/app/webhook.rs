@@ -487,6 +487,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
                                 helper_image,
                                 drains_recorded: Default::default(),
                                 slots: Default::default(),
+                                progress_writes: Default::default(),
                             })
                         };
                         tokio::join!(controller::run(client, shared, token), labeller, signing);

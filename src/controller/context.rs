@@ -2,7 +2,7 @@
 //! concurrency slots, and the I/O helpers (status writes, Events, metrics).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -155,6 +155,31 @@ pub struct Context {
     /// Drains already observed in the drain-duration metric: (node, first creation second).
     pub drains_recorded: Mutex<HashSet<(String, i64)>>,
     pub slots: Mutex<Slots>,
+    /// Resource versions this controller wrote in the middle of a step (transfer progress),
+    /// by migration UID: a reconcile handed one of them works from an object that the same
+    /// step's own final write has superseded.
+    pub progress_writes: Mutex<ProgressWrites>,
+}
+
+/// Resource versions written in the middle of steps, by migration UID (see
+/// [`Context::progress_writes`]).
+#[derive(Debug, Default)]
+pub struct ProgressWrites(HashMap<String, HashSet<String>>);
+
+impl ProgressWrites {
+    pub fn note(&mut self, uid: &str, rv: &str) {
+        self.0.entry(uid.to_string()).or_default().insert(rv.to_string());
+    }
+
+    /// Whether version `rv` of migration `uid` was written mid-step. A version that was not
+    /// forgets the others: the cache never goes back to them.
+    pub fn superseded(&mut self, uid: &str, rv: &str) -> bool {
+        if self.0.get(uid).is_some_and(|w| w.contains(rv)) {
+            return true;
+        }
+        self.0.remove(uid);
+        false
+    }
 }
 
 pub fn key(pm: &PodMigration) -> String {
@@ -243,10 +268,32 @@ impl Context {
         self.slots.lock().expect("slots poisoned").admitted.remove(&key(pm));
     }
 
+    /// Whether `pm` is a version written in the middle of a step, since superseded (see
+    /// [`Self::progress_writes`]). A newer version forgets them: the cache never goes back.
+    pub fn superseded(&self, pm: &PodMigration) -> bool {
+        let (Some(uid), Some(rv)) = (pm.uid(), pm.resource_version()) else {
+            return false;
+        };
+        let mut writes = self.progress_writes.lock().expect("progress writes poisoned");
+        writes.superseded(&uid, &rv)
+    }
+
+    /// Write the status in the middle of a step (progress) and move `pm` to the version
+    /// written, so the step's final write stays conditional on everything but our own writes.
+    pub async fn write_progress(&self, pm: &mut PodMigration, status: &PodMigrationStatus) -> Result<(), Error> {
+        let rv = self.write_status(pm, status).await?;
+        if let Some(uid) = pm.uid() {
+            let mut writes = self.progress_writes.lock().expect("progress writes poisoned");
+            writes.note(&uid, &rv);
+        }
+        pm.metadata.resource_version = Some(rv);
+        Ok(())
+    }
+
     /// Write the status with server-side apply, conditional on the resourceVersion we read:
     /// a reconcile that worked from a stale object fails with [`Error::Conflict`] instead of
-    /// moving the migration backwards.
-    pub async fn write_status(&self, pm: &PodMigration, status: &PodMigrationStatus) -> Result<(), Error> {
+    /// moving the migration backwards. Returns the resourceVersion written.
+    pub async fn write_status(&self, pm: &PodMigration, status: &PodMigrationStatus) -> Result<String, Error> {
         let api: Api<PodMigration> = Api::namespaced(self.client.clone(), &pm.namespace().unwrap_or_default());
         let patch = json!({
             "apiVersion": "migrate.io/v1alpha1",
@@ -262,7 +309,7 @@ impl Context {
             )
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(written) => Ok(written.resource_version().unwrap_or_default()),
             Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::Conflict(pm.name_any())),
             Err(e) => Err(e.into()),
         }
@@ -362,5 +409,27 @@ impl Context {
 
     pub async fn normal(&self, pm: &PodMigration, reason: &str, note: String) {
         self.event(pm, EventType::Normal, reason, note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProgressWrites;
+
+    #[test]
+    fn versions_written_mid_step_are_stale_until_a_newer_one_is_seen() {
+        let mut writes = ProgressWrites::default();
+        assert!(!writes.superseded("m", "10"), "nothing written: nothing stale");
+        // A step wrote progress as versions 11 and 12, then its final write made 13.
+        writes.note("m", "11");
+        writes.note("m", "12");
+        writes.note("other", "20");
+        assert!(writes.superseded("m", "12"), "a queued reconcile of a progress version");
+        assert!(writes.superseded("m", "11"));
+        assert!(!writes.superseded("m", "13"), "the final write is acted on");
+        // Seen 13: the cache never hands out 11 or 12 again, so they are forgotten...
+        assert!(!writes.superseded("m", "12"));
+        // ... and other migrations keep theirs.
+        assert!(writes.superseded("other", "20"));
     }
 }

@@ -91,6 +91,11 @@ pub fn node_identity(env: &Env, node: &str) -> Arc<CertReloader> {
     CertReloader::from_pem(chain.as_bytes(), key.as_bytes()).unwrap()
 }
 
+/// How a push names these checkpointed archives (or emptyDir contents).
+pub fn refs(records: &[kube_migrate::agent::api::ArchiveRecord]) -> Vec<kube_migrate::agent::api::ArchiveRef> {
+    records.iter().map(|r| r.reference()).collect()
+}
+
 /// What the controller tells the target before a push from `source_node`.
 pub fn expect_of(push: &PushRequest, source_node: &str) -> ExpectRequest {
     ExpectRequest {

@@ -31,6 +31,13 @@ const AFTER_WRITE: Duration = Duration::from_secs(10);
 
 /// One step; writes the status when it changed.
 pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
+    if ctx.superseded(pm) {
+        // The watch event of the step's final write is on its way and will wake us.
+        return Ok(Action::requeue(AFTER_WRITE));
+    }
+    // A step may write progress before its final write; it then moves `pm` to the version
+    // it wrote (see `Context::write_progress`).
+    let mut latest = std::borrow::Cow::Borrowed(pm);
     let mut status = pm.status.clone().unwrap_or_default();
     let before = status.clone();
     let now = Timestamp::now();
@@ -49,14 +56,17 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
                 Mode::Restore => restore::pending_restore(pm, &mut status, ctx).await,
             },
             Phase::Checkpointing => checkpointing::checkpointing(pm, &mut status, ctx).await,
-            Phase::Transferring => transferring::transferring(pm, &mut status, ctx).await,
+            Phase::Transferring => transferring::transferring(latest.to_mut(), &mut status, ctx).await,
             Phase::BuildingImage => building::building(pm, &mut status, ctx).await,
             Phase::Restoring => restoring::restoring(pm, &mut status, ctx).await,
             Phase::Succeeded | Phase::Failed => finished::finished(pm, &mut status, ctx).await,
         }
     };
     status.deadline = ctx.config.deadlines.deadline(&status).map(Time);
-    if status != before {
+    // After a progress write the status must be written again even if the step ends where
+    // it began: what the progress showed is over.
+    let progress_written = latest.resource_version() != pm.resource_version();
+    if status != before || progress_written {
         if status.phase != before.phase {
             tracing::info!(
                 migration = %pm.name_any(),
@@ -69,7 +79,7 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
                 "phase transition"
             );
         }
-        if let Err(e) = ctx.write_status(pm, &status).await {
+        if let Err(e) = ctx.write_status(&latest, &status).await {
             if status.phase != Phase::Pending && before.phase == Phase::Pending {
                 ctx.release_slot(pm);
             }

@@ -9,8 +9,11 @@ use kube::{ResourceExt, runtime::controller::Action};
 
 use super::{frozen, hold, lose_state_because, pending, retry_after_stop, transition};
 use crate::{
-    agent::api::{ExpectRequest, PushRequest},
-    api::{Phase, PodMigration, PodMigrationStatus},
+    agent::{
+        api::{ExpectRequest, PushRequest, PushResponse},
+        client::ClientError,
+    },
+    api::{Phase, PodMigration, PodMigrationStatus, TransferProgress},
     controller::{
         context::{Context, Error},
         decide::{self, human_bytes},
@@ -18,7 +21,11 @@ use crate::{
     },
 };
 
-pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
+pub async fn transferring(
+    pm: &mut PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+) -> Result<Action, Error> {
     if frozen::is_frozen(status) && status.source_stop_requested_at.is_some() && status.source_stopped_at.is_none() {
         return stop_frozen(pm, status, ctx).await;
     }
@@ -53,7 +60,7 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
         volumes: request.volumes.clone(),
     };
     let pushed = match ctx.agent_client.expect(&request.target, &id, &expect).await {
-        Ok(()) => ctx.agent_client.push(&source, &source_id, &request).await,
+        Ok(()) => push_showing_progress(pm, status, ctx, (&source, &source_id), &request).await,
         // The target's agent is gone, as when the source cannot reach it below.
         Err(e) if agent_down(&e) && status.attempts >= 1 => {
             return replace_target(pm, status, ctx, &target, &e.to_string()).await;
@@ -128,6 +135,55 @@ pub async fn transferring(pm: &PodMigration, status: &mut PodMigrationStatus, ct
 }
 
 const STOPPING_FROZEN: &str = "; stopping the frozen source";
+
+/// How often a running push's progress is written into the status.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Push, and while the push runs write how far it is into `status.transfer` about every
+/// second (for `kubectl migrate` and `kubectl get -o yaml`). Each write is conditional on the
+/// version the previous one wrote, so the step's final write still fails on anyone else's
+/// change; once one fails, progress is no longer shown and the final write will tell.
+async fn push_showing_progress(
+    pm: &mut PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    (source, source_id): (&str, &str),
+    request: &PushRequest,
+) -> Result<PushResponse, ClientError> {
+    let push = ctx.agent_client.push(source, source_id, request);
+    tokio::pin!(push);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut showing = true;
+    loop {
+        tokio::select! {
+            pushed = &mut push => {
+                status.transfer = None;
+                return pushed;
+            }
+            _ = tick.tick(), if showing => {
+                let progress = match ctx.agent_client.push_progress(source, source_id).await {
+                    Ok(Some(p)) => p,
+                    // Not started yet (waiting for the agent's lock) or just ended.
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::debug!(%error, "no progress from the source agent");
+                        continue;
+                    }
+                };
+                status.transfer = Some(TransferProgress {
+                    bytes: progress.bytes,
+                    total_bytes: progress.total_bytes,
+                    seconds: progress.seconds,
+                });
+                if let Err(error) = ctx.write_progress(pm, status).await {
+                    tracing::debug!(%error, "progress not written; not trying again in this step");
+                    showing = false;
+                }
+            }
+        }
+    }
+}
 
 /// The state is verified on the target and the source, frozen since its checkpoint, is asked
 /// to stop: evict it (its object stays held), kill its frozen tasks, build the image.

@@ -1,9 +1,6 @@
 //! `kubectl-migrate` (a kubectl plugin: `kubectl migrate ...`).
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::{
     core::v1::{Node, Pod},
@@ -11,8 +8,15 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{ListParams, ObjectMeta, PostParams},
 };
+
+mod bars;
+mod drain;
+mod follow;
+
+use drain::drain;
+use follow::follow;
 
 use crate::{
     api::{self, MigrationPolicy, Mode, OnFailure, Phase, PodMigration, PodMigrationSpec, Trigger},
@@ -243,64 +247,6 @@ async fn migrate_pod(
     follow(&pms, &pm_name, timeout).await
 }
 
-/// Print every phase the migration goes through (from its recorded timings, so fast phases
-/// are not missed between two polls) and the latest progress, until it ends.
-async fn follow(pms: &Api<PodMigration>, name: &str, timeout: u64) -> Result<(), PluginError> {
-    let started = Instant::now();
-    let mut last = String::new();
-    let mut phases_shown = 0;
-    loop {
-        if let Some(pm) = pms.get_opt(name).await? {
-            let status = pm.status.clone().unwrap_or_default();
-            for timing in status.phases.iter().skip(phases_shown) {
-                println!("{}", plugin::phase_line(timing, started.elapsed().as_secs_f64()));
-            }
-            phases_shown = status.phases.len();
-            let line = plugin::progress_line(&pm, started.elapsed().as_secs_f64());
-            let key = line.split_once(']').map_or(line.as_str(), |(_, rest)| rest).to_string();
-            if key != last && !status.phase.is_terminal() {
-                println!("{line}");
-            }
-            last = key;
-            match status.phase {
-                Phase::Succeeded if pm.spec.mode == Mode::Checkpoint => {
-                    println!(
-                        "stored: checkpoint {name} on {}; restore it with: kubectl migrate restore {name} [--to NODE] [--name NEW]",
-                        pm.target_node().unwrap_or("?")
-                    );
-                    return Ok(());
-                }
-                Phase::Succeeded if pm.spec.mode == Mode::Restore => {
-                    let pod = status.replacement.map(|r| r.name).unwrap_or_default();
-                    println!("restored: {pod} runs on {}", pm.target_node().unwrap_or("?"));
-                    return Ok(());
-                }
-                Phase::Succeeded => {
-                    let replacement = status.replacement.map(|r| r.name).unwrap_or_default();
-                    println!(
-                        "migrated: {replacement} runs on {} (downtime {:.2} s)",
-                        pm.target_node().unwrap_or("?"),
-                        status.downtime_seconds.unwrap_or_default()
-                    );
-                    return Ok(());
-                }
-                Phase::Failed => {
-                    return Err(PluginError::Failed {
-                        name: name.to_string(),
-                        reason: status.reason.unwrap_or_default(),
-                        message: status.message.unwrap_or_default(),
-                    });
-                }
-                _ => {}
-            }
-        }
-        if started.elapsed() > Duration::from_secs(timeout) {
-            return Err(PluginError::Timeout(timeout));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 async fn status(client: &Client, ns: &str, name: Option<&str>, all: bool) -> Result<(), PluginError> {
     let pms: Api<PodMigration> = if all {
         Api::all(client.clone())
@@ -374,89 +320,6 @@ async fn status(client: &Client, ns: &str, name: Option<&str>, all: bool) -> Res
         );
     }
     Ok(())
-}
-
-/// Cordon, evict everything but DaemonSet and mirror pods (retrying while the webhook answers
-/// 429), and show each pod's progress until the node is empty.
-async fn drain(client: &Client, node: &str, timeout: u64) -> Result<(), PluginError> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .patch(
-            node,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "spec": { "unschedulable": true } })),
-        )
-        .await?;
-    println!("node/{node} cordoned");
-    let started = Instant::now();
-    let all: Api<Pod> = Api::all(client.clone());
-    let mut shown: BTreeMap<String, String> = BTreeMap::new();
-    let mut statics_reported = false;
-    loop {
-        let pods = all
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await?
-            .items;
-        if !statics_reported {
-            // kubectl drain skips static pods without a word; an opted-in one keeps its state
-            // on this node, and the operator must hear it.
-            for p in pods
-                .iter()
-                .filter(|p| crate::preflight::is_mirror(p) && crate::api::is_stateful(p))
-            {
-                println!(
-                    "not migrated: {}/{}: {}",
-                    p.namespace().unwrap_or_default(),
-                    p.name_any(),
-                    crate::preflight::Refusal::StaticPod(p.name_any())
-                );
-            }
-            statics_reported = true;
-        }
-        let evictable: Vec<&Pod> = pods
-            .iter()
-            .filter(|p| !p.owner_references().iter().any(|o| o.kind == "DaemonSet"))
-            .filter(|p| !p.annotations().contains_key("kubernetes.io/config.mirror"))
-            .filter(|p| {
-                !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-            })
-            .collect();
-        if evictable.is_empty() {
-            println!("node/{node} drained in {:.1} s", started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        for pod in evictable {
-            let ns = pod.namespace().unwrap_or_default();
-            let key = format!("{ns}/{}", pod.name_any());
-            let state = if pod.metadata.deletion_timestamp.is_some() {
-                "terminating".to_string()
-            } else {
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                match api.evict(&pod.name_any(), &Default::default()).await {
-                    Ok(_) => "evicted".to_string(),
-                    Err(kube::Error::Api(e)) if e.code == 429 => e
-                        .message
-                        .rsplit("denied the request: ")
-                        .next()
-                        .unwrap_or(&e.message)
-                        .to_string(),
-                    Err(kube::Error::Api(e)) if e.code == 404 => "gone".to_string(),
-                    Err(e) => format!("error: {e}"),
-                }
-            };
-            if shown.get(&key) != Some(&state) {
-                println!("[{:6.1}s] {key}: {state}", started.elapsed().as_secs_f64());
-                shown.insert(key, state);
-            }
-        }
-        if started.elapsed() > Duration::from_secs(timeout) {
-            return Err(PluginError::Timeout(timeout));
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }
 
 fn create_params() -> PostParams {
