@@ -56,20 +56,6 @@ if [[ $(id -u) != 0 ]]; then
     exit 1
 fi
 
-mirror() {
-    if [[ -n ${KUBE_MIGRATE_DEBIAN_MIRROR:-} ]]; then
-        printf '%s\n' "$KUBE_MIGRATE_DEBIAN_MIRROR"
-        return
-    fi
-    local m
-    # deb822 sources first (URIs: ...), then one-line sources (deb URI suite ...).
-    m=$( { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{for (i=2;i<=NF;i++) print $i}'
-           grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list |
-               sed -E 's/\[[^]]*\]//' | awk '{print $2}'
-         } | grep -E '/debian/?$' | head -n1 || true)
-    printf '%s\n' "${m:-http://deb.debian.org/debian}"
-}
-
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.criu-root-$SUITE.lock"
 flock 9
@@ -85,7 +71,7 @@ if ! command -v debootstrap >/dev/null || [[ ! -e /usr/share/debootstrap/scripts
         { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2; }
 fi
 
-MIRROR=$(mirror)
+MIRROR=$("$(dirname "$0")/../scripts/debian-mirror.sh")
 TMP=$(mktemp -d "$CACHE/.criu-root-$SUITE-$KEY.tmp.XXXXXX")
 # An if, not `[[ ]] &&`: an EXIT trap's last status becomes the script's, and a successful
 # build (TMP already moved) must still exit 0.

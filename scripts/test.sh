@@ -4,7 +4,9 @@
 #   2. the committed CRD matches the Rust types (crdgen)
 #   3. unit and integration tests (cargo test); the alert rules and dashboard (scripts/check-monitoring.sh);
 #      the Helm chart: lint, template, no drift from manifests/ (scripts/check-helm.sh);
-#      20 s of coverage-guided fuzzing per fuzz target (scripts/fuzz.sh --quick, docs/fuzzing.md)
+#      the plugin's release archives for linux amd64/arm64 and its krew manifest, installed with
+#      krew (scripts/release.sh); 20 s of coverage-guided fuzzing per fuzz target
+#      (scripts/fuzz.sh --quick, docs/fuzzing.md)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows; the Helm chart installed
 #      on a local control plane (scripts/helm-live.sh);
@@ -55,6 +57,9 @@ scripts/check-monitoring.sh
 
 step "Helm chart: lint, template, drift against kubectl kustomize manifests (scripts/check-helm.sh)"
 scripts/check-helm.sh
+
+step "kubectl plugin release: static amd64 + arm64 archives, krew manifest, krew install (scripts/release.sh)"
+scripts/release.sh
 
 step "fuzzing, 20 s per target (scripts/fuzz.sh --quick; longer runs: docs/fuzzing.md)"
 scripts/fuzz.sh --quick 2>&1 | tee -a "$results"
