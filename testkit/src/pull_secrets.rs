@@ -1,10 +1,13 @@
-//! Registry credentials from a pod's `imagePullSecrets`, as the kubelet finds them: each
-//! listed `kubernetes.io/dockerconfigjson` Secret of the pod's namespace, the entry for the
-//! registry's `host:port`. Secrets that cannot be read are skipped (the kubelet warns and
-//! pulls anyway); the registry then refuses the pull.
+//! Registry credentials from a pod's `imagePullSecrets`, as the kubelet finds and uses them:
+//! each listed `kubernetes.io/dockerconfigjson` Secret of the pod's namespace, the entry for
+//! the registry's `host:port`, tried in order until one pull succeeds (a replacement gated for
+//! several candidate migrations lists each one's credential). Secrets that cannot be read are
+//! skipped (the kubelet warns and pulls anyway); the registry then refuses the pull.
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client, ResourceExt};
+
+use crate::restore::{ImageRef, Manifest, Puller, RestoreError};
 
 /// The `Authorization` header for `registry` from a dockerconfigjson document.
 pub fn auth_for(config: &[u8], registry: &str) -> Option<String> {
@@ -13,28 +16,55 @@ pub fn auth_for(config: &[u8], registry: &str) -> Option<String> {
     Some(format!("Basic {auth}"))
 }
 
-/// The first credential for `registry` among the pod's pull Secrets.
-pub async fn basic_auth(client: &Client, pod: &Pod, registry: &str) -> Option<String> {
-    let names = pod.spec.as_ref()?.image_pull_secrets.clone().unwrap_or_default();
+/// Every credential for `registry` among the pod's pull Secrets, in their order.
+pub async fn basic_auths(client: &Client, pod: &Pod, registry: &str) -> Vec<String> {
+    let names = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+    let mut found = Vec::new();
     for name in names {
         match secrets.get(&name.name).await {
-            Ok(secret) => {
-                let found = secret
+            Ok(secret) => found.extend(
+                secret
                     .data
                     .as_ref()
                     .and_then(|d| d.get(".dockerconfigjson"))
-                    .and_then(|c| auth_for(&c.0, registry));
-                if found.is_some() {
-                    return found;
-                }
-            }
+                    .and_then(|c| auth_for(&c.0, registry)),
+            ),
             Err(error) => {
                 tracing::warn!(secret = %name.name, %error, "pull secret unavailable; pulling without it")
             }
         }
     }
-    None
+    found
+}
+
+/// The image's manifest, pulled as the kubelet pulls (`kuberuntime_image.go`): with each
+/// credential for its registry in turn until one is accepted (anonymously when there is
+/// none); `reference` keeps the credential that worked for the layers.
+pub async fn manifest(
+    client: &Client,
+    pod: &Pod,
+    puller: &Puller,
+    reference: &mut ImageRef,
+) -> Result<Manifest, RestoreError> {
+    let auths = basic_auths(client, pod, &reference.registry).await;
+    if auths.is_empty() {
+        reference.auth = None;
+        return puller.manifest(reference).await;
+    }
+    let mut last = None;
+    for auth in auths {
+        reference.auth = Some(auth);
+        match puller.manifest(reference).await {
+            Ok(manifest) => return Ok(manifest),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one credential was tried"))
 }
 
 #[cfg(test)]

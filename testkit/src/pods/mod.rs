@@ -326,8 +326,7 @@ impl PodManager {
         };
         let target = format!("{}/{}", spec.namespace, spec.pod);
         if let Some(mut reference) = ImageRef::parse(&image) {
-            reference.auth = crate::pull_secrets::basic_auth(&self.client, pod, &reference.registry).await;
-            let manifest = self.puller.manifest(&reference).await?;
+            let manifest = crate::pull_secrets::manifest(&self.client, pod, &self.puller, &mut reference).await?;
             if let (Some(crun), Some(base)) = (&self.crun, manifest.base_image.as_deref())
                 && crun.handles(base)
             {
