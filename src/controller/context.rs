@@ -332,15 +332,46 @@ impl Context {
         }
     }
 
-    /// Record a phase change's metrics.
-    pub fn observe(&self, pm: &PodMigration, closed: Option<(Phase, f64)>, status: &PodMigrationStatus) {
-        if let Some((phase, seconds)) = closed {
+    /// Zero series for what the dashboard counts with `increase()`, which misses the first
+    /// sample of a series born non-zero: the common outcomes, and a drain duration per node
+    /// known. Reasons of rarer failures (preflight refusals) still appear at their first use;
+    /// the alert rules handle new series themselves.
+    pub fn initialise_series(&self) {
+        const FAILURES: [&str; 7] = [
+            "NoTarget",
+            "CheckpointFailed",
+            "PodGone",
+            "Unavailable",
+            "DeadlineExceeded",
+            "StateLost",
+            "ArchiveCorrupt",
+        ];
+        let outcomes = std::iter::once(("succeeded", "none")).chain(FAILURES.map(|r| ("failed", r)));
+        for (outcome, reason) in outcomes {
+            let _ = self.metrics.migrations.get_or_create(&OutcomeLabels {
+                outcome,
+                reason: reason.into(),
+            });
+        }
+        for node in self.nodes.state() {
+            let _ = self
+                .metrics
+                .drain_duration
+                .get_or_create(&NodeLabels { node: node.name_any() });
+        }
+    }
+
+    /// Record the metrics of a step whose status was written (phases it finished, the
+    /// migration's end): called after the write, so a step done again after a conflict counts once.
+    pub fn observe(&self, pm: &PodMigration, before: &PodMigrationStatus, status: &PodMigrationStatus) {
+        let (closed, ended) = state::finished_in_step(before, status);
+        for (phase, seconds) in closed {
             self.metrics
                 .phase_duration
                 .get_or_create(&PhaseLabels { phase: phase.as_str() })
                 .observe(seconds);
         }
-        if !status.phase.is_terminal() || closed.is_none() {
+        if !ended {
             return;
         }
         let outcome = if status.phase == Phase::Succeeded {

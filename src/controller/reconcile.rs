@@ -41,6 +41,17 @@ pub async fn run(
         |pod| decide::migrations_of_pod(&pod),
     );
     let ctx = shared(controller.store());
+    // Series the dashboard needs before their first event (nodes join over time).
+    let series = {
+        let ctx = Arc::clone(&ctx);
+        async move {
+            let _ = ctx.nodes.wait_until_ready().await;
+            loop {
+                ctx.initialise_series();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    };
     let work = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -50,6 +61,7 @@ pub async fn run(
         });
     tokio::select! {
         _ = work => {}
+        _ = series => {}
         _ = shutdown.cancelled() => tracing::info!("controller stopped; in-flight steps abandoned"),
     }
 }

@@ -113,6 +113,21 @@ pub fn succeed(status: &mut PodMigrationStatus, message: String, now: Timestamp)
     closed
 }
 
+/// What a step persisted that metrics count, from the status before it and after it: the
+/// phases it closed (with their seconds) and whether it ended the migration. Derived from the
+/// written status, so a step whose write failed (and is done again) counts once.
+pub fn finished_in_step(before: &PodMigrationStatus, after: &PodMigrationStatus) -> (Vec<(Phase, f64)>, bool) {
+    let closed = after
+        .phases
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| !t.phase.is_terminal() && before.phases.get(*i).is_none_or(|b| b.seconds.is_none()))
+        .filter_map(|(_, t)| t.seconds.map(|s| (t.phase, s)))
+        .collect();
+    let ended = after.phase.is_terminal() && !before.phase.is_terminal();
+    (closed, ended)
+}
+
 /// Seconds spent in `phase`, when it finished.
 pub fn phase_seconds(status: &PodMigrationStatus, phase: Phase) -> Option<f64> {
     status
@@ -165,6 +180,43 @@ mod tests {
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn a_step_counts_what_it_finished_once() {
+        let mut before = PodMigrationStatus::default();
+        enter(&mut before, Phase::Pending, t(0));
+        enter(&mut before, Phase::Checkpointing, t(2));
+        // One step: Checkpointing done, Transferring entered.
+        let mut after = before.clone();
+        enter(&mut after, Phase::Transferring, t(5));
+        assert_eq!(
+            finished_in_step(&before, &after),
+            (vec![(Phase::Checkpointing, 3.0)], false)
+        );
+        // Nothing changed (a step that only waited, or the same state seen again): nothing.
+        assert_eq!(finished_in_step(&after, &after), (vec![], false));
+        // A step that went through two phases counts both; ending counts once, its own
+        // zero-length terminal entry not as a phase.
+        let mut end = after.clone();
+        enter(&mut end, Phase::BuildingImage, t(7));
+        fail(&mut end, "NoTarget", "gone".into(), t(8));
+        assert_eq!(
+            finished_in_step(&after, &end),
+            (vec![(Phase::Transferring, 2.0), (Phase::BuildingImage, 1.0)], true)
+        );
+        assert_eq!(
+            finished_in_step(&end, &end),
+            (vec![], false),
+            "a finished one is not ended again"
+        );
+        // The first step of all (no status yet) enters Pending and closes nothing.
+        let mut first = PodMigrationStatus::default();
+        enter(&mut first, Phase::Pending, t(0));
+        assert_eq!(
+            finished_in_step(&PodMigrationStatus::default(), &first),
+            (vec![], false)
+        );
     }
 
     #[test]

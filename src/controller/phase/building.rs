@@ -75,8 +75,7 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
             "checkpoint stored on {target}; restore it with: kubectl migrate restore {}",
             pm.name_any()
         );
-        let closed = state::succeed(status, message.clone(), Timestamp::now());
-        ctx.observe(pm, closed, status);
+        state::succeed(status, message.clone(), Timestamp::now());
         ctx.normal(pm, "CheckpointStored", message).await;
         return Ok(Action::requeue(Duration::ZERO));
     }

@@ -42,8 +42,7 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
     let before = status.clone();
     let now = Timestamp::now();
     let action = if pm.status.is_none() || status.phases.is_empty() {
-        let closed = state::enter(&mut status, Phase::Pending, now);
-        ctx.observe(pm, closed, &status);
+        state::enter(&mut status, Phase::Pending, now);
         Ok(Action::requeue(Duration::ZERO))
     } else if let Some(late) = ctx.config.deadlines.overdue(&status, now) {
         deadline_passed(pm, &mut status, ctx, late).await
@@ -85,6 +84,7 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
             }
             return Err(e);
         }
+        ctx.observe(pm, &before, &status);
         return action.map(|a| {
             if a == Action::requeue(Duration::ZERO) {
                 Action::requeue(AFTER_WRITE)
@@ -98,9 +98,8 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
 
 /// Move to `phase`, with metrics and an Event.
 async fn transition(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context, phase: Phase, note: String) {
-    let closed = state::enter(status, phase, Timestamp::now());
+    state::enter(status, phase, Timestamp::now());
     status.message = Some(note.clone());
-    ctx.observe(pm, closed, status);
     ctx.normal(pm, phase.as_str(), note).await;
 }
 
@@ -112,8 +111,7 @@ async fn fail(
     message: String,
 ) -> Action {
     tracing::warn!(migration = %pm.name_any(), reason, %message, "migration failed");
-    let closed = state::fail(status, reason, message.clone(), Timestamp::now());
-    ctx.observe(pm, closed, status);
+    state::fail(status, reason, message.clone(), Timestamp::now());
     ctx.warn(pm, reason, message).await;
     Action::requeue(Duration::ZERO)
 }

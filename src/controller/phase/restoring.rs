@@ -104,8 +104,7 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
             status.target_node.as_deref().unwrap_or("?"),
             status.downtime_seconds.unwrap_or_default()
         );
-        let closed = state::succeed(status, message.clone(), now);
-        ctx.observe(pm, closed, status);
+        state::succeed(status, message.clone(), now);
         ctx.normal(pm, "Succeeded", message).await;
         return Ok(Action::requeue(Duration::ZERO));
     }
