@@ -9,7 +9,8 @@
 #      (scripts/fuzz.sh --quick, docs/fuzzing.md)
 #   4. end-to-end scenarios on a local cluster built from upstream sources (scripts/e2e.sh),
 #      real crun + CRIU containers included where the machine allows; the Helm chart installed
-#      on a local control plane (scripts/helm-live.sh);
+#      on a local control plane (scripts/helm-live.sh); a real Prometheus scraping the local
+#      cluster through drains and a provoked failure (scripts/dashboard-live.sh);
 #      KUBE_MIGRATE_SKIP_E2E=1 skips them for a quick local run (CI never sets it)
 #   5. short versions of the benchmarks (scripts/bench.sh --quick: admission, transfer, image
 #      build; scripts/bench-compression.sh --quick: zstd on a CRIU image; scripts/bench-drain.sh
@@ -69,6 +70,8 @@ if [[ ${KUBE_MIGRATE_SKIP_E2E:-} == 1 ]]; then
 else
   step "end-to-end scenarios (scripts/e2e.sh)"
   scripts/e2e.sh 2>&1 | tee -a "$results"
+  step "a real Prometheus on the local cluster: drains, a provoked failure fires its alert, the dashboard's queries (scripts/dashboard-live.sh)"
+  scripts/dashboard-live.sh 2>&1 | tee -a "$results"
   step "Helm chart installed, upgraded and uninstalled on a local control plane (scripts/helm-live.sh)"
   scripts/helm-live.sh 2>&1 | tee -a "$results"
   step "end-to-end on real nodes: kubelet + CRI-O + CRIU (scripts/e2e-real.sh)"
@@ -84,4 +87,5 @@ fi
 grep '^SKIPPED:' "$results" || true
 awk '/^test result:/ { p += $4; f += $6 } /^FUZZ PASSED:/ || /^SKIPPED: fuzz/ { p++ } /^SKIPPED:/ { s++ }
      /^helm-live: [0-9]+ passed, [0-9]+ failed$/ { p += $2; f += $4 }
+     /^dashboard-live: ok / { p++ }
      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p - s, f, s }' "$results"
