@@ -14,6 +14,8 @@
 #   scripts/bench-drain.sh                 N = 1 10 50 (release build; ~15 min on 2 cores)
 #   scripts/bench-drain.sh --quick         N = 1 3, for CI (checks the machinery, not figures)
 #   PODS="1 10" STATE_BYTES=1048576 scripts/bench-drain.sh
+#   MODES="km plain" KM_MAX_PER_NODE=8 scripts/bench-drain.sh   (which drains; controller flags
+#                                          by their environment variables, e.g. --max-per-node)
 #
 # Pods are the test kubelet's simulated containers with STATE_BYTES of state each (default
 # 1 MiB), so the figures measure orchestration; e2e/tests/criu.rs measures real CRIU state.
@@ -121,7 +123,10 @@ drain() {
 KM_OUT=$(mktemp -d)
 ROWS=()
 BREAKDOWN=()
+MODES=${MODES:-km plain pdb}
 for n in $PODS; do
+  t_km=- t_plain=- t_pdb=-
+  if [[ " $MODES " == *" km "* ]]; then
   # 1. kube-migrate
   log "N=$n: kube-migrate"
   setup "$n" true
@@ -134,21 +139,31 @@ for n in $PODS; do
   ok=$(jq '[.items[] | select(.status.phase == "Succeeded")] | length' "$KM_OUT/pm.json")
   [[ $ok -eq $n ]] || { log "only $ok of $n migrations succeeded"; jq -r '.items[] | "\(.metadata.name) \(.status.phase) \(.status.message)"' "$KM_OUT/pm.json" >&2; exit 1; }
   # Mean and max of every phase, and of the downtime.
+  # Pending split: the part spent queued for a concurrency slot (from the timeline's `queued`
+  # to the end of Pending), over the migrations that were queued.
   BREAKDOWN+=("$(jq -r --arg n "$n" '
     def stats: if length == 0 then "-" else "\((add / length * 100 | round) / 100) / \((max * 100 | round) / 100)" end;
+    def ts: capture("^(?<s>[^.Z]+)(?<f>[.][0-9]+)?Z$") | (.s + "Z" | fromdateiso8601) + ((.f // "0") | tonumber);
     . as $r
+    | [$r.items[] | ([.status.timeline // [] | .[] | select(.step == "queued") | .at][0]) as $q | select($q != null)
+        | (.status.phases[] | select(.phase == "Pending")) as $p | (($p.startedAt | ts) + $p.seconds - ($q | ts))] as $queued
     | "| \($n) | " + ([ "Pending", "Checkpointing", "Transferring", "BuildingImage", "Restoring" ]
         | map(. as $p | [$r.items[].status.phases[] | select(.phase == $p) | .seconds] | stats) | join(" | "))
+      + " | \($queued | length): " + ($queued | stats)
       + " | " + ([$r.items[].status.downtimeSeconds | select(. != null)] | stats) + " |"' "$KM_OUT/pm.json")")
   kubectl uncordon node-a >/dev/null
+  fi
 
+  if [[ " $MODES " == *" plain "* ]]; then
   # 2. plain drain, state lost
   log "N=$n: plain drain"
   setup "$n" false
   t0=$(now); drain; t_plain=$(elapsed "$t0")
   wait_running "$n"
   kubectl uncordon node-a >/dev/null
+  fi
 
+  if [[ " $MODES " == *" pdb "* ]]; then
   # 3. manual PDB route
   log "N=$n: manual PDB route"
   setup "$n" false
@@ -162,13 +177,14 @@ for n in $PODS; do
   wait_running "$n"
   t_pdb=$(elapsed "$t0")
   kubectl uncordon node-a >/dev/null
+  fi
 
   ROWS+=("| $n | $t_km s | $t_plain s | $t_pdb s |")
 done
 kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
 
 echo
-echo "kubectl drain wall time, $KUBE_MIGRATE_PROFILE build, STATE_BYTES=$STATE_BYTES, $(nproc) cores"
+echo "kubectl drain wall time, $KUBE_MIGRATE_PROFILE build, STATE_BYTES=$STATE_BYTES, $(nproc) cores, max-per-node ${KM_MAX_PER_NODE:-default}, max-total ${KM_MAX_TOTAL:-default}"
 echo
 echo "| pods | kube-migrate (state kept) | plain drain (state lost) | manual PDB route (state lost) |"
 echo "| ---: | ---: | ---: | ---: |"
@@ -176,7 +192,7 @@ printf '%s\n' "${ROWS[@]}"
 echo
 echo "kube-migrate per-phase seconds, mean / max over the pods"
 echo
-echo "| pods | Pending | Checkpointing | Transferring | BuildingImage | Restoring | downtime |"
-echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| pods | Pending | Checkpointing | Transferring | BuildingImage | Restoring | queued for a slot (n: mean / max) | downtime |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${BREAKDOWN[@]}"
 rm -rf "$KM_OUT"

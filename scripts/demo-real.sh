@@ -65,7 +65,8 @@ echo
 echo "source frozen at $(kubectl -n demo get podmigration "$pm" -o jsonpath='{.status.sourceFrozenAt}'), never ran after its checkpoint (window $(kubectl -n demo get podmigration "$pm" -o jsonpath='{.status.sourceWindowSeconds}') s); downtime $(kubectl -n demo get podmigration "$pm" -o jsonpath='{.status.downtimeSeconds}') s. Where it went (seconds after the freeze):"
 kubectl -n demo get podmigration "$pm" -o json | jq -r '
   def ts: capture("(?<s>[^.Z]+)(\\.(?<f>[0-9]+))?Z") | ((.s + "Z") | fromdateiso8601) + ("0." + (.f // "0") | tonumber);
-  .status.timeline as $t | ($t[0].at | ts) as $f | $t[] | "  \(.step): \((.at | ts) - $f | . * 100 | round / 100) s"'
+  [.status.timeline[] | select(.step != "queued")] as $t | ($t[0].at | ts) as $f
+  | $t[] | "  \(.step): \((.at | ts) - $f | . * 100 | round / 100) s"'
 
 say "Where the pod went"
 kubectl -n demo get pods -o wide

@@ -6,7 +6,7 @@
 #
 #   scripts/local-cluster.sh up     start everything from a clean state; prints `export KUBECONFIG=...`
 #   scripts/local-cluster.sh down   stop everything and delete the state
-#   scripts/local-cluster.sh kill-webhook | start-webhook [i] [shutdown delay s] | term-webhook [i]
+#   scripts/local-cluster.sh kill-webhook [i|all] | start-webhook [i] [shutdown delay s] | term-webhook [i]
 #                                                            (tests: controller restarts)
 #
 # The product runs with its own ServiceAccounts' tokens (RBAC from manifests/rbac.yaml),
@@ -71,6 +71,7 @@ start_webhook() { # [replica index, default 0: the one the webhook configuration
     --agent-issuer-cert "$KM/certs/agent-issuer.crt" --agent-issuer-key "$KM/certs/agent-issuer.key" \
     --client-ca "$STATE/webhook-client/ca.crt" --client-name kube-apiserver-webhook-client \
     --restoring-deadline-seconds "${KUBE_MIGRATE_RESTORING_DEADLINE_SECONDS:-45}" --shutdown-delay-seconds "$delay" \
+    ${KUBE_MIGRATE_MAX_PER_NODE:+--max-per-node "$KUBE_MIGRATE_MAX_PER_NODE"} \
     >>"$KM/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$KM/run/$name.pid"
   wait_for "$name ready" 60 curl -sf "http://127.0.0.1:$((WEBHOOK_ADMIN_PORT + i))/readyz"
@@ -150,11 +151,20 @@ power_on() { # node
 }
 
 # SIGKILL: no graceful shutdown, no lease release, as when a node dies under the controller.
-kill_webhook() {
-  local pid; pid=$(cat "$KM/run/webhook.pid" 2>/dev/null) || return 0
+kill_webhook() { # [replica index, default 0; "all": every replica]
+  local i=${1:-0} name=webhook f
+  if [[ $i == all ]]; then
+    for f in "$KM"/run/webhook*.pid; do
+      [[ -e $f ]] || continue
+      f=${f##*/webhook}; f=${f%.pid}; kill_webhook "${f#-}"
+    done
+    return 0
+  fi
+  ((i == 0)) || name=webhook-$i
+  local pid; pid=$(cat "$KM/run/$name.pid" 2>/dev/null) || return 0
   # Gone already (a replica that ended its shutdown delay) is fine.
   kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$KM/run/webhook.pid"
+  rm -f "$KM/run/$name.pid"
 }
 
 # Real containers (issue #4): kube-migrate.test/* images run with crun + CRIU inside the Debian
@@ -393,12 +403,12 @@ down() {
 case ${1:-} in
   up) up ;;
   down) down ;;
-  kill-webhook) kill_webhook ;;
+  kill-webhook) kill_webhook "${2:-0}" ;;
   start-webhook) start_webhook "${2:-0}" "${3:-5}" ;;
   term-webhook) signal_webhook TERM "${2:-0}" ;;
   pause-webhook) signal_webhook STOP "${2:-0}" ;;
   resume-webhook) signal_webhook CONT "${2:-0}" ;;
   power-off) power_off "${2:?node}" ;;
   power-on) power_on "${2:?node}" ;;
-  *) echo "usage: $0 up|down|kill-webhook|start-webhook [i] [delay]|term-webhook [i]|pause-webhook [i]|resume-webhook [i]|power-off NODE|power-on NODE" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|kill-webhook [i|all]|start-webhook [i] [delay]|term-webhook [i]|pause-webhook [i]|resume-webhook [i]|power-off NODE|power-on NODE" >&2; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ fn burst(n: usize) -> String {
         .collect()
 }
 
-/// Scenario 11: eight opted-in pods drained at once with `--max-per-node 2` (the default):
+/// Scenario 11: eight opted-in pods drained at once with `--max-per-node 2` (scripts/e2e.sh):
 /// never more than two migrations from node-a are active at any instant, and the targets
 /// spread over both other nodes. Before the slots were taken under a lock, seven ran at once
 /// and all eight went to one node.
@@ -62,6 +62,18 @@ async fn s11_limits_hold_under_a_burst_and_targets_spread() -> anyhow::Result<()
         .filter_map(|m| m.status.as_ref().and_then(|s| s.target_node.clone()))
         .collect();
     println!("targets: {targets:?}");
+    // With two slots for eight, most waited for one (six when every first step comes before
+    // the first slot frees), and their timelines say when they began to.
+    let queued = done
+        .iter()
+        .filter(|m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.timeline.iter().any(|t| t.step == "queued"))
+        })
+        .count();
+    println!("queued for a slot: {queued} of 8");
+    assert!(queued >= 4, "the queued step is recorded: {queued} of 8");
     assert_eq!(
         targets,
         BTreeSet::from(["node-b".to_string(), "node-c".to_string()]),

@@ -191,7 +191,9 @@ spec:
 async fn s26_a_long_transfer_shows_its_progress_and_is_sent_once() -> anyhow::Result<()> {
     let ns = "e2e-progress";
     fresh_namespace(ns);
-    local_cluster(&["kill-webhook"]);
+    // Every replica goes (an earlier scenario may have left a second one leading), so the
+    // one started with the limit leads.
+    local_cluster(&["kill-webhook", "all"]);
     local_cluster_with(&["start-webhook"], &[("KM_TRANSFER_BANDWIDTH", "4Mi")]);
     let result = long_transfer(ns).await;
     local_cluster(&["kill-webhook"]);

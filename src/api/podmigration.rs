@@ -235,7 +235,8 @@ pub struct PodMigrationStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTiming>,
     /// When each step of the current attempt happened (in microseconds, as the controller saw
-    /// it): where the downtime goes. Steps, in order: `frozen`, `checkpointed`, `verified`
+    /// it): where the time goes. Steps, in order: `queued` (first held back by the concurrency
+    /// limit, while `Pending`), `frozen`, `checkpointed`, `verified`
     /// (every archive on the target), `sourceKilled`, `imageBuilt`, `sourceTerminated` (its
     /// kubelet reports every container ended), `replacementSeen`, `released` (gate lifted),
     /// `scheduled`, `started` (every container running), `ready`.
@@ -342,6 +343,7 @@ pub struct VolumeCheckpoint {
 /// are what the status and the `step` label of `kube_migrate_step_seconds` carry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
+    Queued,
     Frozen,
     Checkpointed,
     Verified,
@@ -357,7 +359,8 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
+        Step::Queued,
         Step::Frozen,
         Step::Checkpointed,
         Step::Verified,
@@ -374,6 +377,7 @@ impl Step {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Step::Queued => "queued",
             Step::Frozen => "frozen",
             Step::Checkpointed => "checkpointed",
             Step::Verified => "verified",

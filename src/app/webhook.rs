@@ -94,7 +94,7 @@ pub struct Options {
     #[arg(long, env = "KM_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
     /// Active migrations per source node.
-    #[arg(long, env = "KM_MAX_PER_NODE", default_value_t = 2)]
+    #[arg(long, env = "KM_MAX_PER_NODE", default_value_t = 8)]
     pub max_per_node: usize,
     /// Active migrations in the cluster.
     #[arg(long, env = "KM_MAX_TOTAL", default_value_t = 10)]

@@ -2,7 +2,7 @@
 //! concurrency slots, and the I/O helpers (status writes, Events, metrics).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -117,7 +117,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            max_per_node: 2,
+            max_per_node: 8,
             max_total: 10,
             checkpoint_timeout: Duration::from_secs(300),
             source_grace_period_seconds: 1,
@@ -135,9 +135,12 @@ impl Default for Config {
 /// Migrations admitted past `Pending` by this leader, keyed by `namespace/name`. The informer
 /// cache lags our own writes, so a burst of migrations created at once would all pass a
 /// cache-only check; admission is decided under this lock against the cache *and* this set.
+/// Likewise, `done` holds migrations this leader moved out of an active phase (written, not
+/// yet in the cache): their slots are free at once, so the queued ones woken then get them.
 #[derive(Default)]
 pub struct Slots {
     admitted: BTreeMap<String, decide::Slot>,
+    done: BTreeSet<String>,
 }
 
 pub struct Context {
@@ -216,9 +219,12 @@ impl Context {
     /// shows them (active or finished) or they are released.
     pub fn held_slots(&self, slots: &mut Slots) -> Vec<decide::Slot> {
         let all = self.migrations.state();
+        slots
+            .done
+            .retain(|k| all.iter().any(|m| key(m) == *k && m.phase().is_active()));
         let mut held: BTreeMap<String, decide::Slot> = BTreeMap::new();
         for m in &all {
-            if m.phase().is_active() {
+            if m.phase().is_active() && !slots.done.contains(&key(m)) {
                 held.insert(key(m), decide::Slot::of(m, self.source_pod(m)));
             }
         }
@@ -261,6 +267,11 @@ impl Context {
             );
         }
         Ok(chosen)
+    }
+
+    /// `pm`'s write took it out of an active phase: its slot is free before the cache says so.
+    pub fn slot_done(&self, pm: &PodMigration) {
+        self.slots.lock().expect("slots poisoned").done.insert(key(pm));
     }
 
     /// Forget an admission (the migration went back to Pending or failed before its write).
@@ -402,7 +413,8 @@ impl Context {
             for t in status
                 .timeline
                 .iter()
-                .filter(|t| t.step != crate::api::Step::Frozen.as_str())
+                // Seconds after the freeze: `queued` came before it.
+                .filter(|t| t.step != crate::api::Step::Frozen.as_str() && t.step != crate::api::Step::Queued.as_str())
             {
                 self.metrics
                     .step

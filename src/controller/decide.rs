@@ -192,6 +192,42 @@ pub fn migrations_of_pod(pod: &Pod) -> Vec<kube::runtime::reflector::ObjectRef<P
     out
 }
 
+/// Queued migrations to wake when `ended` finished and left its slot, instead of letting them
+/// wait for their next poll: the `n` oldest waiting for a slot, those of its source node first.
+pub fn queued_to_wake(
+    ended: &PodMigration,
+    all: &[Arc<PodMigration>],
+    n: usize,
+) -> Vec<kube::runtime::reflector::ObjectRef<PodMigration>> {
+    if !ended.phase().is_terminal() {
+        return Vec::new();
+    }
+    let mut queued: Vec<&PodMigration> = all
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|m| m.phase() == Phase::Pending)
+        .filter(|m| {
+            m.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == super::state::CONDITION_QUEUED && c.status == "True" && c.reason == "ConcurrencyLimit"
+                })
+            })
+        })
+        .collect();
+    queued.sort_by_key(|m| {
+        (
+            m.spec.source_node != ended.spec.source_node,
+            m.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            m.metadata.name.clone(),
+        )
+    });
+    queued
+        .into_iter()
+        .take(n)
+        .map(kube::runtime::reflector::ObjectRef::from_obj)
+        .collect()
+}
+
 /// The first PodDisruptionBudget that selects `pod` and allows no disruption right now.
 pub fn blocking_pdb<'a>(pdbs: &'a [PodDisruptionBudget], pod: &Pod) -> Option<&'a PodDisruptionBudget> {
     let labels = pod.labels();

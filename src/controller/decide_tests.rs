@@ -381,3 +381,49 @@ fn a_replacement_the_webhook_never_saw_is_recognised() {
         assert!(!slipped_through(&other, "rs", "source", &stopped), "{why}");
     }
 }
+
+#[test]
+fn an_ended_migration_wakes_the_oldest_queued_for_its_slot_its_node_first() {
+    let pm = |name: &str, source: &str, created: i64, phase: Phase, queued: Option<&str>| {
+        let mut m: PodMigration = serde_json::from_value(json!({
+            "apiVersion": "migrate.io/v1alpha1", "kind": "PodMigration",
+            "metadata": { "name": name, "namespace": "ns",
+                "creationTimestamp": format!("2026-11-29T00:00:{created:02}Z") },
+            "spec": { "podName": name, "podUid": "u", "sourceNode": source, "trigger": "Drain" },
+        }))
+        .unwrap();
+        let mut status = PodMigrationStatus {
+            phase,
+            ..Default::default()
+        };
+        if let Some(reason) = queued {
+            crate::controller::state::set_condition(
+                &mut status,
+                crate::controller::state::CONDITION_QUEUED,
+                true,
+                reason,
+                "queued",
+                Timestamp::now(),
+            );
+        }
+        m.status = Some(status);
+        Arc::new(m)
+    };
+    let all = vec![
+        pm("b-old", "node-b", 1, Phase::Pending, Some("ConcurrencyLimit")),
+        pm("a-new", "node-a", 9, Phase::Pending, Some("ConcurrencyLimit")),
+        pm("a-old", "node-a", 2, Phase::Pending, Some("ConcurrencyLimit")),
+        pm("a-pdb", "node-a", 0, Phase::Pending, Some("PodDisruptionBudget")),
+        pm("a-fresh", "node-a", 0, Phase::Pending, None),
+        pm("a-busy", "node-a", 0, Phase::Transferring, None),
+    ];
+    let names = |refs: Vec<kube::runtime::reflector::ObjectRef<PodMigration>>| {
+        refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+    };
+    let ended = pm("done", "node-a", 0, Phase::Succeeded, None);
+    assert_eq!(names(queued_to_wake(&ended, &all, 2)), ["a-old", "a-new"]);
+    assert_eq!(names(queued_to_wake(&ended, &all, 3)), ["a-old", "a-new", "b-old"]);
+    // Only an end frees a slot: other events wake nothing.
+    let running = pm("run", "node-a", 0, Phase::Restoring, None);
+    assert!(queued_to_wake(&running, &all, 2).is_empty());
+}

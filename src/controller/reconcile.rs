@@ -24,6 +24,10 @@ use super::{
 };
 use crate::api::{self, PodMigration};
 
+/// Queued migrations woken by one that ended: the slot it freed, and one more in case that
+/// one is held back by something else (a PodDisruptionBudget, no target yet).
+const WAKE_PER_END: usize = 2;
+
 /// Run the controller until `shutdown`. In-flight reconciles are dropped at once, not drained:
 /// `shutdown` fires when this replica lost (or is about to lose) the leader Lease, and a
 /// replica that is no longer the leader must stop acting before another one starts.
@@ -33,14 +37,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let api = Api::<PodMigration>::all(client.clone());
+    let controller = Controller::new(api.clone(), watcher::Config::default().any_semantic());
+    let store = controller.store();
     // Pod changes (source stopped, replacement scheduled, Ready) wake their migration at once
-    // instead of waiting for the next poll.
-    let controller = Controller::new(api, watcher::Config::default().any_semantic()).watches(
-        Api::<Pod>::all(client),
-        watcher::Config::default().any_semantic(),
-        |pod| decide::migrations_of_pod(&pod),
-    );
-    let ctx = shared(controller.store());
+    // instead of waiting for the next poll; a migration that ended wakes the oldest ones
+    // queued for its slot (a drain of many pods turns its slots over without polls).
+    let controller = controller
+        .watches(
+            Api::<Pod>::all(client),
+            watcher::Config::default().any_semantic(),
+            |pod| decide::migrations_of_pod(&pod),
+        )
+        .watches(api, watcher::Config::default().any_semantic(), {
+            let store = store.clone();
+            move |ended| decide::queued_to_wake(&ended, &store.state(), WAKE_PER_END)
+        });
+    let ctx = shared(store);
     // Series the dashboard needs before their first event (nodes join over time).
     let series = {
         let ctx = Arc::clone(&ctx);

@@ -127,10 +127,11 @@ async fn checkpoint(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Co
     let bytes: u64 = status.containers.iter().filter_map(|c| c.size_bytes).sum::<u64>()
         + status.volumes.iter().map(|v| v.size_bytes).sum::<u64>();
     let now = Time(Timestamp::now());
-    // This checkpoint's freeze and timeline replace any earlier attempt's.
+    // This checkpoint's freeze and timeline replace any earlier attempt's (when it was
+    // queued, before any attempt, stays).
     status.source_frozen_at = None;
     status.source_thawed_at = None;
-    status.timeline.clear();
+    status.timeline.retain(|t| t.step == crate::api::Step::Queued.as_str());
     match answer.freeze {
         Some(f) if f.held => {
             let at = f.frozen_at.and_then(|t| t.parse::<Timestamp>().ok()).unwrap_or(now.0);

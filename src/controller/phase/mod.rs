@@ -85,6 +85,9 @@ pub async fn apply(pm: &PodMigration, ctx: &Context) -> Result<Action, Error> {
             return Err(e);
         }
         ctx.observe(pm, &before, &status);
+        if before.phase.is_active() && !status.phase.is_active() {
+            ctx.slot_done(pm);
+        }
         return action.map(|a| {
             if a == Action::requeue(Duration::ZERO) {
                 Action::requeue(AFTER_WRITE)

@@ -101,6 +101,9 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     });
     let target = match admitted {
         Err(queued) => {
+            if queued.reason == "ConcurrencyLimit" {
+                state::mark(status, crate::api::Step::Queued, now);
+            }
             state::set_condition(status, CONDITION_QUEUED, true, queued.reason, &queued.message, now);
             status.message = Some(queued.message);
             return Ok(Action::requeue(Duration::from_secs(2)));
