@@ -275,14 +275,13 @@ impl AgentClient {
         name: &str,
     ) -> Result<Option<ReceiveResponse>, ClientError> {
         let url = format!("{base}/v1/migrations/{id}/{}/{name}", kind.segment());
-        match send(
-            &self.http,
-            request(Method::GET, &url, empty_body())?,
-            Duration::from_secs(30),
-        )
-        .await
-        {
-            Ok(held) => Ok(Some(held)),
+        self.get_if_found(&url, Duration::from_secs(30)).await
+    }
+
+    /// GET `url`: `None` when the agent answers 404.
+    async fn get_if_found<T: DeserializeOwned>(&self, url: &str, timeout: Duration) -> Result<Option<T>, ClientError> {
+        match send(&self.http, request(Method::GET, url, empty_body())?, timeout).await {
+            Ok(found) => Ok(Some(found)),
             Err(ClientError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
             Err(e) => Err(e),
         }
@@ -291,17 +290,7 @@ impl AgentClient {
     /// How far a push of migration `id` on that agent is; `None` when none is running.
     pub async fn push_progress(&self, base: &str, id: &str) -> Result<Option<PushProgress>, ClientError> {
         let url = format!("{base}/v1/migrations/{id}/push");
-        match send(
-            &self.http,
-            request(Method::GET, &url, empty_body())?,
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            Ok(progress) => Ok(Some(progress)),
-            Err(ClientError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_if_found(&url, Duration::from_secs(5)).await
     }
 
     /// Upload one archive (or emptyDir contents) to another agent, streamed from disk,
