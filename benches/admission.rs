@@ -205,6 +205,7 @@ fn main() {
             metrics: Arc::new(Metrics::new()),
             namespaces: reflector::store().0,
             helper_image: Default::default(),
+            holds: kube_migrate::admission::hold::Holds::off(),
         });
 
         let shutdown = CancellationToken::new();

@@ -26,6 +26,12 @@ pub struct WebhookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HoldLabels {
+    /// The answer the hold ended with (a decision result), or `expired`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
     pub reason: String,
@@ -66,6 +72,7 @@ pub struct Metrics {
     registry: Registry,
     pub webhook_decisions: Family<DecisionLabels, Counter>,
     pub webhook_latency: Family<WebhookLabels, Histogram>,
+    pub eviction_hold: Family<HoldLabels, Histogram>,
     pub migrations: Family<OutcomeLabels, Counter>,
     pub migration_duration: Histogram,
     pub phase_duration: Family<PhaseLabels, Histogram>,
@@ -102,8 +109,14 @@ impl Metrics {
             Family::<WebhookLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
         registry.register(
             "webhook_latency_seconds",
-            "Time to answer an AdmissionReview",
+            "Time to decide an AdmissionReview (an eviction's hold excluded)",
             webhook_latency.clone(),
+        );
+        let eviction_hold = Family::<HoldLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()));
+        registry.register(
+            "eviction_hold_seconds",
+            "How long an eviction was held open waiting for its migration's state to be safe",
+            eviction_hold.clone(),
         );
         let migrations = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -206,6 +219,7 @@ impl Metrics {
             registry,
             webhook_decisions,
             webhook_latency,
+            eviction_hold,
             migrations,
             migration_duration,
             phase_duration,

@@ -208,6 +208,7 @@ fn state(pods: &[Pod], migrations: &[Arc<PodMigration>]) -> Arc<WebhookState> {
         metrics: Arc::new(Metrics::new()),
         namespaces: reflector::store().0,
         helper_image: Default::default(),
+        holds: kube_migrate::admission::hold::Holds::off(),
     })
 }
 

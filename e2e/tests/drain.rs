@@ -170,7 +170,6 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
     let out = drain.all();
     println!("---- kubectl drain ----\n{out}");
     assert!(drain.ok, "drain must complete:\n{out}");
-    assert!(out.contains("will retry after 5s"), "kubectl retried on 429:\n{out}");
     assert!(out.contains("kube-migrate"), "kubectl printed our reason:\n{out}");
 
     let done = migrations_succeeded(ns, 4, Duration::from_secs(180), |_| true).await?;
@@ -291,9 +290,10 @@ async fn s1_drain_migrates_every_annotated_workload() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert!(
-        // Each annotated pod's first eviction started its migration with a 429 (later
-        // retries may already find the state safe, so "waiting" is not guaranteed).
-        value("kube_migrate_webhook_decisions_total{webhook=\"eviction\",result=\"started\"}") >= 4.0,
+        // Each annotated pod's eviction went through once its state was safe, whether the first
+        // one was held until then or answered 429 and retried (an answer is counted under the
+        // result it ended with).
+        value("kube_migrate_webhook_decisions_total{webhook=\"eviction\",result=\"allowed_state_safe\"}") >= 4.0,
         "{metrics}"
     );
     assert!(

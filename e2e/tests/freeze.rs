@@ -20,7 +20,7 @@ use kube::{
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
     client, drain_a, drain_a_within, eventually, field, first_log_line, fresh_namespace, kubectl, migrations_succeeded,
-    must, node_of, opted_in_deployment, running_pods_in, start_on_node_a,
+    must, node_of, opted_in_deployment, running_pods_in, scrape, start_on_node_a,
 };
 
 /// Every `terminated.message` the test kubelet reported for each pod UID of `ns` (watched
@@ -199,6 +199,58 @@ async fn s13_a_corrupt_archive_is_named_and_the_source_resumes() -> anyhow::Resu
         line.starts_with("started fresh"),
         "one container, never restarted: {line}"
     );
+    must(&["uncordon", "node-a"]);
+    must(&["delete", "namespace", ns, "--wait=false"]);
+    Ok(())
+}
+
+/// Scenario 27: the drain waits for the state, not for kubectl's retries. kubectl drain sleeps
+/// 5 s after every 429; the eviction webhook holds the first eviction open instead and answers
+/// it as soon as the migration's state is verified on the target. The drain then needs a
+/// single eviction per pod: no "will retry" line, the webhook's hold counted once, ended by
+/// the safe state (not by its deadline), and the restored pod has the memory the source had.
+/// Before the hold, every migrated pod cost the drain at least one 5 s retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: scripts/e2e.sh"]
+async fn s27_a_drain_waits_for_the_state_not_for_kubectl_retries() -> anyhow::Result<()> {
+    let ns = "e2e-hold";
+    fresh_namespace(ns);
+    let before = start_on_node_a(ns, &opted_in_deployment(ns, "held", "hold", 8 << 20, ""), 1).await?;
+    let line = eventually("first log line", Duration::from_secs(30), || async {
+        Ok(first_log_line(ns, &before[0].name_any(), "app"))
+    })
+    .await?;
+    let sha = field(&line, "memory_sha256").expect("memory_sha256").to_string();
+    let metrics = std::env::var("KUBE_MIGRATE_METRICS_URL")?;
+    let safe = "kube_migrate_eviction_hold_seconds_count{outcome=\"allowed_state_safe\"}";
+    let expired = "kube_migrate_eviction_hold_seconds_count{outcome=\"expired\"}";
+    let (safe_before, expired_before) = (scrape(&metrics, safe), scrape(&metrics, expired));
+
+    let drain = drain_a("e2e=hold");
+    let out = drain.all();
+    assert!(drain.ok, "drain must complete:\n{out}");
+    assert!(
+        !out.contains("will retry"),
+        "the eviction was held until the state was safe, never retried:\n{out}"
+    );
+    assert!(
+        out.contains("is safe on node"),
+        "kubectl printed why it went through:\n{out}"
+    );
+    assert_eq!(
+        scrape(&metrics, safe) - safe_before,
+        1.0,
+        "one hold, ended by the safe state"
+    );
+    assert_eq!(scrape(&metrics, expired) - expired_before, 0.0, "no hold ran out");
+
+    migrations_succeeded(ns, 1, Duration::from_secs(120), |_| true).await?;
+    let after = running_pods_in(ns, 1).await?;
+    assert_ne!(after[0].uid(), before[0].uid());
+    assert_ne!(node_of(&after[0]), "node-a");
+    let restored = first_log_line(ns, &after[0].name_any(), "app").unwrap_or_default();
+    assert!(restored.starts_with("restored from checkpoint image"), "{restored}");
+    assert_eq!(field(&restored, "memory_sha256"), Some(sha.as_str()), "{restored}");
     must(&["uncordon", "node-a"]);
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())

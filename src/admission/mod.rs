@@ -5,6 +5,7 @@
 //! and a snapshot of the cluster; [`server`] does the I/O around them.
 
 pub mod eviction;
+pub mod hold;
 pub mod namespaces;
 pub mod pod;
 pub mod review;

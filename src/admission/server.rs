@@ -1,9 +1,12 @@
 //! HTTP handlers of the two webhooks. They read the cluster from watch caches and answer in
 //! a few milliseconds; the only API call on the hot path is creating a PodMigration.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use axum::{Json, Router, body::Bytes, extract::State, routing::post};
+use axum::{Json, Router, body::Bytes, extract::State, http::Uri, routing::post};
 use k8s_openapi::{
     api::{
         core::v1::{Node, Pod},
@@ -24,12 +27,13 @@ use tracing::{Span, instrument};
 
 use super::{
     eviction::{self, Decision, EvictionRequest, STOP_SOURCE_OF, Snapshot},
+    hold::{self, Holds},
     pod::{self as podmut, PodDecision},
     review,
 };
 use crate::{
     api::{self, PodMigration},
-    metrics::{DecisionLabels, Metrics, WebhookLabels},
+    metrics::{DecisionLabels, HoldLabels, Metrics, WebhookLabels},
 };
 
 pub struct WebhookState {
@@ -44,6 +48,8 @@ pub struct WebhookState {
     pub namespaces: Store<k8s_openapi::api::core::v1::Namespace>,
     /// Image of the restore init container added to replacements with emptyDirs.
     pub helper_image: crate::replacement::HelperImage,
+    /// Evictions held open until their migration's state is safe.
+    pub holds: Holds,
 }
 
 pub fn router(state: Arc<WebhookState>) -> Router {
@@ -57,6 +63,11 @@ type Review = Json<AdmissionReview<DynamicObject>>;
 
 impl WebhookState {
     fn record(&self, webhook: &'static str, result: &'static str, started: Instant) {
+        self.record_held(webhook, result, started, Duration::ZERO);
+    }
+
+    /// Record a decision; `held` (time spent waiting for a migration) is not decision latency.
+    fn record_held(&self, webhook: &'static str, result: &'static str, started: Instant, held: Duration) {
         self.metrics
             .webhook_decisions
             .get_or_create(&DecisionLabels { webhook, result })
@@ -64,7 +75,7 @@ impl WebhookState {
         self.metrics
             .webhook_latency
             .get_or_create(&WebhookLabels { webhook })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(started.elapsed().saturating_sub(held).as_secs_f64());
     }
 
     /// Parse a body, or the well-formed denial to send back (recorded in the metrics).
@@ -123,7 +134,7 @@ impl WebhookState {
 }
 
 #[instrument(skip_all, fields(uid, namespace, pod, decision))]
-async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) -> Review {
+async fn validate_eviction(State(state): State<Arc<WebhookState>>, uri: Uri, body: Bytes) -> Review {
     let started = Instant::now();
     let request = match state.parse("eviction", &body, started) {
         Ok(r) => r,
@@ -133,12 +144,14 @@ async fn validate_eviction(State(state): State<Arc<WebhookState>>, body: Bytes) 
     span.record("uid", request.uid.as_str());
     span.record("namespace", request.namespace.as_deref().unwrap_or_default());
     span.record("pod", request.name.as_str());
-    let (result, response) = eviction_response(&state, &request).await;
+    let budget = hold::budget(state.holds.max, uri.query());
+    let (result, response, held) = eviction_response(&state, &request, budget).await;
     span.record("decision", result);
-    state.record("eviction", result, started);
+    state.record_held("eviction", result, started, held);
     tracing::info!(
         allowed = response.allowed,
         code = response.result.code,
+        held_ms = held.as_millis() as u64,
         "eviction decided"
     );
     Json(response.into_review())
@@ -168,23 +181,26 @@ fn is_eviction(request: &AdmissionRequest<DynamicObject>) -> bool {
         && request.operation == Operation::Create
 }
 
+/// The answer to an eviction, its metric label, and how long it was held.
 async fn eviction_response(
     state: &WebhookState,
     request: &AdmissionRequest<DynamicObject>,
-) -> (&'static str, AdmissionResponse) {
+    budget: Duration,
+) -> (&'static str, AdmissionResponse, Duration) {
     if !is_eviction(request) {
         let msg = format!(
             "kube-migrate: /validate/eviction got {:?} {}/{:?}; only pods/eviction CREATE is handled, allowed unchanged",
             request.operation, request.resource.resource, request.sub_resource
         );
-        return ("unexpected_request", review::allow(request, Some(msg)));
+        return ("unexpected_request", review::allow(request, Some(msg)), Duration::ZERO);
     }
+    let unheld = |(result, response): Answer| (result, response, Duration::ZERO);
     let Some(namespace) = request.namespace.as_deref() else {
-        return malformed(request, "eviction request without namespace".into());
+        return unheld(malformed(request, "eviction request without namespace".into()));
     };
     let eviction: Option<Eviction> = match request.object.as_ref().map(|o| typed(o, "an Eviction")) {
         Some(Ok(e)) => Some(e),
-        Some(Err(why)) => return malformed(request, why),
+        Some(Err(why)) => return unheld(malformed(request, why)),
         None => None,
     };
     let object_dry_run = eviction
@@ -219,14 +235,90 @@ async fn eviction_response(
         precondition_uid: preconditions.and_then(|p| p.uid.as_deref()),
         precondition_resource_version: preconditions.and_then(|p| p.resource_version.as_deref()),
     };
-    let pod = state.pod(namespace, &request.name).await;
+    let (decision, warnings) = decide_now(state, &req).await;
+    // A migration is (now) running: answer 429 at once, or hold the request until its state is
+    // safe (then the eviction goes through and the drain moves on without its 5 s retry).
+    let (result, message) = match decision {
+        Decision::Start { name, spec, refusal } => match start(state, namespace, &name, spec).await {
+            Ok(_) if refusal.is_some() => {
+                let message = format!(
+                    "kube-migrate cannot migrate {namespace}/{}: {}; recorded in PodMigration {name}, \
+                     the next retry follows the pod's {}",
+                    request.name,
+                    refusal.unwrap_or_default(),
+                    api::ON_FAILURE
+                );
+                let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+                return ("started", response, Duration::ZERO);
+            }
+            Ok(target) => (
+                "started",
+                format!(
+                    "kube-migrate started live migration {name} of {namespace}/{} to {target}; \
+                     the eviction is allowed once the state is safe on the target",
+                    request.name
+                ),
+            ),
+            Err(e) => {
+                let (code, reason, message) = if e.is_permanent() {
+                    (
+                        500,
+                        "InternalError",
+                        format!("kube-migrate could not start the migration: {e}"),
+                    )
+                } else {
+                    (
+                        429,
+                        "TooManyRequests",
+                        format!("kube-migrate could not start the migration yet ({e}); retrying"),
+                    )
+                };
+                return ("error", review::deny(request, code, reason, message), Duration::ZERO);
+            }
+        },
+        Decision::Wait { message } => ("waiting", message),
+        other => return (other.result(), answer(request, other, warnings), Duration::ZERO),
+    };
+    let Some(mut hold) = state.holds.acquire(budget) else {
+        let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+        return (result, response, Duration::ZERO);
+    };
+    let held_since = Instant::now();
+    let mut message = message;
+    let (outcome, result, response) = loop {
+        if !hold.next_change().await {
+            let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+            break ("expired", result, response);
+        }
+        match decide_now(state, &req).await {
+            (Decision::Wait { message: now }, _) => message = now,
+            // The cache has not seen the migration this request created yet.
+            (Decision::Start { .. }, _) => {}
+            (decision, warnings) => {
+                let result = decision.result();
+                break (result, result, answer(request, decision, warnings));
+            }
+        }
+    };
+    let held = held_since.elapsed();
+    state
+        .metrics
+        .eviction_hold
+        .get_or_create(&HoldLabels { outcome })
+        .observe(held.as_secs_f64());
+    (result, response, held)
+}
+
+/// Decide on what the caches hold now; the warnings go with an Allow or Start answer.
+async fn decide_now(state: &WebhookState, req: &EvictionRequest<'_>) -> (Decision, Vec<String>) {
+    let pod = state.pod(req.namespace, req.pod_name).await;
     let pod_node_schedulable = pod
         .as_ref()
         .and_then(|p| p.spec.as_ref())
         .and_then(|s| s.node_name.as_deref())
         .and_then(|n| state.nodes.get(&ObjectRef::new(n)))
         .map(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true));
-    let migrations = state.migrations_of(namespace, Some(&request.name));
+    let migrations = state.migrations_of(req.namespace, Some(req.pod_name));
     let static_on_node = pod
         .as_ref()
         .and_then(|p| p.spec.as_ref())
@@ -240,69 +332,37 @@ async fn eviction_response(
         static_on_node: &static_on_node,
         now: Timestamp::now(),
     };
-    let decision = eviction::decide(&req, &snapshot);
-    let result = decision.result();
+    let decision = eviction::decide(req, &snapshot);
     let warnings = match &decision {
         Decision::Allow { .. } | Decision::Start { .. } => eviction::warnings(pod.as_deref(), &snapshot),
         _ => Vec::new(),
     };
-    let mut response = match decision {
+    (decision, warnings)
+}
+
+/// The answer to a decision that needs no API call.
+fn answer(request: &AdmissionRequest<DynamicObject>, decision: Decision, warnings: Vec<String>) -> AdmissionResponse {
+    let response = match decision {
         Decision::Allow { warning, .. } => review::allow(request, warning),
         Decision::Wait { message } | Decision::Block { message } => {
             review::deny(request, 429, "TooManyRequests", message)
         }
         Decision::Gone { message } => review::deny(request, 404, "NotFound", message),
-        Decision::Start { name, spec, refusal } => match start(state, namespace, &name, spec).await {
-            Ok(_) if refusal.is_some() => review::deny(
-                request,
-                429,
-                "TooManyRequests",
-                format!(
-                    "kube-migrate cannot migrate {namespace}/{}: {}; recorded in PodMigration {name}, \
-                     the next retry follows the pod's {}",
-                    request.name,
-                    refusal.unwrap_or_default(),
-                    api::ON_FAILURE
-                ),
-            ),
-            Ok(target) => review::deny(
-                request,
-                429,
-                "TooManyRequests",
-                format!(
-                    "kube-migrate started live migration {name} of {namespace}/{} to {target}; \
-                     the eviction is allowed once the state is safe on the target",
-                    request.name
-                ),
-            ),
-            Err(e) if e.is_permanent() => {
-                return (
-                    "error",
-                    review::deny(
-                        request,
-                        500,
-                        "InternalError",
-                        format!("kube-migrate could not start the migration: {e}"),
-                    ),
-                );
-            }
-            Err(e) => {
-                return (
-                    "error",
-                    review::deny(
-                        request,
-                        429,
-                        "TooManyRequests",
-                        format!("kube-migrate could not start the migration yet ({e}); retrying"),
-                    ),
-                );
-            }
-        },
+        Decision::Start { name, .. } => review::deny(
+            request,
+            429,
+            "TooManyRequests",
+            format!("kube-migrate is starting migration {name}; retrying"),
+        ),
     };
+    with_warnings(response, warnings)
+}
+
+fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
     if !warnings.is_empty() {
         response.warnings.get_or_insert_with(Vec::new).extend(warnings);
     }
-    (result, response)
+    response
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,15 @@ pub struct Options {
     /// that evicts a replica must not get `EOF` for the eviction it sends at the same moment.
     #[arg(long, env = "KM_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
+    /// Hold an eviction open up to this long while its migration is about to make the state
+    /// safe, instead of answering 429 at once (kubectl drain then waits 5 s per retry). Cut to
+    /// 2 s less than the API server's webhook deadline, which it sends with each request
+    /// (the eviction webhook's `timeoutSeconds`: 15 in the manifests). 0: never hold.
+    #[arg(long, env = "KM_EVICTION_HOLD_SECONDS", default_value_t = 10)]
+    pub eviction_hold_seconds: u64,
+    /// Evictions held at once by this replica (each holds an API server request slot).
+    #[arg(long, env = "KM_EVICTION_HOLD_MAX", default_value_t = 64)]
+    pub eviction_hold_max: usize,
     /// Active migrations per source node.
     #[arg(long, env = "KM_MAX_PER_NODE", default_value_t = 8)]
     pub max_per_node: usize,
@@ -265,13 +274,32 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    cache_notifying(api, config, shutdown, None)
+}
+
+/// [`cache`], signalling `changed` after each object it stored.
+fn cache_notifying<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    shutdown: &CancellationToken,
+    changed: Option<tokio::sync::watch::Sender<()>>,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()
-        .for_each(|_| futures::future::ready(()));
+        .for_each(move |_| {
+            if let Some(changed) = &changed {
+                changed.send_replace(());
+            }
+            futures::future::ready(())
+        });
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -323,10 +351,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         watcher::Config::default().any_semantic(),
         &serving,
     );
-    let migrations = cache(
+    let (migrations_changed, on_migration) = tokio::sync::watch::channel(());
+    let migrations = cache_notifying(
         Api::<PodMigration>::all(client.clone()),
         watcher::Config::default().any_semantic(),
         &serving,
+        Some(migrations_changed),
     );
     let namespaces = cache(
         Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
@@ -363,6 +393,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         metrics: Arc::clone(&metrics),
         namespaces: namespaces.clone(),
         helper_image: helper_image.clone(),
+        holds: crate::admission::hold::Holds::new(
+            Duration::from_secs(opts.eviction_hold_seconds),
+            opts.eviction_hold_max,
+            on_migration,
+        ),
     });
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
