@@ -2,7 +2,8 @@
 # Where the time goes on real nodes (issues #10, #12, #14): for each size, a `memhog` pod holding
 # that much pseudo-random anonymous memory (criu/memhog.c: its checksum is read back from memory)
 # on km-node-1, `kubectl drain km-node-1`, and from its PodMigration: every phase's seconds, the
-# freeze (source frozen -> replacement Ready: `downtimeSeconds`), the window, the archive size;
+# freeze (source frozen -> replacement Ready: `downtimeSeconds`), the pause the program itself
+# saw in its 100 ms ticks, the window, the archive size;
 # the restored process must report the checksum it started with and verify=ok, and count on.
 # Beside it, in the same run, the physical work without Kubernetes: crun + CRIU checkpoint and
 # restore of the same program and size (criu/demo.sh memory scenario), and the ratio.
@@ -96,6 +97,15 @@ EOF
   gaps=$(kubectl logs memhog | awk '$1 == "count" { if (n && $2 != prev + 1) print prev " -> " $2; prev = $2; n++ }')
   [[ -z $gaps ]] || km_die "memhog ${mib} MiB: count not continuous: $gaps"
   [[ $(kubectl get pod memhog -o jsonpath='{.spec.nodeName}') == km-node-2 ]] || km_die "memhog is not on km-node-2"
+  # The pause the program itself saw: the longest gap between two of its `count` lines (one per
+  # 100 ms tick; the restored log begins with the source's, timestamps kept), less one tick:
+  # from its last tick before the freeze to its first after the restore, with no kubelet
+  # status report or readiness in it. Compared with bare crun + CRIU, whose figure has none
+  # either.
+  paused=$(kubectl logs --timestamps memhog | awk '$2 == "count" {
+      split(substr($1, 12), t, ":"); s = t[1] * 3600 + t[2] * 60 + t[3]
+      if (n++ && s - p > g) g = s - p; p = s }
+    END { printf "%.2f", g - 0.1 }')
   s=$(kubectl get podmigration "$pm" -o json)
   row=$(jq -r --arg mib "$mib" --arg drain "$drain_ms" '.status as $s
     | def ph(p): ([$s.phases[] | select(.phase == p) | .seconds] | add // 0);
@@ -103,12 +113,14 @@ EOF
      ph("Pending"), ph("Checkpointing"), ph("Transferring"), ph("BuildingImage"), ph("Restoring"),
      $s.downtimeSeconds, ($s.sourceWindowSeconds // "-"), (($drain | tonumber) / 1000),
      (if $s.freezeNote then "note" else "held" end)] | @tsv' <<< "$s")
+  row+=$'\t'$paused
   bare=${BARE[$mib]:-}
   if [[ -n $bare ]]; then
     row+=$'\t'$(awk -v b="$bare" 'BEGIN { printf "%.2f", b / 1000 }')
     row+=$'\t'$(awk -v d="$(cut -f8 <<< "$row")" -v b="$bare" 'BEGIN { printf "%.1f", d * 1000 / b }')
+    row+=$'\t'$(awk -v d="$paused" -v b="$bare" 'BEGIN { printf "%.1f", d * 1000 / b }')
   else
-    row+=$'\t-\t-'
+    row+=$'\t-\t-\t-'
   fi
   rows+=("$row")
   # Where the freeze goes: each step of the timeline, seconds after the freeze.
@@ -123,7 +135,7 @@ kubectl delete pod memhog --ignore-not-found --wait=false > /dev/null
 
 printf '\nkube-migrate on real nodes (kubelet + CRI-O + crun + CRIU), %s, %s cores\n' "$(date -u +%F)" "$(nproc)"
 {
-  printf 'MiB\tarchive_MiB\tPending_s\tCheckpointing_s\tTransferring_s\tBuildingImage_s\tRestoring_s\tfreeze_s\twindow_s\tdrain_s\tsource\tbare_crun_criu_s\tratio\n'
+  printf 'MiB\tarchive_MiB\tPending_s\tCheckpointing_s\tTransferring_s\tBuildingImage_s\tRestoring_s\tfreeze_s\twindow_s\tdrain_s\tsource\tpaused_s\tbare_crun_criu_s\tratio\tpaused_ratio\n'
   printf '%s\n' "${rows[@]}"
 } | column -t
 printf '\nthe timeline (status.timeline), seconds after the freeze\n'
@@ -131,4 +143,4 @@ printf '\nthe timeline (status.timeline), seconds after the freeze\n'
   printf 'MiB\t%s\n' "$(jq -r 'join("\t")' <<< "$STEPS")"
   printf '%s\n' "${steps[@]}"
 } | column -t
-echo "freeze_s: source frozen -> replacement Ready (status.downtimeSeconds); bare: crun checkpoint + restore of the same program and size (criu/demo.sh); ratio = freeze / bare"
+echo "freeze_s: source frozen -> replacement Ready (status.downtimeSeconds); paused_s: the longest gap in the program's own 100 ms ticks, less a tick (last tick before the freeze -> first after the restore); bare: crun checkpoint + restore of the same program and size (criu/demo.sh); ratio = freeze / bare, paused_ratio = paused / bare"

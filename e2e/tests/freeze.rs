@@ -93,6 +93,11 @@ async fn s22_the_source_never_runs_after_its_checkpoint() -> anyhow::Result<()> 
     );
     assert!(s.source_frozen_at.is_some(), "the freeze is recorded: {s:?}");
     assert_eq!(s.source_window_seconds, Some(0.0));
+    // The agent saw the killed tasks gone, so the hold went at once: the source counts as
+    // terminated when it was killed, not when the kubelet reported it a round later.
+    let at = |step: &str| s.timeline.iter().find(|t| t.step == step).map(|t| t.at.0);
+    assert!(at("sourceKilled").is_some(), "{:?}", s.timeline);
+    assert_eq!(at("sourceKilled"), at("sourceTerminated"), "{:?}", s.timeline);
     assert!(s.freeze_note.is_none(), "{:?}", s.freeze_note);
     assert_ne!(node_of(&after[0]), "node-a");
     must(&["uncordon", "node-a"]);

@@ -87,6 +87,17 @@ pub struct SourceRequest {
     pub container_ids: Vec<String>,
 }
 
+/// The answer to a thaw or kill of source containers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceResponse {
+    pub containers: usize,
+    /// Kill only: every task of every container was seen gone (their cgroups empty), so the
+    /// pod object may go without waiting for the kubelet's report. False from older agents.
+    #[serde(default)]
+    pub gone: bool,
+}
+
 /// One checkpointed container.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -21,7 +21,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{
     api::{
         self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ExpectRequest, ImageRequest, ImageResponse,
-        Kind, PushProgress, PushRequest, PushResponse, ReceiveResponse, SourceRequest, VolumesRequest, VolumesResponse,
+        Kind, PushProgress, PushRequest, PushResponse, ReceiveResponse, SourceRequest, SourceResponse, VolumesRequest,
+        VolumesResponse,
     },
     chunks,
 };
@@ -225,10 +226,15 @@ impl AgentClient {
     }
 
     /// Thaw (`"thaw"`) or kill (`"kill"`) the frozen source containers of migration `id`.
-    pub async fn source(&self, base: &str, id: &str, action: &str, req: &SourceRequest) -> Result<(), ClientError> {
-        self.post::<_, serde_json::Value>(base, id, &format!("source/{action}"), req, Duration::from_secs(30))
+    pub async fn source(
+        &self,
+        base: &str,
+        id: &str,
+        action: &str,
+        req: &SourceRequest,
+    ) -> Result<SourceResponse, ClientError> {
+        self.post(base, id, &format!("source/{action}"), req, Duration::from_secs(30))
             .await
-            .map(|_| ())
     }
 
     pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {

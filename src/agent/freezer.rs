@@ -288,6 +288,30 @@ impl Freezer {
         Ok(())
     }
 
+    /// Whether a killed container's tasks are all gone: its cgroup removed, or no process left
+    /// in it. Waits up to `within` (SIGKILL lands once the cgroup is thawed, and exit takes a
+    /// moment for a large address space). False means "not seen gone", never "running".
+    pub fn gone(&self, id: &str, within: Duration) -> bool {
+        let started = Instant::now();
+        let cgroup = match self.find(id) {
+            Ok(cgroup) => cgroup,
+            Err(FreezeError::NotFound { .. }) => return true,
+            Err(_) => return false,
+        };
+        loop {
+            // A removed cgroup has no tasks; a listed one still has some (zombies included).
+            match std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+                Ok(procs) if procs.trim().is_empty() => return true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+                _ => {}
+            }
+            if started.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Thaw every container whose hold has expired; returns their IDs.
     pub fn thaw_expired(&self) -> Vec<String> {
         let now = now_unix();
@@ -413,6 +437,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(c.join("cgroup.kill")).unwrap(), "1");
         assert_eq!(std::fs::read_to_string(c.join("cgroup.freeze")).unwrap(), "0");
         assert!(f.hold(ID).unwrap().is_none());
+
+        // No task listed: gone; a task left: not seen gone within the wait.
+        assert!(f.gone(ID, Duration::ZERO));
+        std::fs::write(c.join("cgroup.procs"), "4242\n").unwrap();
+        assert!(!f.gone(ID, Duration::from_millis(20)));
+        std::fs::write(c.join("cgroup.procs"), "").unwrap();
 
         f.freeze("m", ID, Duration::ZERO).unwrap();
         assert_eq!(f.thaw_expired(), vec![ID.to_string()]);

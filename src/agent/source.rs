@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use tracing::instrument;
 
 use super::{
-    api::{self, FreezeOutcome, FreezeSpec, SourceRequest},
+    api::{self, FreezeOutcome, FreezeSpec, SourceRequest, SourceResponse},
     freezer::{self, FreezeError},
     server::{AgentError, AgentState},
 };
@@ -125,6 +125,9 @@ fn undo<'a>(freezer: &freezer::Freezer, ids: impl Iterator<Item = &'a str>) {
     }
 }
 
+/// How long a kill waits to see the killed tasks gone before answering without that word.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Copy, Debug)]
 enum Action {
     Thaw,
@@ -136,7 +139,7 @@ async fn apply(
     id: &str,
     req: &SourceRequest,
     action: Action,
-) -> Result<Json<serde_json::Value>, AgentError> {
+) -> Result<Json<SourceResponse>, AgentError> {
     if !api::valid_id(id) {
         return Err(AgentError::BadRequest(format!("invalid migration id {id:?}")));
     }
@@ -154,20 +157,23 @@ async fn apply(
     }
     let freezer = state.freezer.clone();
     let ids = req.container_ids.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), FreezeError> {
+    let gone = tokio::task::spawn_blocking(move || -> Result<bool, FreezeError> {
         for cid in &ids {
             match action {
                 Action::Thaw => freezer.thaw(cid)?,
                 Action::Kill => freezer.kill_held(cid)?,
             }
         }
-        Ok(())
+        Ok(matches!(action, Action::Kill) && ids.iter().all(|cid| freezer.gone(cid, KILL_WAIT)))
     })
     .await
     .map_err(|e| AgentError::Io(std::io::Error::other(e)))?
     .map_err(freeze_error)?;
-    tracing::info!(?action, containers = ?req.container_ids, "source containers");
-    Ok(Json(serde_json::json!({ "containers": req.container_ids.len() })))
+    tracing::info!(?action, containers = ?req.container_ids, gone, "source containers");
+    Ok(Json(SourceResponse {
+        containers: req.container_ids.len(),
+        gone,
+    }))
 }
 
 fn freeze_error(e: FreezeError) -> AgentError {
@@ -181,7 +187,7 @@ pub async fn source(
     State(state): State<Arc<AgentState>>,
     Path((id, action)): Path<(String, String)>,
     Json(req): Json<SourceRequest>,
-) -> Result<Json<serde_json::Value>, AgentError> {
+) -> Result<Json<SourceResponse>, AgentError> {
     let (action, operation) = match action.as_str() {
         "thaw" => (Action::Thaw, "thaw"),
         "kill" => (Action::Kill, "kill"),

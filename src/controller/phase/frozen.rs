@@ -73,6 +73,7 @@ pub async fn resume(ctx: &Context, pm: &PodMigration, status: &mut PodMigrationS
             .agent_client
             .source(&agent, &id, "thaw", &req)
             .await
+            .map(|_| ())
             .map_err(|e| e.to_string()),
     };
     let was_frozen = is_frozen(status);
@@ -120,16 +121,17 @@ pub async fn delete_source(ctx: &Context, pm: &PodMigration) -> Result<(), kube:
 /// Kill the frozen source for good, after its state was verified on the target. The pod is
 /// evicted first (else the kubelet restarts the killed container); the agent then kills the
 /// frozen tasks and thaws the cgroup so the signal lands (a plain stop of a frozen container
-/// hangs until it is thawed).
-pub async fn kill(ctx: &Context, pm: &PodMigration, status: &PodMigrationStatus) -> Result<(), String> {
+/// hangs until it is thawed). Ok(true) when the agent saw every task gone.
+pub async fn kill(ctx: &Context, pm: &PodMigration, status: &PodMigrationStatus) -> Result<bool, String> {
     let id = pm.uid().unwrap_or_default();
     let agent = ctx
         .agent(&pm.spec.source_node)
         .ok_or_else(|| format!("no agent on source node {}", pm.spec.source_node))?;
-    ctx.agent_client
+    let answer = ctx
+        .agent_client
         .source(&agent, &id, "kill", &request(status))
         .await
         .map_err(|e| format!("killing the frozen source failed: {e}"))?;
-    tracing::info!(migration = %pm.name_any(), at = %Timestamp::now(), "frozen source killed");
-    Ok(())
+    tracing::info!(migration = %pm.name_any(), at = %Timestamp::now(), gone = answer.gone, "frozen source killed");
+    Ok(answer.gone)
 }

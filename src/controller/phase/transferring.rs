@@ -189,17 +189,30 @@ async fn push_showing_progress(
 /// to stop: evict it (its object stays held), kill its frozen tasks, build the image.
 async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &Context) -> Result<Action, Error> {
     let gone = ctx.source_pod(pm).is_none();
+    let mut tasks_gone = gone;
     if !gone {
         if let Err(e) = frozen::delete_source(ctx, pm).await {
             status.message = Some(format!("stopping the frozen source failed, retrying: {e}"));
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
-        if let Err(e) = frozen::kill(ctx, pm, status).await {
-            status.message = Some(format!("{e}; retrying"));
-            return Ok(Action::requeue(Duration::from_secs(2)));
+        match frozen::kill(ctx, pm, status).await {
+            Ok(seen_gone) => tasks_gone = seen_gone,
+            Err(e) => {
+                status.message = Some(format!("{e}; retrying"));
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
         }
     }
-    state::mark(status, crate::api::Step::SourceKilled, Timestamp::now());
+    let now = Timestamp::now();
+    state::mark(status, crate::api::Step::SourceKilled, now);
+    if tasks_gone {
+        // Killed while frozen and seen gone by its agent: it never ran after its checkpoint
+        // (window 0 by construction, nothing for the kubelet to report first), so the hold
+        // goes now and the pod object with the kubelet's final delete, not a round later.
+        state::mark(status, crate::api::Step::SourceTerminated, now);
+        status.source_window_seconds.get_or_insert(0.0);
+        hold::release(ctx, pm).await?;
+    }
     state::mark_source_stopped(
         status,
         "KilledFrozen",
