@@ -81,6 +81,17 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         .await;
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
+    // This step is woken by the replacement's own events, which the controller's trigger watch
+    // can deliver before the pod cache has them (two watches): a replacement that looks
+    // bound but not Ready is read again from the API server rather than left for the next
+    // requeue (measured: Ready seen 5 s late).
+    let pod = match pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
+        Some(_) if !decide::is_ready(&pod) => match pods.get_opt(&pod.name_any()).await? {
+            Some(fresh) if fresh.uid() == pod.uid() => Arc::new(fresh),
+            _ => pod,
+        },
+        _ => pod,
+    };
     if pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
         state::mark(status, crate::api::Step::Scheduled, Timestamp::now());
     }
