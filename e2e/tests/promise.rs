@@ -451,6 +451,7 @@ async fn s21_a_restored_pod_migrates_again() -> anyhow::Result<()> {
 /// the code before, that replica's caches stopped at SIGTERM, it had never seen the migration,
 /// and the replacement started from scratch while the migration waited for it (met on real
 /// nodes by `scripts/demo.sh`: the drain evicted a replica just as the migration started).
+/// The terminating leader releases its Lease, so the standby leads within seconds.
 #[tokio::test]
 #[ignore = "needs the local cluster: scripts/e2e.sh"]
 async fn s23_a_replica_shutting_down_still_gates_replacements() -> anyhow::Result<()> {
@@ -461,6 +462,7 @@ async fn s23_a_replica_shutting_down_still_gates_replacements() -> anyhow::Resul
     local_cluster(&["start-webhook", "1"]);
     let before = start_on_node_a(ns, &opted_in_deployment(ns, "keeper", "sigterm", 1 << 20, ""), 1).await?;
     let source = before[0].name_any();
+    let termed = k8s_openapi::jiff::Timestamp::now();
     local_cluster(&["term-webhook", "0"]);
     let run = kube_migrate_e2e::plugin(&["pod", &source, "-n", ns, "--to", "node-b", "--no-wait"]);
     assert!(run.ok, "{}", run.all());
@@ -479,6 +481,24 @@ async fn s23_a_replica_shutting_down_still_gates_replacements() -> anyhow::Resul
         "the replacement was bound to the migration by the terminating replica"
     );
     assert_eq!(node_of(&pod), "node-b");
+    // The leader gave the Lease up at SIGTERM once its controller stopped, so the standby led
+    // at its next 2 s retry, not after a whole 15 s term (a drain of the leader's node waited
+    // that long for its migrations to start).
+    let lease = |path: &str| {
+        must(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-migrate",
+            "kube-migrate-controller",
+            "-o",
+            &format!("jsonpath={{{path}}}"),
+        ])
+    };
+    assert_eq!(lease(".spec.holderIdentity"), "webhook-1");
+    let acquired: k8s_openapi::jiff::Timestamp = lease(".spec.acquireTime").parse()?;
+    let handover = acquired.duration_since(termed).as_secs_f64();
+    assert!(handover < 10.0, "the standby led {handover:.1} s after SIGTERM");
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())
 }
