@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::{reflector, watcher};
 use kube_migrate::{
     admission::{
+        eviction::Decision,
         hold::Holds,
         server::{WebhookState, router},
     },
@@ -25,6 +26,7 @@ use common::admission::{data, migration, pod};
 
 struct Cluster {
     state: Arc<WebhookState>,
+    pods: reflector::store::Writer<Pod>,
     migrations: reflector::store::Writer<PodMigration>,
     changed: watch::Sender<()>,
 }
@@ -50,6 +52,7 @@ fn cluster(pod: Pod, m: Arc<PodMigration>, hold: Duration, at_once: usize) -> Cl
     });
     Cluster {
         state,
+        pods: pod_writer,
         migrations,
         changed,
     }
@@ -119,6 +122,34 @@ async fn a_held_eviction_is_allowed_as_soon_as_the_state_is_safe() {
     );
 }
 
+/// The source is removed (killed, seen gone) before this replica's migration cache shows the
+/// state safe: the hold goes on until it does, and the answer says where the state went.
+#[tokio::test(start_paused = true)]
+async fn a_source_removed_before_the_cache_shows_its_state_safe_is_still_answered_by_it() {
+    let p = pod("pod-statefulset");
+    let m = migration(&p, Phase::Transferring, |_| {});
+    let mut c = cluster(p.clone(), m, Duration::from_secs(10), 4);
+    let answer = tokio::spawn(evict(Arc::clone(&c.state), "15s"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.pods.apply_watcher_event(&watcher::Event::Delete(p.clone()));
+    c.changed.send_replace(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!answer.is_finished(), "no pod, but its migration runs: still held");
+    let safe = migration(&p, Phase::BuildingImage, |_| {});
+    c.migrations
+        .apply_watcher_event(&watcher::Event::Apply((*safe).clone()));
+    c.changed.send_replace(());
+    let answer = answer.await.unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(
+        answer["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("is safe on node node-b"),
+        "{answer}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hold_ends_in_429_before_the_api_servers_deadline() {
     let p = pod("pod-statefulset");
@@ -169,4 +200,39 @@ async fn no_room_to_hold_answers_at_once() {
     let failed = evict(Arc::clone(&c.state), "15s").await;
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(failed["response"]["allowed"], true, "{failed}");
+}
+
+/// The source was removed while its eviction was held (the controller deletes a source its
+/// agent saw killed at once): the answer still says where the state went, for the drain's
+/// output. An old migration of the same name says nothing.
+#[test]
+fn an_eviction_of_a_pod_just_moved_says_where_its_state_went() {
+    use kube_migrate::admission::eviction::{self, Snapshot};
+    let p = pod("pod-statefulset");
+    let decide = |migrations: &[Arc<PodMigration>]| {
+        eviction::decide(
+            &common::admission::req("db-0"),
+            &Snapshot {
+                pod: None,
+                pod_node_schedulable: None,
+                migrations,
+                static_on_node: &[],
+                now: common::admission::now(),
+            },
+        )
+    };
+    let Decision::Allow { result, warning } = decide(&[migration(&p, Phase::BuildingImage, |_| {})]) else {
+        panic!("allowed")
+    };
+    assert_eq!(result, "allowed_state_safe");
+    assert!(warning.unwrap().contains("is safe on node node-b"));
+    assert_eq!(
+        decide(&[migration(&p, Phase::Transferring, |_| {})]).result(),
+        "allowed_no_pod"
+    );
+    let old = migration(&p, Phase::Succeeded, |s| {
+        let long_ago = k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap();
+        s.phases.last_mut().unwrap().started_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(long_ago);
+    });
+    assert_eq!(decide(&[old]).result(), "allowed_no_pod");
 }

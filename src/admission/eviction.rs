@@ -94,8 +94,12 @@ fn allow(result: &'static str) -> Decision {
 /// Decide what to answer to one eviction.
 pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
     let Some(pod) = snap.pod else {
-        // Nothing holds the name: the API server answers NotFound itself.
-        return allow("allowed_no_pod");
+        // Nothing holds the name: the API server answers NotFound itself. When a migration
+        // just moved the pod (its source removed while this eviction was held), say where.
+        return match moved_recently(snap) {
+            Some(m) => state_safe(req, m),
+            None => allow("allowed_no_pod"),
+        };
     };
     let uid = pod.metadata.uid.as_deref().unwrap_or_default();
 
@@ -154,15 +158,7 @@ pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
         return allow("allowed_source_stop");
     }
     if m.state_is_safe() {
-        return Decision::Allow {
-            result: "allowed_state_safe",
-            warning: Some(format!(
-                "kube-migrate: state of {}/{} is safe on node {target} (migration {name} {})",
-                req.namespace,
-                req.pod_name,
-                m.phase()
-            )),
-        };
+        return state_safe(req, m);
     }
     if m.phase() == Phase::Failed {
         return failed(req, pod, m, name);
@@ -182,6 +178,34 @@ pub fn decide(req: &EvictionRequest<'_>, snap: &Snapshot<'_>) -> Decision {
             m.phase()
         ),
     }
+}
+
+fn state_safe(req: &EvictionRequest<'_>, m: &PodMigration) -> Decision {
+    Decision::Allow {
+        result: "allowed_state_safe",
+        warning: Some(format!(
+            "kube-migrate: state of {}/{} is safe on node {} (migration {} {})",
+            req.namespace,
+            req.pod_name,
+            m.target_node().unwrap_or("?"),
+            m.metadata.name.as_deref().unwrap_or_default(),
+            m.phase()
+        )),
+    }
+}
+
+/// The latest migration of the requested name whose state is safe and that is running or
+/// ended within [`STALE_RETRY_WINDOW_SECS`].
+fn moved_recently<'a>(snap: &Snapshot<'a>) -> Option<&'a PodMigration> {
+    snap.migrations
+        .iter()
+        .filter(|m| m.spec.mode == Mode::Migrate && m.state_is_safe())
+        .filter(|m| {
+            m.finished_at()
+                .is_none_or(|t| snap.now.as_second() - t.0.as_second() <= STALE_RETRY_WINDOW_SECS)
+        })
+        .max_by_key(|m| m.metadata.creation_timestamp.clone())
+        .map(AsRef::as_ref)
 }
 
 fn start(req: &EvictionRequest<'_>, pod: &Pod, uid: &str) -> Decision {

@@ -110,6 +110,14 @@ impl WebhookState {
         names
     }
 
+    /// A migration of the requested pod runs and has not made its state safe yet (as far as
+    /// this replica's cache shows).
+    fn migrating(&self, req: &EvictionRequest<'_>) -> bool {
+        self.migrations_of(req.namespace, Some(req.pod_name))
+            .iter()
+            .any(|m| m.spec.mode == api::Mode::Migrate && !m.phase().is_terminal() && !m.state_is_safe())
+    }
+
     fn migrations_of(&self, namespace: &str, pod_name: Option<&str>) -> Vec<Arc<PodMigration>> {
         self.migrations.state_filter(|m| {
             m.metadata.namespace.as_deref() == Some(namespace) && pod_name.is_none_or(|n| m.spec.pod_name == n)
@@ -294,6 +302,15 @@ async fn eviction_response(
             (Decision::Wait { message: now }, _) => message = now,
             // The cache has not seen the migration this request created yet.
             (Decision::Start { .. }, _) => {}
+            // The source is gone (removed once killed) before this replica's migration cache
+            // showed the state safe (two watches): the migration's next event says where.
+            (
+                Decision::Allow {
+                    result: "allowed_no_pod",
+                    ..
+                },
+                _,
+            ) if state.migrating(&req) => {}
             (decision, warnings) => {
                 let result = decision.result();
                 break (result, result, answer(request, decision, warnings));

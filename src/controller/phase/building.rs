@@ -25,6 +25,7 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
     let id = pm.uid().ok_or(Error::Missing("uid"))?;
     if pm.spec.mode == Mode::Migrate {
         hold::settle(ctx, pm, status).await?;
+        super::frozen::remove_dead_source(ctx, pm, status).await;
     }
     let target = status.target_node.clone().ok_or(Error::Missing("status.targetNode"))?;
     let Some(agent) = ctx.agent(&target) else {

@@ -30,6 +30,9 @@ pub async fn restoring(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: 
         status.message = Some("waiting for the source to stop before releasing the replacement".into());
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    if pm.spec.mode == Mode::Migrate {
+        super::frozen::remove_dead_source(ctx, pm, status).await;
+    }
     let bound = bound_to(pm, ctx);
     if let Some(target) = status.target_node.clone() {
         let node = ctx.nodes.get(&kube::runtime::reflector::ObjectRef::new(&target));

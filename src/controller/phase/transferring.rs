@@ -208,7 +208,8 @@ async fn stop_frozen(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     if tasks_gone {
         // Killed while frozen and seen gone by its agent: it never ran after its checkpoint
         // (window 0 by construction, nothing for the kubelet to report first), so the hold
-        // goes now and the pod object with the kubelet's final delete, not a round later.
+        // goes now, and the pod object with the next step (after this status says the state
+        // is safe, so that a held eviction answers with where it went).
         state::mark(status, crate::api::Step::SourceTerminated, now);
         status.source_window_seconds.get_or_insert(0.0);
         hold::release(ctx, pm).await?;

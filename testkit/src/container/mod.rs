@@ -529,6 +529,19 @@ impl Container {
         self.killed.load(Ordering::SeqCst)
     }
 
+    /// Log where the container stopped, for tests to compare with a restored copy, also when
+    /// the pod object went before its final status could be written (a force deletion).
+    pub fn report_end(&self) {
+        tracing::info!(
+            pod = %format!("{}/{}", self.spec.namespace, self.spec.pod),
+            uid = %self.spec.pod_uid,
+            container = %self.spec.name,
+            last = %self.counter().map(|n| format!("counter={n}")).unwrap_or_default(),
+            killed = self.killed(),
+            "container ended"
+        );
+    }
+
     /// When the ticking task ended (None while running or just stopping).
     pub fn finished_at(&self) -> Option<Timestamp> {
         *self.finished_at.lock().expect("finished lock")

@@ -534,9 +534,15 @@ impl PodManager {
                     .map_or(Duration::from_secs(30), |s| Duration::from_secs(s.max(0) as u64));
                 tracing::info!(pod = %format!("{namespace}/{name}"), %uid, ?grace, "pod deleted; stopping its containers");
                 let stop_at = Instant::now() + grace.min(MAX_STOP_DELAY);
-                // A pod that vanishes meanwhile needs no more waiting.
+                // No more waiting for a pod that vanishes, or whose containers all exited
+                // (killed through their cgroup): the kubelet's stop of those returns at once.
+                let all_exited = async {
+                    for c in running.values() {
+                        c.stopped(MAX_STOP_DELAY).await;
+                    }
+                };
                 let vanished = tokio::select! {
-                    _ = tokio::time::sleep_until(stop_at) => false,
+                    _ = tokio::time::timeout_at(stop_at, all_exited) => false,
                     end = async { loop { if rx.changed().await.is_err() || rx.borrow().is_none() { return End::Vanished } } } => matches!(end, End::Vanished),
                 };
                 for c in running.values() {
@@ -555,6 +561,7 @@ impl PodManager {
                 }
             }
         }
+        running.values().for_each(|c| c.report_end());
         self.runtime.remove(&namespace, &name, &uid);
         tracing::info!(pod = %format!("{namespace}/{name}"), %uid, "pod done");
     }
