@@ -232,7 +232,7 @@ fn an_eviction_of_a_pod_just_moved_says_where_its_state_went() {
     );
     let old = migration(&p, Phase::Succeeded, |s| {
         let long_ago = k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap();
-        s.phases.last_mut().unwrap().started_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(long_ago);
+        s.phases.last_mut().unwrap().started_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(long_ago);
     });
     assert_eq!(decide(&[old]).result(), "allowed_no_pod");
 }

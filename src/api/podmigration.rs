@@ -416,9 +416,9 @@ pub struct TransferProgress {
 #[serde(rename_all = "camelCase")]
 pub struct PhaseTiming {
     pub phase: Phase,
-    pub started_at: Time,
+    pub started_at: MicroTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Time>,
+    pub finished_at: Option<MicroTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
 }
@@ -448,7 +448,7 @@ impl PodMigration {
     }
 
     /// When the migration reached a terminal phase.
-    pub fn finished_at(&self) -> Option<&Time> {
+    pub fn finished_at(&self) -> Option<&MicroTime> {
         let status = self.status.as_ref()?;
         if !status.phase.is_terminal() {
             return None;

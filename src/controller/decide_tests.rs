@@ -1,6 +1,6 @@
 use super::*;
 use crate::api::{PhaseTiming, PodMigrationSpec, Trigger};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use serde_json::json;
 
 fn slot(key: &str, source: &str, target: Option<&str>, cpu: Option<&str>) -> Slot {
@@ -67,7 +67,7 @@ fn status_in(phase: Phase, started: i64) -> PodMigrationStatus {
         phase,
         phases: vec![PhaseTiming {
             phase,
-            started_at: Time(Timestamp::from_second(started).unwrap()),
+            started_at: MicroTime(Timestamp::from_second(started).unwrap()),
             finished_at: None,
             seconds: None,
         }],

@@ -2,7 +2,7 @@
 //! failures. The reconciler decides *when*; these functions decide *what the status becomes*.
 
 use k8s_openapi::{
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
     jiff::Timestamp,
 };
 
@@ -25,7 +25,7 @@ pub fn enter(status: &mut PodMigrationStatus, phase: Phase, now: Timestamp) -> O
         && last.finished_at.is_none()
     {
         let seconds = (now.as_millisecond() - last.started_at.0.as_millisecond()) as f64 / 1000.0;
-        last.finished_at = Some(Time(now));
+        last.finished_at = Some(MicroTime(now));
         last.seconds = Some(seconds);
         closed = Some((last.phase, seconds));
     }
@@ -35,8 +35,8 @@ pub fn enter(status: &mut PodMigrationStatus, phase: Phase, now: Timestamp) -> O
     let terminal = phase.is_terminal();
     status.phases.push(PhaseTiming {
         phase,
-        started_at: Time(now),
-        finished_at: terminal.then_some(Time(now)),
+        started_at: MicroTime(now),
+        finished_at: terminal.then_some(MicroTime(now)),
         seconds: terminal.then_some(0.0),
     });
     closed
@@ -180,6 +180,21 @@ mod tests {
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn a_phase_keeps_its_sub_second_start_through_the_api_server() {
+        // The status is read back from the API server between steps: a phase that began at
+        // .750 and ends 0.5 s later lasted 0.5 s, not 1.25 s (its start cut to the second).
+        let mut status = PodMigrationStatus::default();
+        let start = t(0).checked_add(std::time::Duration::from_millis(750)).unwrap();
+        enter(&mut status, Phase::Pending, start);
+        let mut status: PodMigrationStatus = serde_json::from_value(serde_json::to_value(&status).unwrap()).unwrap();
+        let end = start.checked_add(std::time::Duration::from_millis(500)).unwrap();
+        assert_eq!(
+            enter(&mut status, Phase::Checkpointing, end),
+            Some((Phase::Pending, 0.5))
+        );
     }
 
     #[test]
