@@ -1,11 +1,30 @@
 //! Helpers for the end-to-end scenarios: kubectl as a user runs it, a kube client for
 //! assertions, and polling with deadlines.
 
-use std::{future::Future, process::Command, time::Duration};
+use std::{future::Future, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
+
+/// The local cluster's kube-migrate directory (certificates, node state, logs).
+pub fn km_dir() -> PathBuf {
+    PathBuf::from(std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into()))
+        .join("km")
+}
+
+/// A field of the controller's leader Lease, by JSONPath (`.spec.holderIdentity`).
+pub fn controller_lease(path: &str) -> String {
+    must(&[
+        "get",
+        "lease",
+        "-n",
+        "kube-migrate",
+        "kube-migrate-controller",
+        "-o",
+        &format!("jsonpath={{{path}}}"),
+    ])
+}
 
 /// Output of one kubectl run.
 #[derive(Debug)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
-    apply, client, eventually, field, first_log_line, fresh_namespace, kubectl, local_cluster, migrations_succeeded,
-    must, node_of, plugin, running_pods_in,
+    apply, client, eventually, field, first_log_line, fresh_namespace, km_dir, kubectl, local_cluster,
+    migrations_succeeded, must, node_of, plugin, running_pods_in,
 };
 
 /// HTTP status of an anonymous (or `user:password`) manifest request for `image` at the
@@ -17,10 +17,7 @@ use kube_migrate_e2e::{
 fn registry_status(image: &str, credential: Option<&str>) -> u16 {
     let (host, rest) = image.split_once('/').expect("host/repository:tag");
     let (repository, tag) = rest.rsplit_once(':').expect("a tag");
-    let ca = format!(
-        "{}/km/certs/ca.crt",
-        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
-    );
+    let ca = km_dir().join("certs/ca.crt").display().to_string();
     let url = format!("https://{host}/v2/{repository}/manifests/{tag}");
     let mut curl = std::process::Command::new("curl");
     curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", &ca, &url]);

@@ -10,16 +10,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
-    client, drain_a, drain_a_within, eventually, field, first_log_line, fresh_namespace, kubectl, migrations_succeeded,
-    must, node_of, opted_in_deployment, running_pods_in, scrape, start_on_node_a,
+    client, drain_a, drain_a_within, eventually, field, first_log_line, fresh_namespace, km_dir, kubectl,
+    migrations_succeeded, must, node_of, opted_in_deployment, running_pods_in, scrape, start_on_node_a,
 };
 
 /// Where the test kubelet of `node` says container `container` of pod `uid` stopped: its
 /// "container ended" log line, written whether or not the pod object was still there for a
 /// final status (the controller removes a source it saw killed at once).
 fn ended_counter(node: &str, uid: &str, container: &str) -> Option<u64> {
-    let dir = std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into());
-    let log = std::fs::read_to_string(format!("{dir}/km/logs/kubelet-{node}.log")).ok()?;
+    let log = std::fs::read_to_string(km_dir().join(format!("logs/kubelet-{node}.log"))).ok()?;
     let (uid, container) = (format!("uid={uid}"), format!("container={container}"));
     log.lines()
         .rfind(|l| l.contains("container ended") && l.contains(&uid) && l.contains(&container))
@@ -142,10 +141,7 @@ async fn s13_a_corrupt_archive_is_named_and_the_source_resumes() -> anyhow::Resu
         "frozen {frozen:?} then thawed {thawed:?}"
     );
     // Every copy of the bad archive is gone from node-a's kubelet directory.
-    let dir = format!(
-        "{}/km/node-a/checkpoints",
-        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
-    );
+    let dir = km_dir().join("node-a/checkpoints").display().to_string();
     let pod = m.spec.pod_name.clone();
     eventually("the archive removed", Duration::from_secs(30), || {
         let (dir, pod) = (dir.clone(), pod.clone());

@@ -4,7 +4,7 @@
 //! checkpoints only what a PodMigration in `Checkpointing` asks for, whoever calls it: even the
 //! controller's own certificate cannot replay a finished migration. Run by `scripts/e2e.sh`.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use k8s_openapi::{
     ByteString,
@@ -20,13 +20,9 @@ use kube_migrate::{
     tls::{CertReloader, PeerIdentity, agent_client_config, install_crypto_provider},
 };
 use kube_migrate_e2e::{
-    client, drain_a, eventually, fresh_namespace, migrations_succeeded, must, opted_in_deployment, start_on_node_a,
+    client, drain_a, eventually, fresh_namespace, km_dir, migrations_succeeded, must, opted_in_deployment,
+    start_on_node_a,
 };
-
-fn km_dir() -> PathBuf {
-    PathBuf::from(std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into()))
-        .join("km")
-}
 
 /// The node named by the leaf certificate of a PEM chain.
 fn node_of_chain(pem: &[u8]) -> Option<String> {

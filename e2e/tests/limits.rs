@@ -8,8 +8,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
-    apply, client, drain_a, eventually, first_log_line, fresh_namespace, kubectl, local_cluster, migrations_succeeded,
-    must, node_of, opted_in_deployment, opted_in_pod, plugin, running_pods_in, start_on_node_a,
+    apply, client, controller_lease, drain_a, eventually, first_log_line, fresh_namespace, km_dir, kubectl,
+    local_cluster, migrations_succeeded, must, node_of, opted_in_deployment, opted_in_pod, plugin, running_pods_in,
+    start_on_node_a,
 };
 
 fn burst(n: usize) -> String {
@@ -385,15 +386,7 @@ async fn s16_a_stalled_leader_is_fenced_and_the_standby_resumes() -> anyhow::Res
     let took_over_after = paused.elapsed();
     local_cluster(&["resume-webhook", "0"]);
     let done = done?;
-    let holder = must(&[
-        "get",
-        "lease",
-        "-n",
-        "kube-migrate",
-        "kube-migrate-controller",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let holder = controller_lease(".spec.holderIdentity");
     assert_eq!(holder, "webhook-1", "the standby leads");
     assert!(
         took_over_after >= Duration::from_secs(15),
@@ -432,10 +425,7 @@ async fn s16_a_stalled_leader_is_fenced_and_the_standby_resumes() -> anyhow::Res
     let after = pms.get(&done[0].name_any()).await?.status.unwrap_or_default();
     assert_eq!(after.phase, Phase::Succeeded);
     assert_eq!(after.phases, before.phases, "nothing moved backwards");
-    let log = std::fs::read_to_string(format!(
-        "{}/km/logs/webhook.log",
-        std::env::var("KUBE_MIGRATE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/kube-migrate-cluster".into())
-    ))?;
+    let log = std::fs::read_to_string(km_dir().join("logs/webhook.log"))?;
     assert!(log.contains("lost leadership"), "the stalled leader stood down");
     must(&["delete", "namespace", ns, "--wait=false"]);
     Ok(())

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt, api::ListParams};
 use kube_migrate::api::{Phase, PodMigration};
 use kube_migrate_e2e::{
-    apply, client, drain_a, eventually, field, first_log_line, fresh_namespace, kubectl, local_cluster,
-    migrations_succeeded, must, node_of, opted_in_deployment, running_pods_in, start_on_node_a,
+    apply, client, controller_lease, drain_a, eventually, field, first_log_line, fresh_namespace, kubectl,
+    local_cluster, migrations_succeeded, must, node_of, opted_in_deployment, running_pods_in, start_on_node_a,
 };
 
 /// Scenario 9: `kubectl drain` returns only once the 1 GiB checkpoint is verified on the
@@ -484,19 +484,8 @@ async fn s23_a_replica_shutting_down_still_gates_replacements() -> anyhow::Resul
     // The leader gave the Lease up at SIGTERM once its controller stopped, so the standby led
     // at its next 2 s retry, not after a whole 15 s term (a drain of the leader's node waited
     // that long for its migrations to start).
-    let lease = |path: &str| {
-        must(&[
-            "get",
-            "lease",
-            "-n",
-            "kube-migrate",
-            "kube-migrate-controller",
-            "-o",
-            &format!("jsonpath={{{path}}}"),
-        ])
-    };
-    assert_eq!(lease(".spec.holderIdentity"), "webhook-1");
-    let acquired: k8s_openapi::jiff::Timestamp = lease(".spec.acquireTime").parse()?;
+    assert_eq!(controller_lease(".spec.holderIdentity"), "webhook-1");
+    let acquired: k8s_openapi::jiff::Timestamp = controller_lease(".spec.acquireTime").parse()?;
     let handover = acquired.duration_since(termed).as_secs_f64();
     assert!(handover < 10.0, "the standby led {handover:.1} s after SIGTERM");
     must(&["delete", "namespace", ns, "--wait=false"]);
