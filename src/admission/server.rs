@@ -256,7 +256,7 @@ async fn eviction_response(
                     refusal.unwrap_or_default(),
                     api::ON_FAILURE
                 );
-                let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+                let response = with_warnings(too_many(request, message), warnings);
                 return ("started", response, Duration::ZERO);
             }
             Ok(target) => (
@@ -288,14 +288,14 @@ async fn eviction_response(
         other => return (other.result(), answer(request, other, warnings), Duration::ZERO),
     };
     let Some(mut hold) = state.holds.acquire(budget) else {
-        let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+        let response = with_warnings(too_many(request, message), warnings);
         return (result, response, Duration::ZERO);
     };
     let held_since = Instant::now();
     let mut message = message;
     let (outcome, result, response) = loop {
         if !hold.next_change().await {
-            let response = with_warnings(review::deny(request, 429, "TooManyRequests", message), warnings);
+            let response = with_warnings(too_many(request, message), warnings);
             break ("expired", result, response);
         }
         match decide_now(state, &req).await {
@@ -361,18 +361,18 @@ async fn decide_now(state: &WebhookState, req: &EvictionRequest<'_>) -> (Decisio
 fn answer(request: &AdmissionRequest<DynamicObject>, decision: Decision, warnings: Vec<String>) -> AdmissionResponse {
     let response = match decision {
         Decision::Allow { warning, .. } => review::allow(request, warning),
-        Decision::Wait { message } | Decision::Block { message } => {
-            review::deny(request, 429, "TooManyRequests", message)
-        }
+        Decision::Wait { message } | Decision::Block { message } => too_many(request, message),
         Decision::Gone { message } => review::deny(request, 404, "NotFound", message),
-        Decision::Start { name, .. } => review::deny(
-            request,
-            429,
-            "TooManyRequests",
-            format!("kube-migrate is starting migration {name}; retrying"),
-        ),
+        Decision::Start { name, .. } => {
+            too_many(request, format!("kube-migrate is starting migration {name}; retrying"))
+        }
     };
     with_warnings(response, warnings)
+}
+
+/// 429: kubectl drain retries the eviction (in 5 s).
+fn too_many(request: &AdmissionRequest<DynamicObject>, message: String) -> AdmissionResponse {
+    review::deny(request, 429, "TooManyRequests", message)
 }
 
 fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
