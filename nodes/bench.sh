@@ -50,7 +50,42 @@ if ((!quick)); then
   done < <(awk '/ MiB +RSS_KiB/ { on = 1; next } on && NF >= 9 && $1 ~ /^[0-9]+$/' "$P/bare.log")
 fi
 
-rows=() steps=()
+rows=() steps=() runtime=()
+RUNTIME_STEPS="sandbox sandboxReady pulling pulled creating created starting restored"
+
+# The target runtime's own steps for the replacement, from km-node-2's CRI-O log (info level),
+# seconds after FROZEN (epoch seconds): where `scheduled -> started` goes.
+runtime_steps() { # FROZEN POD
+  python3 - "$1" "$2" "$(node_dir 2)/logs/crio.log" << 'PY'
+import re, sys
+from datetime import datetime
+frozen, pod, log = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+marks = [("sandbox", f"Running pod sandbox: default/{pod}/POD"), ("sandboxReady", f"default/{pod}/POD"),
+         ("pulling", "Pulling image: "), ("pulled", "Pulled image: "),
+         ("creating", f"Creating container: default/{pod}/"), ("created", f"Created container "),
+         ("starting", "Starting container: "), ("restored", "Restored container: ")]
+seen = {}
+for line in open(log, errors="replace"):
+    m = re.match(r'time="([^"]+)" level=\w+ msg="(.*)"', line)
+    if not m:
+        continue
+    ts = m.group(1).rstrip("Z")
+    whole, _, frac = ts.partition(".")
+    t = datetime.fromisoformat(whole + "+00:00").timestamp() + float("0." + (frac or "0"))
+    if t < frozen:
+        continue
+    msg = m.group(2)
+    for name, text in marks:
+        if name in seen:
+            continue
+        if name == "sandboxReady" and not msg.startswith("Ran pod sandbox "):
+            continue
+        if text in msg and (name != "created" or f"default/{pod}/" in msg):
+            seen[name] = t - frozen
+            break
+print("\t".join(f"{seen[n]:.2f}" if n in seen else "-" for n, _ in marks))
+PY
+}
 STEPS='["checkpointed","verified","sourceKilled","imageBuilt","sourceTerminated","replacementSeen","released","scheduled","started","ready"]'
 
 for mib in $sizes; do
@@ -129,6 +164,10 @@ EOF
     .status.timeline as $t | ([$t[] | select(.step == "frozen") | .at | ts] | first) as $f
     | [$mib] + ([$steps[] as $s | [$t[] | select(.step == $s) | .at | ts - $f | . * 100 | round / 100] | first // "-"])
     | @tsv' <<< "$s")")
+  frozen=$(jq -r '.status.timeline[] | select(.step == "frozen") | .at' <<< "$s" |
+    python3 -c 'import sys, datetime; t = sys.stdin.read().strip().rstrip("Z"); w, _, f = t.partition(".")
+print(datetime.datetime.fromisoformat(w + "+00:00").timestamp() + float("0." + (f or "0")))')
+  runtime+=("$mib"$'\t'"$(runtime_steps "$frozen" memhog)")
   kubectl uncordon km-node-1 > /dev/null
 done
 kubectl delete pod memhog --ignore-not-found --wait=false > /dev/null
@@ -142,5 +181,10 @@ printf '\nthe timeline (status.timeline), seconds after the freeze\n'
 {
   printf 'MiB\t%s\n' "$(jq -r 'join("\t")' <<< "$STEPS")"
   printf '%s\n' "${steps[@]}"
+} | column -t
+printf '\nthe target runtime (CRI-O log of km-node-2), seconds after the freeze\n'
+{
+  printf 'MiB\t%s\n' "${RUNTIME_STEPS// /$'\t'}"
+  printf '%s\n' "${runtime[@]}"
 } | column -t
 echo "freeze_s: source frozen -> replacement Ready (status.downtimeSeconds); paused_s: the longest gap in the program's own 100 ms ticks, less a tick (last tick before the freeze -> first after the restore); bare: crun checkpoint + restore of the same program and size (criu/demo.sh); ratio = freeze / bare, paused_ratio = paused / bare"

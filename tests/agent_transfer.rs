@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agents::{ID, checkpoint_request, expect_of, node_identity, refs, setup};
+use common::agents::{ID, checkpoint_request, expect_of, node_identity, push_of, refs, setup};
 
 use std::time::Duration;
 
@@ -235,13 +235,7 @@ async fn a_repeated_push_sends_only_what_the_target_lacks() {
         .await
         .unwrap();
     let total: u64 = answer.archives.iter().map(|a| a.size_bytes).sum();
-    let push = PushRequest {
-        volumes: Vec::new(),
-        target_id: None,
-        transfer: Default::default(),
-        target: target.url.clone(),
-        archives: refs(&answer.archives),
-    };
+    let push = push_of(&target.url, &answer.archives);
     controller
         .expect(&target.url, ID, &expect_of(&push, "node-a"))
         .await
@@ -417,13 +411,7 @@ async fn each_caller_may_do_only_its_own_part() {
         .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
         .await
         .unwrap();
-    let push = PushRequest {
-        volumes: Vec::new(),
-        target_id: None,
-        transfer: Default::default(),
-        target: target.url.clone(),
-        archives: refs(&answer.archives),
-    };
+    let push = push_of(&target.url, &answer.archives);
     forbidden(rogue.push(&source.url, ID, &push).await.unwrap_err());
     forbidden(rogue.push_progress(&source.url, ID).await.unwrap_err());
     forbidden(rogue.delete(&source.url, ID).await.unwrap_err());
@@ -469,13 +457,7 @@ async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
         .checkpoint(&source.url, ID, &checkpoint_request(&["app"]))
         .await
         .unwrap();
-    let push = PushRequest {
-        volumes: Vec::new(),
-        target_id: None,
-        transfer: Default::default(),
-        target: target.url.clone(),
-        archives: refs(&answer.archives),
-    };
+    let push = push_of(&target.url, &answer.archives);
     // Nothing expected yet; expected from another node (node-a's agent may not deliver it);
     // expected from node-a but with another digest.
     let mut other_digest = expect_of(&push, "node-a");

@@ -8,6 +8,8 @@
 //! password whose digest the controller gave with the image build (the kubelet hands the
 //! runtime that password from the replacement pod's `imagePullSecrets`). Anonymous requests
 //! get 401 with a Basic challenge (what makes a client send its credentials), wrong ones 403.
+//! The agent's own pulls ([`super::prepull`]) present the agent's own password, and other
+//! pulls of a migration being pulled that way wait for it before they get the manifest.
 
 use axum::{
     Router,
@@ -19,16 +21,25 @@ use axum::{
 };
 use serde_json::json;
 
-use super::{api, chunks, image, store::Store};
+use super::{api, chunks, image, prepull::OwnPulls, store::Store};
 
 /// Repository prefix of every checkpoint image.
 pub const REPOSITORY_PREFIX: &str = "kube-migrate";
 
-pub fn router(store: Store) -> Router {
+/// The longest a pull waits for the agent's own pull of the same migration.
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[derive(Clone)]
+pub struct Registry {
+    pub store: Store,
+    pub own: OwnPulls,
+}
+
+pub fn router(registry: Registry) -> Router {
     Router::new()
         .route("/v2/", get(ping))
         .route("/v2/{*path}", get(serve).head(serve))
-        .with_state(store)
+        .with_state(registry)
 }
 
 /// The API version check: clients learn here that credentials are needed.
@@ -58,19 +69,32 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
     (user == api::PULL_USER).then(|| password.to_string())
 }
 
-/// May this request read migration `id`'s images? `None`: yes; else the refusal to send.
-fn refusal(store: &Store, id: &str, headers: &HeaderMap) -> Option<Response> {
+/// Who reads migration `id`'s images.
+#[derive(Debug, PartialEq, Eq)]
+enum Reader {
+    /// This agent's own pull.
+    Own,
+    /// A pull with the migration's credential (the kubelet's).
+    Migration,
+}
+
+/// May this request read migration `id`'s images? `Ok`: yes, and who it is; else the
+/// refusal to send.
+fn reader(registry: &Registry, id: &str, headers: &HeaderMap) -> Result<Reader, Box<Response>> {
     let Some(password) = basic_password(headers) else {
-        return Some(challenge(format!("credentials required for migration {id}")));
+        return Err(Box::new(challenge(format!("credentials required for migration {id}"))));
     };
-    let expected = store.load(id).ok().flatten().and_then(|r| r.pull_digest);
+    if registry.own.is_own(&password) {
+        return Ok(Reader::Own);
+    }
+    let expected = registry.store.load(id).ok().flatten().and_then(|r| r.pull_digest);
     match expected {
-        Some(digest) if digest == api::pull_digest(&password) => None,
-        _ => Some(oci_error(
+        Some(digest) if digest == api::pull_digest(&password) => Ok(Reader::Migration),
+        _ => Err(Box::new(oci_error(
             StatusCode::FORBIDDEN,
             "DENIED",
             format!("these credentials may not pull migration {id}"),
-        )),
+        ))),
     }
 }
 
@@ -91,7 +115,12 @@ fn parse(path: &str) -> Option<(&str, &str, &str)> {
     (matches!(kind, "manifests" | "blobs") && !reference.contains('/')).then_some((id, kind, reference))
 }
 
-async fn serve(State(store): State<Store>, method: Method, headers: HeaderMap, Path(path): Path<String>) -> Response {
+async fn serve(
+    State(registry): State<Registry>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
     let Some((id, kind, reference)) = parse(&path) else {
         return oci_error(
             StatusCode::NOT_FOUND,
@@ -99,10 +128,14 @@ async fn serve(State(store): State<Store>, method: Method, headers: HeaderMap, P
             format!("no repository at {path}"),
         );
     };
-    if let Some(denied) = refusal(&store, id, &headers) {
-        return denied;
+    let reader = match reader(&registry, id, &headers) {
+        Ok(r) => r,
+        Err(denied) => return *denied,
+    };
+    if kind == "manifests" && reader == Reader::Migration && registry.own.wait(id, HOLD_MAX).await {
+        tracing::debug!(id, "a pull waited for the agent's own pull of the same images");
     }
-    let layout = match store.layout(id) {
+    let layout = match registry.store.layout(id) {
         Ok(l) => l,
         Err(e) => return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string()),
     };

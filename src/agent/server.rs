@@ -23,11 +23,13 @@ use super::{
     authz::{self, Access},
     checkpoint,
     client::{AgentClient, ClientError},
+    cri::CriError,
     expect,
     freezer::{FreezeError, Freezer},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
     place,
+    prepull::{self, Prepull},
     receive::ReceiveError,
     registry::REPOSITORY_PREFIX,
     source,
@@ -69,6 +71,8 @@ pub enum AgentError {
     Volume(#[from] VolumeError),
     #[error("API server: {0}")]
     Api(#[from] kube::Error),
+    #[error("runtime: {0}")]
+    Runtime(#[from] CriError),
 }
 
 impl AgentError {
@@ -88,6 +92,7 @@ impl AgentError {
             AgentError::Freeze(e) => e.metric_label(),
             AgentError::Volume(e) => e.metric_label(),
             AgentError::Api(_) => "api_server",
+            AgentError::Runtime(e) => e.metric_label(),
         }
     }
 
@@ -146,6 +151,8 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     /// `host:port` under which this node's runtime reaches the registry endpoint.
     pub registry_host: String,
+    /// Pulls of checkpoint images into this node's runtime as soon as they are built.
+    pub prepull: Prepull,
     /// Who may ask what (see [`super::authz`]).
     pub access: Access,
     /// Pushes running now, with their progress.
@@ -160,7 +167,7 @@ impl AgentState {
         (kubelet, freezer, roots): (KubeletClient, Freezer, ContainerRoots),
         peers: AgentClient,
         metrics: Arc<Metrics>,
-        registry_host: String,
+        (registry_host, prepull): (String, Prepull),
         access: Access,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -172,6 +179,7 @@ impl AgentState {
             peers,
             metrics,
             registry_host,
+            prepull,
             access,
             pushes: Default::default(),
             locks: Default::default(),
@@ -264,6 +272,10 @@ async fn build_image(
     let started = Instant::now();
     let result = do_build_image(&state, &id, &req).await;
     state.record_op("image", started, &result);
+    if let Ok(built) = &result {
+        let images = built.images.iter().map(|i| i.image.clone()).collect();
+        prepull::spawn(Arc::clone(&state), &id, images);
+    }
     result.map(Json)
 }
 

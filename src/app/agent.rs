@@ -9,10 +9,12 @@ use crate::{
         authz::{Access, Callers},
         client::AgentClient,
         consent::Consent,
+        cri::Cri,
         freezer::Freezer,
         identity::Identity,
         kubelet::{KubeletClient, kubelet_tls},
-        registry,
+        prepull::Prepull,
+        registry::{self, Registry},
         server::{AgentState, router, spawn_gc},
         source::spawn_expiry,
         store::Store,
@@ -45,6 +47,12 @@ pub struct Options {
     /// registry address).
     #[arg(long, env = "KM_REGISTRY_HOST")]
     pub registry_host: Option<String>,
+    /// The node runtime's CRI socket (the kubelet's `--container-runtime-endpoint`): checkpoint
+    /// images are pulled into the runtime through it as soon as they are built, before the
+    /// replacement's start asks for them. Empty, or no socket there at start: not pulled
+    /// ahead (the kubelet pulls them as it starts the replacement).
+    #[arg(long, env = "KM_RUNTIME_ENDPOINT", default_value = "unix:///run/crio/crio.sock")]
+    pub runtime_endpoint: String,
     /// Plain-HTTP address of /metrics, /livez and /readyz.
     #[arg(long, env = "KM_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
@@ -194,6 +202,29 @@ pub enum RunError {
     StandaloneCsr,
 }
 
+/// Pre-pulling through the runtime at `endpoint`, if there is one: the DaemonSet starts
+/// after the runtime, so a socket missing now is a node without it (or another path).
+fn prepull(endpoint: &str) -> Prepull {
+    let socket = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    let cri = match (endpoint.is_empty(), std::path::Path::new(socket).exists()) {
+        (true, _) => None,
+        (false, false) => {
+            tracing::info!(
+                endpoint,
+                "no runtime socket: checkpoint images are pulled by the kubelet, not ahead"
+            );
+            None
+        }
+        (false, true) => Cri::new(endpoint, registry::HOLD_MAX)
+            .inspect_err(|error| tracing::warn!(endpoint, %error, "checkpoint images are not pulled ahead"))
+            .ok(),
+    };
+    Prepull {
+        cri,
+        own: Default::default(),
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, RunError> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -277,7 +308,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
             Duration::from_secs(opts.transfer_timeout_seconds),
         ),
         Arc::clone(&metrics),
-        registry_host,
+        (registry_host, prepull(&opts.runtime_endpoint)),
         Access {
             callers: Callers {
                 controller: opts.controller_name.clone(),
@@ -294,6 +325,10 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
         Duration::from_secs(300),
     );
 
+    let registry = registry::router(Registry {
+        store,
+        own: state.prepull.own.clone(),
+    });
     let api = serve_tls(
         bind(opts.listen).await?,
         server_config(Arc::clone(&certs), Some(&opts.ca))?,
@@ -303,7 +338,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> Result<(), RunEr
     let images = serve_tls(
         bind(opts.registry_listen).await?,
         server_config(Arc::clone(&certs), None)?,
-        registry::router(store),
+        registry,
         shutdown.clone(),
     );
     tracing::info!(node = %opts.node_name, api = %opts.listen, registry = %opts.registry_listen, "agent listening");

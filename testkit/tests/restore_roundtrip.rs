@@ -92,7 +92,10 @@ async fn registry() -> Registry {
     tokio::spawn(serve_tls(
         listener,
         config,
-        registry::router(store.clone()),
+        registry::router(registry::Registry {
+            store: store.clone(),
+            own: Default::default(),
+        }),
         shutdown.clone(),
     ));
     Registry {

@@ -16,6 +16,7 @@ use kube_migrate::{
         client::AgentClient,
         freezer::Freezer,
         kubelet::{KubeletClient, kubelet_tls},
+        prepull::Prepull,
         registry,
         server::{AgentState, router},
         store::Store,
@@ -97,6 +98,17 @@ pub fn refs(records: &[kube_migrate::agent::api::ArchiveRecord]) -> Vec<kube_mig
 }
 
 /// What the controller tells the target before a push from `source_node`.
+/// The push of `archives` (no volumes, default transfer options) to the agent at `target`.
+pub fn push_of(target: &str, archives: &[kube_migrate::agent::api::ArchiveRecord]) -> PushRequest {
+    PushRequest {
+        volumes: Vec::new(),
+        target_id: None,
+        transfer: Default::default(),
+        target: target.into(),
+        archives: refs(archives),
+    }
+}
+
 pub fn expect_of(push: &PushRequest, source_node: &str) -> ExpectRequest {
     ExpectRequest {
         source_node: source_node.into(),
@@ -105,7 +117,7 @@ pub fn expect_of(push: &PushRequest, source_node: &str) -> ExpectRequest {
     }
 }
 
-pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
+pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr, prepull: Prepull) -> Agent {
     let cert = node_identity(env, name);
     let state_dir = env._dir.path().join(name);
     let store = Store::open(&state_dir).unwrap();
@@ -134,7 +146,7 @@ pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
             Duration::from_secs(60),
         ),
         Arc::new(Metrics::new()),
-        registry_addr.to_string(),
+        (registry_addr.to_string(), prepull),
         Access {
             require_node: true,
             ..Default::default()
@@ -143,7 +155,10 @@ pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
     tokio::spawn(serve_tls(
         reg_listener,
         server_config(Arc::clone(&cert), None).unwrap(),
-        registry::router(store),
+        registry::router(registry::Registry {
+            store,
+            own: state.prepull.own.clone(),
+        }),
         env.shutdown.clone(),
     ));
     let addr = listen(
@@ -160,6 +175,11 @@ pub async fn agent(env: &Env, name: &str, kubelet: SocketAddr) -> Agent {
 }
 
 pub async fn setup() -> (Env, Agent, Agent, AgentClient) {
+    setup_with(Prepull::default()).await
+}
+
+/// [`setup`] with the target agent pre-pulling as `target_prepull` says.
+pub async fn setup_with(target_prepull: Prepull) -> (Env, Agent, Agent, AgentClient) {
     install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("certs");
@@ -187,8 +207,8 @@ pub async fn setup() -> (Env, Agent, Agent, AgentClient) {
         &env.shutdown,
     )
     .await;
-    let source = agent(&env, "node-a", kubelet).await;
-    let target = agent(&env, "node-b", kubelet).await;
+    let source = agent(&env, "node-a", kubelet, Prepull::default()).await;
+    let target = agent(&env, "node-b", kubelet, target_prepull).await;
     let controller_identity = CertReloader::new(env.certs.join("webhook.crt"), env.certs.join("webhook.key")).unwrap();
     let controller = AgentClient::new(
         agent_client_config(&env.certs.join("ca.crt"), controller_identity, "kube-migrate-agent").unwrap(),
