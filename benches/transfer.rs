@@ -530,6 +530,7 @@ async fn agent_run(
         pod: "app".into(),
         archives: vec![reference.clone()],
         pull_digest: None,
+        prepull: false,
     };
     let images = client.build_image(url, id, &request).await.unwrap();
     let image_seconds = start.elapsed().as_secs_f64();

@@ -165,7 +165,13 @@ async fn the_image_is_pulled_into_the_runtime_once_and_other_pulls_wait_for_it()
         pod: "db-0".into(),
         archives: push.archives.clone(),
         pull_digest: Some(pull_digest("s3cret")),
+        prepull: false,
     };
+    // A checkpoint kept for later is not put in the runtime's storage.
+    controller.build_image(&target.url, ID, &build).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pulls.try_recv().is_err(), "pulled a checkpoint nobody restores yet");
+    let build = ImageRequest { prepull: true, ..build };
     let images = controller.build_image(&target.url, ID, &build).await.unwrap();
 
     // The runtime was asked to pull the built image, with a credential that is the agent's

@@ -75,6 +75,7 @@ async fn checkpoint_transfer_image_and_pull_over_mtls() {
                 pod: "db-0".into(),
                 archives: refs,
                 pull_digest: Some(pull_digest("s3cret")),
+                prepull: false,
             },
         )
         .await

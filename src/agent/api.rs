@@ -278,6 +278,11 @@ pub struct ImageRequest {
     /// [`pull_digest`]); the agent keeps only this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_digest: Option<String>,
+    /// Have the node's runtime pull the images at once (a replacement will start from them
+    /// soon); not for a checkpoint kept for later, whose memory has no business in the
+    /// runtime's storage until it is restored. Off for a controller that does not say.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prepull: bool,
 }
 
 /// Username of every checkpoint image pull credential.

@@ -272,7 +272,7 @@ async fn build_image(
     let started = Instant::now();
     let result = do_build_image(&state, &id, &req).await;
     state.record_op("image", started, &result);
-    if let Ok(built) = &result {
+    if let (Ok(built), true) = (&result, req.prepull) {
         let images = built.images.iter().map(|i| i.image.clone()).collect();
         prepull::spawn(Arc::clone(&state), &id, images);
     }

@@ -41,6 +41,7 @@ pub async fn building(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &
         archives: decide::archive_refs(status),
         // The agent is told the digest, never the password.
         pull_digest: password.as_deref().map(crate::agent::api::pull_digest),
+        prepull: pm.spec.mode != Mode::Checkpoint,
     };
     let answer = match ctx.agent_client.build_image(&agent, &id, &request).await {
         Ok(answer) => answer,
