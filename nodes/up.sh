@@ -18,6 +18,8 @@
 #   KUBE_MIGRATE_REGISTRY_CA          a CA file the nodes' CRI-O trusts for the kube-migrate agent's
 #                                     registry at 127.0.0.1:5443 (docs/install-cri-o.md) [none]
 #   KUBE_MIGRATE_CACHE                binary and root cache (nodes/build.sh, nodes/make-root.sh)
+#   KUBE_MIGRATE_EVENTED_PLEG=1       the kubelet's EventedPLEG feature gate (alpha) with CRI-O's
+#                                     enable_pod_events: container events instead of the 1 s relist
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
@@ -160,7 +162,10 @@ start_node() {
   # Configuration (the node's /etc/crio, /etc/cni, /etc/containers, /etc/kubernetes).
   echo "# empty: the settings are in crio.conf.d/ (nodes/conf/crio.conf.d)" > "$d/etc/crio/crio.conf"
   cp "$here"/conf/crio.conf.d/*.conf "$d/etc/crio/crio.conf.d/"
-  rm -f "$d/etc/crio/crio.conf.d/90-harness-oom.conf"
+  rm -f "$d/etc/crio/crio.conf.d/"{90-harness-oom,20-evented-pleg}.conf
+  if [[ ${KUBE_MIGRATE_EVENTED_PLEG:-} == 1 ]]; then
+    printf '[crio.runtime]\nenable_pod_events = true\n' > "$d/etc/crio/crio.conf.d/20-evented-pleg.conf"
+  fi
   # kube-migrate's runtime hold (docs/install-cri-o.md, section 5) at the path the drop-in names;
   # where crun needs the oom clamp, the hold wrapper calls the clamp wrapper, which calls crun.
   mkdir -p "$d/libexec/kube-migrate"
@@ -240,6 +245,7 @@ registerNode: true
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
+featureGates: {EventedPLEG: $([[ ${KUBE_MIGRATE_EVENTED_PLEG:-} == 1 ]] && echo true || echo false)}
 EOF2
   cat > "$k/kube-proxy.yaml" << EOF2
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
