@@ -93,7 +93,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let path = request.uri().path().to_string();
     let fx = fixture();
-    let router = registry::router(fx.store.clone());
+    let router = registry::router(registry::Registry {
+        store: fx.store.clone(),
+        own: Default::default(),
+    });
     let (status, headers, body) = fx.runtime.block_on(async {
         let response = router.oneshot(request).await.expect("infallible");
         let (parts, body) = response.into_parts();
