@@ -1,12 +1,12 @@
 //! The node runtime's image service over the CRI (`runtime.v1.ImageService` on the runtime's
 //! socket), for what the agent asks of it: pull a migration's checkpoint image into the
 //! runtime's storage as soon as it is built, so that the replacement's start does not wait for
-//! it, and whether an image is there.
+//! it.
 //!
-//! The six messages are declared here with prost's derive, field numbers as in cri-api's
+//! The four messages are declared here with prost's derive, field numbers as in cri-api's
 //! `pkg/apis/runtime/v1/api.proto` (CRI v1 never renumbers a field; fields left out are simply
 //! not sent, and unknown ones in answers skipped). The generated bindings (the `k8s-cri` crate)
-//! would need `protoc` on every machine that builds kube-migrate, for two calls; the protocol
+//! would need `protoc` on every machine that builds kube-migrate, for one call; the protocol
 //! work itself (protobuf, gRPC, HTTP/2) is tonic's and prost's.
 
 use std::time::Duration;
@@ -15,7 +15,6 @@ use http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
 const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
-const IMAGE_STATUS: &str = "/runtime.v1.ImageService/ImageStatus";
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ImageSpec {
@@ -43,30 +42,6 @@ pub struct PullImageRequest {
 pub struct PullImageResponse {
     #[prost(string, tag = "1")]
     pub image_ref: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ImageStatusRequest {
-    #[prost(message, optional, tag = "1")]
-    pub image: Option<ImageSpec>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ImageStatusResponse {
-    #[prost(message, optional, tag = "1")]
-    pub image: Option<Image>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Image {
-    #[prost(string, tag = "1")]
-    pub id: String,
-    #[prost(string, repeated, tag = "2")]
-    pub repo_tags: Vec<String>,
-    #[prost(string, repeated, tag = "3")]
-    pub repo_digests: Vec<String>,
-    #[prost(uint64, tag = "4")]
-    pub size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,14 +117,5 @@ impl Cri {
         };
         let response: PullImageResponse = self.unary(PULL_IMAGE, request).await?;
         Ok(response.image_ref)
-    }
-
-    /// The runtime's record of `image` (a name, `name@digest` or an image ID), if it has it.
-    pub async fn status(&self, image: &str) -> Result<Option<Image>, CriError> {
-        let request = ImageStatusRequest {
-            image: Some(ImageSpec { image: image.into() }),
-        };
-        let response: ImageStatusResponse = self.unary(IMAGE_STATUS, request).await?;
-        Ok(response.image.filter(|i| !i.id.is_empty()))
     }
 }
