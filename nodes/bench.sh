@@ -90,8 +90,11 @@ STEPS='["checkpointed","verified","sourceKilled","imageBuilt","sourceTerminated"
 
 for mib in $sizes; do
   kubectl uncordon km-node-1 > /dev/null
+  # A migration of an earlier memhog still running would re-create its replacement under the name.
+  kubectl get podmigrations -o jsonpath='{range .items[?(@.spec.podName=="memhog")]}{.metadata.name}{"\n"}{end}' |
+    xargs -r kubectl delete podmigration --wait=true > /dev/null
   kubectl delete pod memhog --ignore-not-found --wait=true > /dev/null
-  cat << EOF | kubectl apply -f - > /dev/null
+  cat << EOF | kubectl create -f - > /dev/null
 apiVersion: v1
 kind: Pod
 metadata:

@@ -31,6 +31,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 
+# Every scenario wants a new cluster: nodes/up.sh keeps etcd data and node storage it finds (for
+# a quick restart), and objects left by an earlier run on this machine (a half-done migration
+# that re-creates its replacement) broke the bench once. What is left when it cannot run (no
+# root) is its business to report.
+nodes/down.sh --purge > /dev/null 2>&1 || true
 status=0
 nodes/up.sh 2 || status=$?
 if [[ $status == 77 ]]; then
