@@ -210,7 +210,10 @@ fn a_node_the_migration_gave_up_on_is_never_chosen_again() {
         panic!("no node left")
     };
     assert!(reasons.contains(&("node-b".into(), Unfit::GaveUp)), "{reasons:?}");
-    assert_eq!(Unfit::GaveUp.to_string(), "was lost during this migration");
+    assert_eq!(
+        Unfit::GaveUp.to_string(),
+        "was given up during this migration (see its Events)"
+    );
 }
 
 /// A pod labelled `labels` bound to `node`, with its own uid.

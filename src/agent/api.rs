@@ -5,6 +5,8 @@
 //! * `POST   /v1/migrations/{id}/source/kill`           kill frozen source containers for good
 //!   (any other action: 404)
 //! * `POST   /v1/migrations/{id}/push`                  stream archives to the target agent
+//! * `POST   /v1/migrations/{id}/prepare`               before the freeze: can the target restore
+//!   the pod (runtime able to restore, base images present or pulled)?
 //! * `POST   /v1/migrations/{id}/expect`                tell the target agent which archives (by
 //!   digest) to accept from which node; it refuses every other upload
 //! * `PUT    /v1/migrations/{id}/archives/{container}`  receive one archive (agent to agent)
@@ -284,6 +286,42 @@ pub struct ImageRequest {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prepull: bool,
 }
+
+/// `POST /v1/migrations/{id}/prepare`: before the source is frozen, can this node restore the
+/// pod? The agent checks its runtime can restore at all and has each container's base image,
+/// pulling a missing one (CRI-O's restore looks it up by ID and never pulls it: without it the
+/// restore would fail after the source is gone).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrepareRequest {
+    pub images: Vec<BaseImage>,
+}
+
+/// One container's image as the source's kubelet reported it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseImage {
+    pub container: String,
+    /// `spec.containers[].image`.
+    pub image: String,
+    /// `status.containerStatuses[].imageID`: the runtime's reference of the image the
+    /// container runs (a digest reference, or an image ID); "" when not reported.
+    #[serde(default)]
+    pub image_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrepareResponse {
+    /// The agent could ask its runtime (false: no runtime endpoint, nothing was checked).
+    pub checked: bool,
+    /// Base images this call pulled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pulled: Vec<String>,
+}
+
+/// `reason` of the error an agent answers when its node cannot restore the pod.
+pub const TARGET_UNFIT: &str = "target_unfit";
 
 /// Username of every checkpoint image pull credential.
 pub const PULL_USER: &str = "kube-migrate";

@@ -21,8 +21,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::{
     api::{
         self, ArchiveRef, CheckpointRequest, CheckpointResponse, ErrorBody, ExpectRequest, ImageRequest, ImageResponse,
-        Kind, PushProgress, PushRequest, PushResponse, ReceiveResponse, SourceRequest, SourceResponse, VolumesRequest,
-        VolumesResponse,
+        Kind, PrepareRequest, PrepareResponse, PushProgress, PushRequest, PushResponse, ReceiveResponse, SourceRequest,
+        SourceResponse, VolumesRequest, VolumesResponse,
     },
     chunks,
 };
@@ -239,6 +239,12 @@ impl AgentClient {
 
     pub async fn push(&self, base: &str, id: &str, req: &PushRequest) -> Result<PushResponse, ClientError> {
         self.post(base, id, "push", req, self.long_timeout).await
+    }
+
+    /// Ask a target agent, before the freeze, whether its node can restore the pod (an
+    /// error with reason [`api::TARGET_UNFIT`] when it cannot).
+    pub async fn prepare(&self, base: &str, id: &str, req: &PrepareRequest) -> Result<PrepareResponse, ClientError> {
+        self.post(base, id, "prepare", req, self.long_timeout).await
     }
 
     /// Tell a target agent what to accept for migration `id`.

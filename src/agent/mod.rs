@@ -16,6 +16,7 @@ pub mod identity;
 pub mod image;
 pub mod kubelet;
 pub mod place;
+pub mod prepare;
 pub mod prepull;
 pub mod private;
 pub mod progress;

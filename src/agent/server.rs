@@ -28,7 +28,7 @@ use super::{
     freezer::{FreezeError, Freezer},
     image::{self, ImageError},
     kubelet::{KubeletClient, KubeletError},
-    place,
+    place, prepare,
     prepull::{self, Prepull},
     receive::ReceiveError,
     registry::REPOSITORY_PREFIX,
@@ -73,6 +73,9 @@ pub enum AgentError {
     Api(#[from] kube::Error),
     #[error("runtime: {0}")]
     Runtime(#[from] CriError),
+    /// This node cannot restore the pod (checked before the freeze, see [`super::prepare`]).
+    #[error("node cannot restore the pod: {0}")]
+    Unfit(String),
 }
 
 impl AgentError {
@@ -93,6 +96,7 @@ impl AgentError {
             AgentError::Volume(e) => e.metric_label(),
             AgentError::Api(_) => "api_server",
             AgentError::Runtime(e) => e.metric_label(),
+            AgentError::Unfit(_) => super::api::TARGET_UNFIT,
         }
     }
 
@@ -123,6 +127,7 @@ impl AgentError {
             AgentError::Receive(ReceiveError::Interrupted(_)) => StatusCode::BAD_REQUEST,
             AgentError::Receive(ReceiveError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::Api(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Unfit(_) => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -229,6 +234,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
             "/v1/migrations/{id}/push",
             post(transfer::push).get(super::progress::progress),
         )
+        .route("/v1/migrations/{id}/prepare", post(prepare::prepare))
         .route("/v1/migrations/{id}/expect", post(expect::expect))
         .route(
             "/v1/migrations/{id}/archives/{container}",

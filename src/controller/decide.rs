@@ -17,7 +17,7 @@ use kube::{
 };
 
 use crate::{
-    agent::api::ArchiveRef,
+    agent::api::{ArchiveRef, BaseImage},
     api::{ContainerCheckpoint, OwnerInfo, Phase, PodMigration, PodMigrationStatus},
     replacement,
 };
@@ -407,6 +407,29 @@ pub fn containers_of(pod: &Pod) -> Vec<ContainerCheckpoint> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Each container's image as the target must have it for a restore: the spec's name and what
+/// the source's kubelet reported it runs (`imageID`).
+pub fn base_images(pod: &Pod) -> Vec<BaseImage> {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| BaseImage {
+            container: c.name.clone(),
+            image: c.image.clone().unwrap_or_default(),
+            image_id: statuses
+                .iter()
+                .find(|s| s.name == c.name)
+                .map(|s| s.image_id.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 pub fn archive_refs(status: &PodMigrationStatus) -> Vec<ArchiveRef> {

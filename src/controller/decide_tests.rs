@@ -427,3 +427,34 @@ fn an_ended_migration_wakes_the_oldest_queued_for_its_slot_its_node_first() {
     let running = pm("run", "node-a", 0, Phase::Restoring, None);
     assert!(queued_to_wake(&running, &all, 2).is_empty());
 }
+
+#[test]
+fn base_images_pair_each_container_with_what_it_runs() {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-0", "namespace": "shop"},
+        "spec": {"containers": [
+            {"name": "db", "image": "quay.io/shop/db:1"},
+            {"name": "side", "image": "localhost/side:2"}
+        ]},
+        "status": {"containerStatuses": [
+            {"name": "side", "image": "localhost/side:2", "imageID": "0123abcd", "ready": true, "restartCount": 0},
+            {"name": "db", "image": "quay.io/shop/db:1", "imageID": "quay.io/shop/db@sha256:aaaa", "ready": true, "restartCount": 0}
+        ]}
+    }))
+    .unwrap();
+    let images = base_images(&pod);
+    assert_eq!(images.len(), 2);
+    assert_eq!(
+        (
+            images[0].container.as_str(),
+            images[0].image.as_str(),
+            images[0].image_id.as_str()
+        ),
+        ("db", "quay.io/shop/db:1", "quay.io/shop/db@sha256:aaaa")
+    );
+    assert_eq!(images[1].image_id, "0123abcd");
+    // Not started yet: no imageID, the name is all there is.
+    let mut fresh = pod.clone();
+    fresh.status = None;
+    assert!(base_images(&fresh).iter().all(|b| b.image_id.is_empty()));
+}

@@ -15,6 +15,10 @@ use kube::{Api, ResourceExt, api::ListParams, runtime::controller::Action};
 
 use super::{fail, transition};
 use crate::{
+    agent::{
+        api::{PrepareRequest, PrepareResponse, TARGET_UNFIT},
+        client::ClientError,
+    },
     api::{self, Mode, Phase, PodMigration, PodMigrationStatus},
     controller::{
         context::{Context, Error},
@@ -87,6 +91,7 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         .target_node
         .clone()
         .or_else(|| api::requested_target(&pod).map(str::to_string));
+    let excluded = status.excluded_targets.clone();
     let admitted = ctx.admit(pm, |held| {
         let reserved = decide::reservations(held, &crate::controller::context::key(pm));
         target_or_reason(
@@ -95,7 +100,7 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
             &pm.spec.source_node,
             requested.as_deref(),
             &reserved,
-            &[],
+            &excluded,
             &volumes,
         )
     });
@@ -111,6 +116,23 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         Ok(Err(reason)) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
         Ok(Ok(target)) => target,
     };
+    match ready_to_restore(pm, ctx, &pod, &target).await {
+        TargetCheck::Ready => {}
+        TargetCheck::Later(why) => {
+            ctx.release_slot(pm);
+            status.message = Some(format!("node {target} could not be checked yet: {why}"));
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        TargetCheck::Unfit(why) => {
+            // Refused while the pod still runs: another node is chosen on the next pass.
+            ctx.release_slot(pm);
+            status.excluded_targets.push(target.clone());
+            let msg = format!("node {target} cannot restore the pod: {why}");
+            ctx.warn(pm, "TargetUnfit", msg.clone()).await;
+            status.message = Some(msg);
+            return Ok(Action::requeue(Duration::ZERO));
+        }
+    }
 
     status.target_node = Some(target.clone());
     status.owner = decide::controller_owner(&pod);
@@ -126,6 +148,45 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     )
     .await;
     Ok(Action::requeue(Duration::ZERO))
+}
+
+/// What the target's agent said, before the freeze, about restoring the pod there.
+#[derive(Debug, PartialEq, Eq)]
+enum TargetCheck {
+    Ready,
+    /// Its agent could not be asked now (unreachable, restarting): ask again.
+    Later(String),
+    Unfit(String),
+}
+
+/// Ask the target's agent whether its node can restore `pod` (runtime settings, base images:
+/// see `agent::prepare`). An agent older than the check (no such route) is taken as ready, as
+/// before it existed.
+async fn ready_to_restore(pm: &PodMigration, ctx: &Context, pod: &Pod, target: &str) -> TargetCheck {
+    let (Some(base), Some(id)) = (ctx.agent(target), pm.uid()) else {
+        return TargetCheck::Later(format!("no agent address for node {target}"));
+    };
+    let request = PrepareRequest {
+        images: decide::base_images(pod),
+    };
+    let answer = ctx.agent_client.prepare(&base, &id, &request).await;
+    if let Ok(answer) = &answer
+        && !answer.pulled.is_empty()
+    {
+        let note = format!("pulled on {target} before the freeze: {}", answer.pulled.join(", "));
+        ctx.normal(pm, "BaseImagePulled", note).await;
+    }
+    judge(answer)
+}
+
+fn judge(answer: Result<PrepareResponse, ClientError>) -> TargetCheck {
+    match answer {
+        Ok(_) => TargetCheck::Ready,
+        Err(ClientError::Status { reason, message, .. }) if reason == TARGET_UNFIT => TargetCheck::Unfit(message),
+        Err(ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => TargetCheck::Ready,
+        Err(e) if e.retryable() => TargetCheck::Later(e.to_string()),
+        Err(e) => TargetCheck::Unfit(format!("its agent refused the check: {e}")),
+    }
 }
 
 /// A backup of a running pod: checkpoint it where it runs and keep the image there.
@@ -229,4 +290,40 @@ pub fn reserved_by_others(ctx: &Context, pm: &PodMigration) -> Vec<Pod> {
     let held: Vec<Slot> = ctx.held_slots(&mut slots);
     drop(slots);
     decide::reservations(&held, &me)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, reason: &str) -> ClientError {
+        ClientError::Status {
+            url: "https://node-b:9443/v1/migrations/x/prepare".into(),
+            status: http::StatusCode::from_u16(code).unwrap(),
+            reason: reason.into(),
+            message: "no image".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_excludes_a_target() {
+        assert_eq!(judge(Ok(PrepareResponse::default())), TargetCheck::Ready);
+        assert_eq!(
+            judge(Err(status(422, TARGET_UNFIT))),
+            TargetCheck::Unfit("no image".into())
+        );
+        // An agent from before the check has no such route: as before it existed.
+        assert_eq!(judge(Err(status(404, "not_found"))), TargetCheck::Ready);
+        // Restarting or overloaded: ask again, the node is not given up.
+        assert!(matches!(judge(Err(status(503, "api_server"))), TargetCheck::Later(_)));
+        assert!(matches!(
+            judge(Err(ClientError::Timeout {
+                url: "u".into(),
+                seconds: 1
+            })),
+            TargetCheck::Later(_)
+        ));
+        // Anything else it answers is not a yes.
+        assert!(matches!(judge(Err(status(400, "bad_request"))), TargetCheck::Unfit(_)));
+    }
 }

@@ -50,7 +50,7 @@ impl std::fmt::Display for Unfit {
             Unfit::PodAntiAffinity(p) => write!(f, "is ruled out by pod anti-affinity with pod {p}"),
             Unfit::PodAffinity => f.write_str("has no pod the pod's required pod affinity asks for"),
             Unfit::TopologySpread(k) => write!(f, "would exceed the pod's topology spread maxSkew over {k}"),
-            Unfit::GaveUp => f.write_str("was lost during this migration"),
+            Unfit::GaveUp => f.write_str("was given up during this migration (see its Events)"),
             Unfit::VolumeAffinity(pv) => write!(f, "is outside the node affinity of PersistentVolume {pv}"),
         }
     }

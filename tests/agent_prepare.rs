@@ -1,0 +1,287 @@
+//! Before a freeze the controller asks the target agent whether its node can restore the pod
+//! (agent/prepare.rs). A stand-in CRI-O on a Unix socket serves the CRI image service and, on the
+//! same socket, its configuration over HTTP/1 (`GET /config`), as CRI-O does.
+
+mod common;
+
+use common::agents::{ID, setup_with};
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kube_migrate::agent::{
+    api::{BaseImage, PrepareRequest, TARGET_UNFIT},
+    client::ClientError,
+    cri::{Cri, Image, ImageStatusRequest, ImageStatusResponse, PullImageRequest, PullImageResponse},
+    prepull::Prepull,
+};
+
+/// What the stand-in runtime holds and what it was asked.
+#[derive(Default)]
+struct Runtime {
+    /// References (names, digest references, IDs) of the images it has.
+    present: HashSet<String>,
+    /// What a pull of a reference adds to `present`; a reference not here fails to pull.
+    pullable: HashMap<String, Vec<String>>,
+    /// Its `GET /config` answer (`None`: 404, as a runtime that serves none).
+    config: Option<String>,
+    pulls: Vec<(String, bool)>,
+}
+
+type Shared = Arc<Mutex<Runtime>>;
+
+const CRIO_CONFIG: &str = "[crio]\n  [crio.runtime]\n    enable_criu_support = true\n    enable_pod_events = false\n";
+
+fn stand_in_crio(socket: &std::path::Path, runtime: Shared) {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let runtime = Arc::clone(&runtime);
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let runtime = Arc::clone(&runtime);
+                async move { Ok::<_, std::convert::Infallible>(answer(runtime, request).await) }
+            });
+            // HTTP/1 for /config, HTTP/2 for the CRI: one socket, as CRI-O's.
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+type Answer = hyper::Response<tonic::body::Body>;
+
+async fn answer(runtime: Shared, request: hyper::Request<hyper::body::Incoming>) -> Answer {
+    match request.uri().path() {
+        "/config" => {
+            let config = runtime.lock().unwrap().config.clone();
+            let (status, body) = match config {
+                Some(toml) => (200, toml),
+                None => (404, String::new()),
+            };
+            hyper::Response::builder()
+                .status(status)
+                .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(
+                    body,
+                ))))
+                .unwrap()
+        }
+        "/runtime.v1.ImageService/ImageStatus" => {
+            let mut grpc =
+                tonic::server::Grpc::new(tonic_prost::ProstCodec::<ImageStatusResponse, ImageStatusRequest>::default());
+            grpc.unary(Status(runtime), request).await
+        }
+        "/runtime.v1.ImageService/PullImage" => {
+            let mut grpc =
+                tonic::server::Grpc::new(tonic_prost::ProstCodec::<PullImageResponse, PullImageRequest>::default());
+            grpc.unary(Pull(runtime), request).await
+        }
+        other => panic!("unexpected call {other}"),
+    }
+}
+
+struct Status(Shared);
+struct Pull(Shared);
+
+type Reply<T> = futures::future::BoxFuture<'static, Result<tonic::Response<T>, tonic::Status>>;
+
+impl tonic::server::UnaryService<ImageStatusRequest> for Status {
+    type Response = ImageStatusResponse;
+    type Future = Reply<ImageStatusResponse>;
+
+    fn call(&mut self, request: tonic::Request<ImageStatusRequest>) -> Self::Future {
+        let image = request.into_inner().image.unwrap_or_default().image;
+        let present = self.0.lock().unwrap().present.contains(&image);
+        Box::pin(async move {
+            Ok(tonic::Response::new(ImageStatusResponse {
+                image: present.then(|| Image {
+                    id: "stand-in".into(),
+                    ..Default::default()
+                }),
+            }))
+        })
+    }
+}
+
+impl tonic::server::UnaryService<PullImageRequest> for Pull {
+    type Response = PullImageResponse;
+    type Future = Reply<PullImageResponse>;
+
+    fn call(&mut self, request: tonic::Request<PullImageRequest>) -> Self::Future {
+        let request = request.into_inner();
+        let image = request.image.unwrap_or_default().image;
+        let mut runtime = self.0.lock().unwrap();
+        runtime.pulls.push((image.clone(), request.auth.is_some()));
+        let added = runtime.pullable.get(&image).cloned();
+        let result = match added {
+            Some(refs) => {
+                runtime.present.extend(refs);
+                Ok(tonic::Response::new(PullImageResponse { image_ref: image }))
+            }
+            None => Err(tonic::Status::not_found(format!("{image}: manifest unknown"))),
+        };
+        Box::pin(async move { result })
+    }
+}
+
+fn base(container: &str, image: &str, image_id: &str) -> BaseImage {
+    BaseImage {
+        container: container.into(),
+        image: image.into(),
+        image_id: image_id.into(),
+    }
+}
+
+/// An agent whose runtime is the stand-in, and the controller's client.
+async fn with_runtime(
+    runtime: Runtime,
+) -> (
+    common::agents::Env,
+    common::agents::Agent,
+    kube_migrate::agent::client::AgentClient,
+    Shared,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("crio.sock");
+    let runtime = Arc::new(Mutex::new(runtime));
+    stand_in_crio(&socket, Arc::clone(&runtime));
+    let cri = Cri::new(&format!("unix://{}", socket.display()), Duration::from_secs(20)).unwrap();
+    let (env, _source, target, controller) = setup_with(Prepull {
+        cri: Some(cri),
+        own: Default::default(),
+    })
+    .await;
+    // The socket's directory lives as long as the runtime task: leak it with the test.
+    std::mem::forget(dir);
+    (env, target, controller, runtime)
+}
+
+/// The refusal an unfit node answers: its message.
+fn unfit(result: Result<kube_migrate::agent::api::PrepareResponse, ClientError>) -> String {
+    match result {
+        Err(ClientError::Status { reason, message, .. }) if reason == TARGET_UNFIT => message,
+        other => panic!("expected a {TARGET_UNFIT} refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn present_base_images_pass_and_a_missing_one_is_pulled_by_its_digest() {
+    let app = "quay.io/shop/app@sha256:aaaa";
+    let side = "quay.io/shop/side@sha256:bbbb";
+    let (_env, target, controller, runtime) = with_runtime(Runtime {
+        present: HashSet::from([app.to_string()]),
+        pullable: HashMap::from([(side.to_string(), vec![side.to_string()])]),
+        config: Some(CRIO_CONFIG.into()),
+        ..Default::default()
+    })
+    .await;
+    let request = PrepareRequest {
+        images: vec![
+            base("app", "quay.io/shop/app:1", app),
+            base("side", "quay.io/shop/side:2", side),
+        ],
+    };
+    let answer = controller.prepare(&target.url, ID, &request).await.unwrap();
+    assert!(answer.checked);
+    assert_eq!(answer.pulled, vec![side.to_string()]);
+    // Exactly what the container runs, by digest, without credentials; the present one not.
+    assert_eq!(runtime.lock().unwrap().pulls, vec![(side.to_string(), false)]);
+    // Asked again (a controller retrying): nothing left to pull.
+    let again = controller.prepare(&target.url, ID, &request).await.unwrap();
+    assert!(again.pulled.is_empty());
+    assert_eq!(runtime.lock().unwrap().pulls.len(), 1);
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_get_the_base_image_is_refused() {
+    let id = "0123456789abcdef";
+    let (_env, target, controller, runtime) = with_runtime(Runtime {
+        // The tag now names another image than the one the container runs.
+        pullable: HashMap::from([("localhost/app:1".to_string(), vec!["fedcba9876543210".to_string()])]),
+        config: Some(CRIO_CONFIG.into()),
+        ..Default::default()
+    })
+    .await;
+    let moved_tag = PrepareRequest {
+        images: vec![base("app", "localhost/app:1", id)],
+    };
+    let why = unfit(controller.prepare(&target.url, ID, &moved_tag).await);
+    assert!(
+        why.contains("container app") && why.contains(id) && why.contains("another one"),
+        "{why}"
+    );
+
+    let nowhere = PrepareRequest {
+        images: vec![base(
+            "app",
+            "localhost/only-on-node-1:1",
+            "localhost/only-on-node-1@sha256:cccc",
+        )],
+    };
+    let why = unfit(controller.prepare(&target.url, ID, &nowhere).await);
+    assert!(
+        why.contains("pulling localhost/only-on-node-1@sha256:cccc failed"),
+        "{why}"
+    );
+    assert_eq!(runtime.lock().unwrap().pulls.len(), 2);
+}
+
+#[tokio::test]
+async fn a_runtime_that_cannot_restore_or_hides_restores_is_refused_before_any_image_work() {
+    let image = "quay.io/shop/app@sha256:aaaa";
+    let request = PrepareRequest {
+        images: vec![base("app", "quay.io/shop/app:1", image)],
+    };
+    for (config, expect) in [
+        (
+            CRIO_CONFIG.replace("criu_support = true", "criu_support = false"),
+            "enable_criu_support = false",
+        ),
+        (
+            CRIO_CONFIG.replace("pod_events = false", "pod_events = true"),
+            "enable_pod_events = true",
+        ),
+    ] {
+        let (_env, target, controller, runtime) = with_runtime(Runtime {
+            config: Some(config),
+            ..Default::default()
+        })
+        .await;
+        let why = unfit(controller.prepare(&target.url, ID, &request).await);
+        assert!(why.contains(expect), "{why}");
+        assert!(runtime.lock().unwrap().pulls.is_empty());
+    }
+    // A runtime that serves no configuration (not CRI-O) is judged by its images only.
+    let (_env, target, controller, _runtime) = with_runtime(Runtime {
+        present: HashSet::from([image.to_string()]),
+        config: None,
+        ..Default::default()
+    })
+    .await;
+    assert!(controller.prepare(&target.url, ID, &request).await.unwrap().checked);
+}
+
+#[tokio::test]
+async fn an_agent_without_a_runtime_checks_nothing_and_says_so() {
+    let (_env, _source, target, controller) = setup_with(Prepull::default()).await;
+    let request = PrepareRequest {
+        images: vec![base("app", "quay.io/shop/app:1", "")],
+    };
+    let answer = controller.prepare(&target.url, ID, &request).await.unwrap();
+    assert!(!answer.checked && answer.pulled.is_empty());
+    // Bad input is refused, not checked.
+    let bad = PrepareRequest {
+        images: vec![base("../x", "", "")],
+    };
+    match controller.prepare(&target.url, ID, &bad).await {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status.as_u16(), 400),
+        other => panic!("expected 400, got {other:?}"),
+    }
+}
