@@ -32,6 +32,12 @@
 #                                      checkpoint); KUBECTL_MIGRATE [target/debug/kubectl-migrate]
 #   nodes/product.sh leader-test       the controller's leader force-deleted mid-migration: the
 #                                      other replica takes the Lease and finishes (drain-test's checks)
+#   nodes/product.sh base-image-test   the counter with on-failure: block, from an image only km-node-1
+#                                      has (and no registry): the drain must fail before any freeze
+#                                      (PodMigration Failed NoTarget naming the image, Event
+#                                      TargetUnfit), the same pod (UID, no restart) counting on,
+#                                      never frozen; then, the image loaded on km-node-2, a drain
+#                                      moves it (drain-test's checks)
 #   nodes/product.sh rollback-test     the same pod with on-failure: block, and km-node-2 rejecting
 #                                      km-node-1's agent: the drain must fail, the migration end
 #                                      Failed, the same pod (UID, no restart) count on after its
@@ -41,7 +47,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Sourced (nodes/tcp-test.sh), it only defines its helpers.
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
-  case "${1:-}" in install|install-release|drain-test|rollback-test|workloads-test|plugin-test|leader-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
+  case "${1:-}" in install|install-release|drain-test|rollback-test|base-image-test|workloads-test|plugin-test|leader-test) ;; *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2 ;; esac
 fi
 # shellcheck source=nodes/lib.sh
 source "$here/lib.sh"
@@ -97,7 +103,7 @@ spec:
   terminationGracePeriodSeconds: 1
   containers:
   - name: counter
-    image: localhost/kube-migrate/busybox:latest
+    image: ${COUNTER_IMAGE:-localhost/kube-migrate/busybox:latest}
     imagePullPolicy: IfNotPresent
     command: ["/bin/sh", "-c", "i=0; while true; do echo \$i; i=\$((i+1)); sleep 0.05; done"]
 EOF2
@@ -467,12 +473,63 @@ rollback_test() {
   migrate_by_drain "$counted"
 }
 
+base_image_test() {
+  local ref=localhost/kube-migrate/only-on-node-1:1
+  trap 'kubectl uncordon km-node-1 > /dev/null || true' EXIT
+  # busybox's layer with a config of its own (an env only this run has): an image ID no other
+  # node has, under a name no registry serves.
+  python3 - "$KM_NODES_DIR/images/busybox.oci.tar" "$P/only-here.layer.tar" << 'PY'
+import json, sys, tarfile
+t = tarfile.open(sys.argv[1])
+blob = lambda d: t.extractfile("blobs/sha256/" + d.split(":")[1]).read()
+index = json.loads(t.extractfile("index.json").read())
+manifest = json.loads(blob(index["manifests"][0]["digest"]))
+open(sys.argv[2], "wb").write(blob(manifest["layers"][0]["digest"]))
+PY
+  "$here/images/oci-archive.py" --out "$P/only-here.oci.tar" --ref "$ref" --layer-tar "$P/only-here.layer.tar" \
+    --env "ONLY_HERE=$(date +%s%N)" > /dev/null
+  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 1
+  COUNTER_IMAGE=$ref counter_pod "migrate.io/on-failure: block"
+  local uid image_id; uid=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid}')
+  image_id=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].imageID}')
+  echo "stateful-counter $uid on km-node-1 runs $ref (imageID $image_id), which km-node-2 lacks"
+  local drained=0
+  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=30s > "$P/drain-base.log" 2>&1 || drained=$?
+  ((drained != 0)) || { cat "$P/drain-base.log"; km_die "kubectl drain completed although no other node can restore the pod"; }
+  local pm; pm=$(migration_ends Failed 30)
+  kubectl get podmigration "$pm" -o wide
+  local reason message frozen_at event now restarts gaps counted
+  reason=$(kubectl get podmigration "$pm" -o jsonpath='{.status.reason}')
+  message=$(kubectl get podmigration "$pm" -o jsonpath='{.status.message}')
+  frozen_at=$(kubectl get podmigration "$pm" -o jsonpath='{.status.sourceFrozenAt}{.status.checkpointedAt}')
+  event=$(kubectl get events --field-selector "involvedObject.name=$pm,reason=TargetUnfit" -o jsonpath='{.items[0].message}')
+  echo "drain refused: $(grep -m1 -o 'kube-migrate: migration [^"]*' "$P/drain-base.log" || tail -n 1 "$P/drain-base.log")"
+  echo "Event TargetUnfit: $event"
+  [[ $reason == NoTarget ]] || km_die "PodMigration $pm failed with $reason, expected NoTarget: $message"
+  [[ $event == *"km-node-2 cannot restore the pod"*"$image_id"* ]] || km_die "no TargetUnfit event naming km-node-2 and $image_id: '$event'"
+  [[ -z $frozen_at ]] || km_die "the source was frozen or checkpointed ($frozen_at) although no node could restore it"
+  sleep 1
+  now=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid} {.spec.nodeName} {.status.phase}')
+  restarts=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].restartCount}')
+  gaps=$(gaps_in_log)
+  counted=$(kubectl logs stateful-counter | tail -n 1)
+  [[ $now == "$uid km-node-1 Running" && $restarts == 0 ]] || km_die "the pod is not the same one running on km-node-1: $now, restarts $restarts (was $uid)"
+  [[ -z $gaps ]] || km_die "the pod's count jumped: $gaps"
+  echo "PASS: refused before any freeze; $uid still counts on km-node-1 ($counted), no restart, no gap"
+
+  # The image on km-node-2 too: now the drain moves the pod.
+  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 2
+  kubectl delete podmigration "$pm" --wait=true > /dev/null
+  migrate_by_drain "$counted"
+}
+
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
 case $1 in
   install) install "${2:-}" ;;
   install-release) install_release ;;
   drain-test) drain_test ;;
   rollback-test) rollback_test ;;
+  base-image-test) base_image_test ;;
   workloads-test) workloads_test ;;
   plugin-test) plugin_test ;;
   leader-test) leader_test ;;

@@ -19,6 +19,8 @@
 #                   its Service: the connection closed (CRIU tcp-close, docs/install-cri-o.md
 #                   section 6), the client reconnects to the restored pod (new UID) and gets the
 #                   source's last number + 1 from its memory
+#   base-image-test a pod from an image only the drained node has: refused before any freeze (the
+#                   target agent's check), the same pod counting on; moved once km-node-2 has it
 #   rollback-test   a transfer failing after the freeze: the same pod (UID, no restart) counts on
 #                   after its pause, the drain is held; then a second drain moves it
 #
@@ -58,7 +60,7 @@ cargo build --quiet --locked -p kubectl-migrate
 passed=0 failed=0
 # rollback-test last: it changes the controller's transfer deadline and restores it on exit.
 for t in "nodes/product.sh drain-test" "nodes/product.sh workloads-test" "nodes/product.sh plugin-test" \
-  "nodes/product.sh leader-test" "nodes/bench.sh --quick" "nodes/tcp-test.sh" "nodes/product.sh rollback-test"; do
+  "nodes/product.sh leader-test" "nodes/product.sh base-image-test" "nodes/bench.sh --quick" "nodes/tcp-test.sh" "nodes/product.sh rollback-test"; do
   echo "== $t"
   if $t; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAILED: $t"; fi
 done

@@ -113,7 +113,14 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
             status.message = Some(queued.message);
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
-        Ok(Err(reason)) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
+        Ok(Err(reason)) => {
+            // Nodes refused by the check below: what the last one said, in the failure too.
+            let reason = match status.message.as_deref() {
+                Some(last) if !status.excluded_targets.is_empty() => format!("{reason} ({last})"),
+                _ => reason,
+            };
+            return Ok(fail(pm, status, ctx, "NoTarget", reason).await);
+        }
         Ok(Ok(target)) => target,
     };
     match ready_to_restore(pm, ctx, &pod, &target).await {
