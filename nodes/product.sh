@@ -33,11 +33,12 @@
 #   nodes/product.sh leader-test       the controller's leader force-deleted mid-migration: the
 #                                      other replica takes the Lease and finishes (drain-test's checks)
 #   nodes/product.sh base-image-test   the counter with on-failure: block, from an image only km-node-1
-#                                      has (and no registry): the drain must fail before any freeze
-#                                      (PodMigration Failed NoTarget naming the image, Event
-#                                      TargetUnfit), the same pod (UID, no restart) counting on,
-#                                      never frozen; then, the image loaded on km-node-2, a drain
-#                                      moves it (drain-test's checks)
+#                                      has (and no registry), then from one with neither Entrypoint
+#                                      nor Cmd: each drain must fail before any freeze (PodMigration
+#                                      Failed NoTarget with the reason, Event TargetUnfit), the same
+#                                      pod (UID, no restart) counting on, never frozen; then, the
+#                                      first image loaded on km-node-2, a drain moves the pod
+#                                      (drain-test's checks)
 #   nodes/product.sh rollback-test     the same pod with on-failure: block, and km-node-2 rejecting
 #                                      km-node-1's agent: the drain must fail, the migration end
 #                                      Failed, the same pod (UID, no restart) count on after its
@@ -473,12 +474,11 @@ rollback_test() {
   migrate_by_drain "$counted"
 }
 
-base_image_test() {
-  local ref=localhost/kube-migrate/only-on-node-1:1
-  trap 'kubectl uncordon km-node-1 > /dev/null || true' EXIT
-  # busybox's layer with a config of its own (an env only this run has): an image ID no other
-  # node has, under a name no registry serves.
-  python3 - "$KM_NODES_DIR/images/busybox.oci.tar" "$P/only-here.layer.tar" << 'PY'
+# busybox_variant OUT REF [oci-archive.py options]: busybox's layer with a configuration of its own
+# (an env only this call has): an image ID no node has yet, under a name no registry serves.
+busybox_variant() {
+  local out=$1 ref=$2; shift 2
+  python3 - "$KM_NODES_DIR/images/busybox.oci.tar" "$out.layer" << 'PY'
 import json, sys, tarfile
 t = tarfile.open(sys.argv[1])
 blob = lambda d: t.extractfile("blobs/sha256/" + d.split(":")[1]).read()
@@ -486,41 +486,61 @@ index = json.loads(t.extractfile("index.json").read())
 manifest = json.loads(blob(index["manifests"][0]["digest"]))
 open(sys.argv[2], "wb").write(blob(manifest["layers"][0]["digest"]))
 PY
-  "$here/images/oci-archive.py" --out "$P/only-here.oci.tar" --ref "$ref" --layer-tar "$P/only-here.layer.tar" \
-    --env "ONLY_HERE=$(date +%s%N)" > /dev/null
-  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 1
-  COUNTER_IMAGE=$ref counter_pod "migrate.io/on-failure: block"
-  local uid image_id; uid=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid}')
-  image_id=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].imageID}')
-  echo "stateful-counter $uid on km-node-1 runs $ref (imageID $image_id), which km-node-2 lacks"
-  local drained=0
-  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=30s > "$P/drain-base.log" 2>&1 || drained=$?
-  ((drained != 0)) || { cat "$P/drain-base.log"; km_die "kubectl drain completed although no other node can restore the pod"; }
-  local pm; pm=$(migration_ends Failed 30)
-  kubectl get podmigration "$pm" -o wide
-  local reason message frozen_at event now restarts gaps counted
+  "$here/images/oci-archive.py" --out "$out" --ref "$ref" --layer-tar "$out.layer" \
+    --env "VARIANT=$(date +%s%N)" "$@" > /dev/null
+  rm -f "$out.layer"
+}
+
+# refused_drain EXPECT: with stateful-counter (on-failure: block) on km-node-1, `kubectl drain`
+# must fail before any freeze: PodMigration Failed NoTarget, an Event TargetUnfit containing
+# EXPECT, the same pod (UID, no restart) counting on without a jump. Prints the last number.
+refused_drain() {
+  local expect=$1 uid drained=0 pm reason message frozen event now restarts gaps
+  uid=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid}')
+  kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=20s > "$P/drain-refused.log" 2>&1 || drained=$?
+  ((drained != 0)) || { cat "$P/drain-refused.log" >&2; km_die "kubectl drain completed although no node can restore the pod"; }
+  pm=$(migration_ends Failed 30)
   reason=$(kubectl get podmigration "$pm" -o jsonpath='{.status.reason}')
   message=$(kubectl get podmigration "$pm" -o jsonpath='{.status.message}')
-  frozen_at=$(kubectl get podmigration "$pm" -o jsonpath='{.status.sourceFrozenAt}{.status.checkpointedAt}')
+  frozen=$(kubectl get podmigration "$pm" -o jsonpath='{.status.sourceFrozenAt}{.status.checkpointedAt}')
   event=$(kubectl get events --field-selector "involvedObject.name=$pm,reason=TargetUnfit" -o jsonpath='{.items[0].message}')
-  echo "drain refused: $(grep -m1 -o 'kube-migrate: migration [^"]*' "$P/drain-base.log" || tail -n 1 "$P/drain-base.log")"
-  echo "Event TargetUnfit: $event"
+  echo "drain refused; Event TargetUnfit: $event" >&2
   [[ $reason == NoTarget ]] || km_die "PodMigration $pm failed with $reason, expected NoTarget: $message"
-  [[ $event == *"km-node-2 cannot restore the pod"*"$image_id"* ]] || km_die "no TargetUnfit event naming km-node-2 and $image_id: '$event'"
-  [[ -z $frozen_at ]] || km_die "the source was frozen or checkpointed ($frozen_at) although no node could restore it"
+  [[ $event == *"km-node-2 cannot restore the pod"*"$expect"* ]] || km_die "no TargetUnfit event naming km-node-2 and '$expect': '$event'"
+  [[ $message == *"$expect"* ]] || km_die "the PodMigration's message does not say '$expect': $message"
+  [[ -z $frozen ]] || km_die "the source was frozen or checkpointed ($frozen) although no node could restore it"
   sleep 1
   now=$(kubectl get pod stateful-counter -o jsonpath='{.metadata.uid} {.spec.nodeName} {.status.phase}')
   restarts=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].restartCount}')
   gaps=$(gaps_in_log)
-  counted=$(kubectl logs stateful-counter | tail -n 1)
   [[ $now == "$uid km-node-1 Running" && $restarts == 0 ]] || km_die "the pod is not the same one running on km-node-1: $now, restarts $restarts (was $uid)"
   [[ -z $gaps ]] || km_die "the pod's count jumped: $gaps"
-  echo "PASS: refused before any freeze; $uid still counts on km-node-1 ($counted), no restart, no gap"
-
-  # The image on km-node-2 too: now the drain moves the pod.
-  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 2
   kubectl delete podmigration "$pm" --wait=true > /dev/null
-  migrate_by_drain "$counted"
+  kubectl logs stateful-counter | tail -n 1
+}
+
+base_image_test() {
+  trap 'kubectl uncordon km-node-1 > /dev/null || true' EXIT
+  local ref=localhost/kube-migrate/only-on-node-1:1 bare=localhost/kube-migrate/no-command:1 image_id counted
+  # 1. The image only on km-node-1.
+  busybox_variant "$P/only-here.oci.tar" "$ref" --cmd /bin/sh
+  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 1
+  COUNTER_IMAGE=$ref counter_pod "migrate.io/on-failure: block"
+  image_id=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].imageID}')
+  echo "stateful-counter on km-node-1 runs $ref (imageID $image_id), which km-node-2 lacks"
+  counted=$(refused_drain "$image_id")
+  echo "PASS: refused before any freeze, the pod counts on on km-node-1 ($counted), no restart, no gap"
+  # 2. An image on both nodes, with neither Entrypoint nor Cmd (the pod gives the command):
+  # CRI-O's restore would start it without one.
+  busybox_variant "$P/no-command.oci.tar" "$bare"
+  "$here/load-image.sh" "$P/no-command.oci.tar" "$bare"
+  COUNTER_IMAGE=$bare counter_pod "migrate.io/on-failure: block"
+  counted=$(refused_drain "neither Entrypoint nor Cmd")
+  echo "PASS: an image without a command of its own refused before any freeze ($counted)"
+  # 3. The first image on km-node-2 too: now the drain moves the pod.
+  "$here/load-image.sh" "$P/only-here.oci.tar" "$ref" 2
+  COUNTER_IMAGE=$ref counter_pod "migrate.io/on-failure: block"
+  migrate_by_drain 0
 }
 
 [[ ${BASH_SOURCE[0]} == "$0" ]] || return 0

@@ -51,6 +51,8 @@ pub struct PullImageResponse {
 pub struct ImageStatusRequest {
     #[prost(message, optional, tag = "1")]
     pub image: Option<ImageSpec>,
+    #[prost(bool, tag = "2")]
+    pub verbose: bool,
 }
 
 /// The fields of `runtime.v1.Image` the agent reads.
@@ -69,6 +71,10 @@ pub struct ImageStatusResponse {
     /// Absent when the runtime has no such image.
     #[prost(message, optional, tag = "1")]
     pub image: Option<Image>,
+    /// With `verbose`: CRI-O puts the image's OCI configuration under `info`, as JSON
+    /// (`{"imageSpec": {"config": {"Entrypoint": [...], "Cmd": [...]}}}`).
+    #[prost(map = "string, string", tag = "2")]
+    pub info: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,14 +163,14 @@ impl Cri {
         Ok(response.image_ref)
     }
 
-    /// The runtime's record of `image` (a name, a digest reference or an image ID); `None`
-    /// when it has no such image.
-    pub async fn image_status(&self, image: &str) -> Result<Option<Image>, CriError> {
+    /// The runtime's record of `image` (a name, a digest reference or an image ID), with
+    /// the runtime's verbose information; `image` is `None` when it has no such image.
+    pub async fn image_status(&self, image: &str) -> Result<ImageStatusResponse, CriError> {
         let request = ImageStatusRequest {
             image: Some(ImageSpec { image: image.into() }),
+            verbose: true,
         };
-        let response: ImageStatusResponse = self.unary(IMAGE_STATUS, request).await?;
-        Ok(response.image)
+        self.unary(IMAGE_STATUS, request).await
     }
 
     /// Pull `image` without credentials (a base image as the node would pull it for a pod

@@ -8,7 +8,10 @@
 //!   docs/install-cri-o.md section 4);
 //! * CRI-O's restore looks each container's base image up by ID and never pulls it: a missing
 //!   one is pulled now (without credentials, as for a pod without pull secrets), and if that
-//!   fails the node is refused.
+//!   fails the node is refused;
+//! * CRI-O's restore starts the container with its image's `Entrypoint`/`Cmd` only (the pod's
+//!   `command` is not passed on: cri-o `server/container_restore.go`), so an image with neither
+//!   fails every restore with `no command specified`: refused too, whatever the node.
 //!
 //! An agent without a runtime endpoint checks nothing and says so (`checked: false`).
 
@@ -76,6 +79,20 @@ pub fn wanted(image: &BaseImage) -> (&str, &str) {
     }
 }
 
+/// Whether an image, by CRI-O's verbose `ImageStatus` information, has no command of its own
+/// (neither `Entrypoint` nor `Cmd`); `None` when the runtime does not say.
+pub fn lacks_command(info: &std::collections::HashMap<String, String>) -> Option<bool> {
+    let info: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    let config = info.get("imageSpec")?.get("config");
+    let has = |key: &str| {
+        config
+            .and_then(|c| c.get(key))
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    };
+    Some(!has("Entrypoint") && !has("Cmd"))
+}
+
 #[instrument(skip_all, fields(id = %id))]
 pub async fn prepare(
     State(state): State<Arc<AgentState>>,
@@ -121,23 +138,31 @@ async fn check(cri: &Cri, req: &PrepareRequest) -> Result<PrepareResponse, Agent
     let mut pulled = Vec::new();
     for image in &req.images {
         let (look_up, pull) = wanted(image);
-        if cri.image_status(look_up).await.map_err(unanswered)?.is_some() {
-            continue;
+        let mut status = cri.image_status(look_up).await.map_err(unanswered)?;
+        if status.image.is_none() {
+            if let Err(e) = cri.pull_anonymous(pull).await {
+                return Err(AgentError::Unfit(format!(
+                    "container {}: the node has no image {look_up} (CRI-O restores only onto its base image) \
+                     and pulling {pull} failed: {e}",
+                    image.container
+                )));
+            }
+            status = cri.image_status(look_up).await.map_err(unanswered)?;
+            if status.image.is_none() {
+                return Err(AgentError::Unfit(format!(
+                    "container {}: the node has no image {look_up}, and {pull} pulled now is another one",
+                    image.container
+                )));
+            }
+            pulled.push(pull.to_string());
         }
-        if let Err(e) = cri.pull_anonymous(pull).await {
+        if lacks_command(&status.info) == Some(true) {
             return Err(AgentError::Unfit(format!(
-                "container {}: the node has no image {look_up} (CRI-O restores only onto its base image) and \
-                 pulling {pull} failed: {e}",
-                image.container
+                "container {}: its image {} has neither Entrypoint nor Cmd; CRI-O restores a container with \
+                 its image's command only (not the pod's), so the restore would fail with `no command specified`",
+                image.container, image.image
             )));
         }
-        if cri.image_status(look_up).await.map_err(unanswered)?.is_none() {
-            return Err(AgentError::Unfit(format!(
-                "container {}: the node has no image {look_up}, and {pull} pulled now is another one",
-                image.container
-            )));
-        }
-        pulled.push(pull.to_string());
     }
     Ok(PrepareResponse { checked: true, pulled })
 }
@@ -178,6 +203,22 @@ mod tests {
         assert!(events.unwrap().contains("enable_pod_events = true"));
         // Unknown is not unfit: a runtime that does not say is given the benefit of the doubt.
         assert_eq!(runtime_unfit(RuntimeFacts::default()), None);
+    }
+
+    #[test]
+    fn an_image_without_entrypoint_or_cmd_lacks_a_command() {
+        let info = |json: &str| std::collections::HashMap::from([("info".to_string(), json.to_string())]);
+        let spec = |config: &str| info(&format!(r#"{{"imageSpec": {{"config": {config}}}}}"#));
+        assert_eq!(lacks_command(&spec(r#"{"Env": ["A=1"]}"#)), Some(true));
+        assert_eq!(lacks_command(&spec(r#"{"Cmd": [], "Entrypoint": null}"#)), Some(true));
+        assert_eq!(lacks_command(&spec(r#"{"Cmd": ["sh"]}"#)), Some(false));
+        assert_eq!(lacks_command(&spec(r#"{"Entrypoint": ["/bin/memhog"]}"#)), Some(false));
+        // No config at all in the spec: nothing to run either.
+        assert_eq!(lacks_command(&info(r#"{"imageSpec": {}}"#)), Some(true));
+        // The runtime said nothing usable: unknown.
+        assert_eq!(lacks_command(&Default::default()), None);
+        assert_eq!(lacks_command(&info("not json")), None);
+        assert_eq!(lacks_command(&info(r#"{"labels": {}}"#)), None);
     }
 
     #[test]

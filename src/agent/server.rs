@@ -74,7 +74,7 @@ pub enum AgentError {
     #[error("runtime: {0}")]
     Runtime(#[from] CriError),
     /// This node cannot restore the pod (checked before the freeze, see [`super::prepare`]).
-    #[error("node cannot restore the pod: {0}")]
+    #[error("{0}")]
     Unfit(String),
 }
 
