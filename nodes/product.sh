@@ -529,7 +529,7 @@ base_image_test() {
   image_id=$(kubectl get pod stateful-counter -o jsonpath='{.status.containerStatuses[0].imageID}')
   echo "stateful-counter on km-node-1 runs $ref (imageID $image_id), which km-node-2 lacks"
   counted=$(refused_drain "$image_id")
-  echo "PASS: refused before any freeze, the pod counts on on km-node-1 ($counted), no restart, no gap"
+  echo "PASS: refused before any freeze, the same pod counts on, on km-node-1 ($counted), no restart, no gap"
   # 2. An image on both nodes, with neither Entrypoint nor Cmd (the pod gives the command):
   # CRI-O's restore would start it without one.
   busybox_variant "$P/no-command.oci.tar" "$bare"
