@@ -123,14 +123,19 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         }
         Ok(Ok(target)) => target,
     };
-    match ready_to_restore(pm, ctx, &pod, &target).await {
+    match give_up_after_tries(ready_to_restore(pm, ctx, &pod, &target).await, status.attempts) {
         TargetCheck::Ready => {}
         TargetCheck::Later(why) => {
             ctx.release_slot(pm);
-            status.message = Some(format!("node {target} could not be checked yet: {why}"));
+            status.attempts += 1;
+            status.message = Some(format!(
+                "node {target} could not be checked yet (attempt {}): {why}",
+                status.attempts
+            ));
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
         TargetCheck::Unfit(why) => {
+            status.attempts = 0;
             // Refused while the pod still runs: another node is chosen on the next pass.
             ctx.release_slot(pm);
             status.excluded_targets.push(target.clone());
@@ -156,6 +161,10 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     .await;
     Ok(Action::requeue(Duration::ZERO))
 }
+
+/// How many times a target's agent is asked, 2 s apart, before its node is given up for this
+/// migration (an agent restarting answers within that; its node is not chosen while not ready).
+const CHECK_TRIES: u32 = 10;
 
 /// What the target's agent said, before the freeze, about restoring the pod there.
 #[derive(Debug, PartialEq, Eq)]
@@ -184,6 +193,17 @@ async fn ready_to_restore(pm: &PodMigration, ctx: &Context, pod: &Pod, target: &
         ctx.normal(pm, "BaseImagePulled", note).await;
     }
     judge(answer)
+}
+
+/// An agent that stays unreachable while its node looks ready (a partition between the
+/// controller and that node) would otherwise hold the drain until the Pending deadline.
+fn give_up_after_tries(check: TargetCheck, attempts: u32) -> TargetCheck {
+    match check {
+        TargetCheck::Later(why) if attempts + 1 >= CHECK_TRIES => {
+            TargetCheck::Unfit(format!("its agent did not answer the check {CHECK_TRIES} times: {why}"))
+        }
+        check => check,
+    }
 }
 
 fn judge(answer: Result<PrepareResponse, ClientError>) -> TargetCheck {
@@ -330,6 +350,14 @@ mod tests {
             })),
             TargetCheck::Later(_)
         ));
+        // Asked again, but not forever.
+        let later = || TargetCheck::Later("connection refused".into());
+        assert_eq!(give_up_after_tries(later(), CHECK_TRIES - 2), later());
+        assert!(matches!(
+            give_up_after_tries(later(), CHECK_TRIES - 1),
+            TargetCheck::Unfit(why) if why.contains("did not answer the check 10 times: connection refused")
+        ));
+        assert_eq!(give_up_after_tries(TargetCheck::Ready, 99), TargetCheck::Ready);
         // Anything else it answers is not a yes.
         assert!(matches!(judge(Err(status(400, "bad_request"))), TargetCheck::Unfit(_)));
     }
