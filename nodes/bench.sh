@@ -16,6 +16,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=nodes/lib.sh
 source "$here/lib.sh"
+# set -e ends the script on the first failing command; say which (the CI failed here once with
+# nothing printed).
+trap 'echo "nodes/bench.sh: line $LINENO: a command failed (exit $?)" >&2' ERR
 quick=0
 sizes="1 64 256"
 case "${1:-}" in
@@ -114,7 +117,10 @@ EOF
   # shellcheck disable=SC2016 # for the inner bash
   wait_until 120 "memhog ${mib} MiB started" bash -c 'kubectl logs memhog | grep -q "^count 5$"' ||
     km_die "memhog did not start: $(kubectl get pod memhog -o wide; kubectl logs memhog | tail -n 3)"
-  start=$(kubectl logs memhog | grep -m1 '^memhog start')
+  # Not `kubectl logs | grep -m1`: grep leaving early can kill kubectl with SIGPIPE, which
+  # pipefail turns into a silent exit.
+  kubectl logs memhog > "$P/memhog-start.log"
+  start=$(grep -m1 '^memhog start' "$P/memhog-start.log")
   sum=$(grep -o 'checksum=[0-9a-f]*' <<< "$start")
   t0=$(date +%s%N)
   kubectl drain km-node-1 --ignore-daemonsets --delete-emptydir-data --force --timeout=600s > "$P/drain-$mib.log" 2>&1 ||
