@@ -8,7 +8,7 @@
 //! The messages are declared here with prost's derive, field numbers as in cri-api's
 //! `pkg/apis/runtime/v1/api.proto` (CRI v1 never renumbers a field; fields left out are simply
 //! not sent, and unknown ones in answers skipped). The generated bindings (the `k8s-cri` crate)
-//! would need `protoc` on every machine that builds kube-migrate, for one call; the protocol
+//! would need `protoc` on every machine that builds kube-migrate, for two calls; the protocol
 //! work itself (protobuf, gRPC, HTTP/2) is tonic's and prost's.
 
 use std::time::Duration;
@@ -149,12 +149,13 @@ impl Cri {
             })
     }
 
-    /// Pull `image` into the runtime's storage with HTTP Basic `user`/`password`; the
-    /// runtime's reference of what it pulled (an image ID).
-    pub async fn pull(&self, image: &str, user: &str, password: &str) -> Result<String, CriError> {
+    /// Pull `image` into the runtime's storage, with HTTP Basic `(user, password)` or, with
+    /// `None`, without credentials (a base image, as the node pulls one for a pod without pull
+    /// secrets); the runtime's reference of what it pulled (an image ID).
+    pub async fn pull(&self, image: &str, basic: Option<(&str, &str)>) -> Result<String, CriError> {
         let request = PullImageRequest {
             image: Some(ImageSpec { image: image.into() }),
-            auth: Some(AuthConfig {
+            auth: basic.map(|(user, password)| AuthConfig {
                 username: user.into(),
                 password: password.into(),
             }),
@@ -171,17 +172,6 @@ impl Cri {
             verbose: true,
         };
         self.unary(IMAGE_STATUS, request).await
-    }
-
-    /// Pull `image` without credentials (a base image as the node would pull it for a pod
-    /// without pull secrets); the runtime's image ID.
-    pub async fn pull_anonymous(&self, image: &str) -> Result<String, CriError> {
-        let request = PullImageRequest {
-            image: Some(ImageSpec { image: image.into() }),
-            auth: None,
-        };
-        let response: PullImageResponse = self.unary(PULL_IMAGE, request).await?;
-        Ok(response.image_ref)
     }
 
     /// CRI-O's configuration as TOML (`GET /config` over HTTP/1 on the CRI socket); `None`

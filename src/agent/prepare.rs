@@ -140,7 +140,7 @@ async fn check(cri: &Cri, req: &PrepareRequest) -> Result<PrepareResponse, Agent
         let (look_up, pull) = wanted(image);
         let mut status = cri.image_status(look_up).await.map_err(unanswered)?;
         if status.image.is_none() {
-            if let Err(e) = cri.pull_anonymous(pull).await {
+            if let Err(e) = cri.pull(pull, None).await {
                 return Err(AgentError::Unfit(format!(
                     "container {}: the node has no image {look_up} (CRI-O restores only onto its base image) \
                      and pulling {pull} failed: {e}",

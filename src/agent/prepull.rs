@@ -46,7 +46,7 @@ pub fn spawn(state: Arc<AgentState>, id: &str, images: Vec<String>) {
             async move {
                 let started = Instant::now();
                 let result = cri
-                    .pull(&image, api::PULL_USER, state.prepull.own.password())
+                    .pull(&image, Some((api::PULL_USER, state.prepull.own.password())))
                     .await
                     .map_err(super::server::AgentError::from);
                 state.record_op("prepull", started, &result);
