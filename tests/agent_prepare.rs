@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::agents::{ID, setup_with};
+use common::agents::{ID, serve_runtime, setup_with};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube_migrate::agent::{
     api::{BaseImage, PrepareRequest, TARGET_UNFIT},
     client::ClientError,
@@ -39,23 +38,7 @@ type Shared = Arc<Mutex<Runtime>>;
 const CRIO_CONFIG: &str = "[crio]\n  [crio.runtime]\n    enable_criu_support = true\n    enable_pod_events = false\n";
 
 fn stand_in_crio(socket: &std::path::Path, runtime: Shared) {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let runtime = Arc::clone(&runtime);
-            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let runtime = Arc::clone(&runtime);
-                async move { Ok::<_, std::convert::Infallible>(answer(runtime, request).await) }
-            });
-            // HTTP/1 for /config, HTTP/2 for the CRI: one socket, as CRI-O's.
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    serve_runtime(socket, move |request| answer(Arc::clone(&runtime), request));
 }
 
 type Answer = hyper::Response<tonic::body::Body>;

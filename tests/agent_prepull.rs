@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::agents::{ID, checkpoint_request, expect_of, push_of, setup_with};
+use common::agents::{ID, checkpoint_request, expect_of, push_of, serve_runtime, setup_with};
 
 use std::{sync::Arc, time::Duration};
 
 use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube_migrate::{
     agent::{
         api::{ImageRequest, pull_digest},
@@ -56,28 +55,19 @@ fn stand_in_runtime(
     port: u16,
     finish: Arc<Semaphore>,
 ) -> mpsc::UnboundedReceiver<Pulled> {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
     let (seen, pulls) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (seen, ca, finish) = (seen.clone(), ca.clone(), Arc::clone(&finish));
-            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (seen, ca, finish) = (seen.clone(), ca.clone(), Arc::clone(&finish));
-                async move {
-                    assert_eq!(request.uri().path(), "/runtime.v1.ImageService/PullImage");
-                    let pull = PullService { seen, ca, port, finish };
-                    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-                        PullImageResponse,
-                        PullImageRequest,
-                    >::default());
-                    Ok::<_, std::convert::Infallible>(grpc.unary(pull, request).await)
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+    serve_runtime(socket, move |request| {
+        let pull = PullService {
+            seen: seen.clone(),
+            ca: ca.clone(),
+            port,
+            finish: Arc::clone(&finish),
+        };
+        async move {
+            assert_eq!(request.uri().path(), "/runtime.v1.ImageService/PullImage");
+            let mut grpc =
+                tonic::server::Grpc::new(tonic_prost::ProstCodec::<PullImageResponse, PullImageRequest>::default());
+            grpc.unary(pull, request).await
         }
     });
     pulls

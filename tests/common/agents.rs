@@ -230,3 +230,29 @@ pub fn checkpoint_request(containers: &[&str]) -> CheckpointRequest {
         empty_dirs: Vec::new(),
     }
 }
+
+/// A stand-in container runtime on the Unix socket `socket`: every request, over HTTP/2 (the
+/// CRI) or HTTP/1 (CRI-O's own endpoints such as `GET /config`, on the same socket), is
+/// answered by `answer`.
+pub fn serve_runtime<F, Fut>(socket: &std::path::Path, answer: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<tonic::body::Body>> + Send + 'static,
+{
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let answer = answer.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(request).await) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
