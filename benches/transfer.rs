@@ -498,6 +498,7 @@ async fn agent_run(
         source_node: "bench-source".into(),
         archives: vec![reference.clone()],
         volumes: Vec::new(),
+        prepull: false,
     };
     client.expect(url, id, &expect).await.unwrap();
     reset_peak_rss(pid);

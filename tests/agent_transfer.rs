@@ -183,6 +183,7 @@ async fn a_digest_mismatch_is_refused_and_leaves_nothing_behind() {
         source_node: "node-a".into(),
         archives: vec![wrong.clone()],
         volumes: Vec::new(),
+        prepull: false,
     };
     controller.expect(&target.url, ID, &expected).await.unwrap();
     let identity = node_identity(&env, "node-a");

@@ -206,6 +206,12 @@ pub struct ExpectRequest {
     pub archives: Vec<ArchiveRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<ArchiveRef>,
+    /// Once every expected archive is verified here, build the checkpoint images and have the
+    /// runtime pull them at once, without waiting for the controller's image build (which then
+    /// finds them built): the pull, the target's longest step, starts a controller round trip
+    /// earlier. Off for a checkpoint kept for later, and for a controller that does not say.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prepull: bool,
 }
 
 /// Name of the volume and init container kube-migrate adds to a replacement with emptyDir

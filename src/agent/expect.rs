@@ -15,6 +15,7 @@ use tracing::instrument;
 use super::{
     api::{self, ExpectRequest, Kind},
     server::{AgentError, AgentState},
+    store::Record,
 };
 use crate::tls::PeerIdentity;
 
@@ -45,6 +46,20 @@ pub async fn expect(
     record.expected = Some(req);
     state.store.save(&id, &record)?;
     Ok(Json(serde_json::json!({})))
+}
+
+/// The archives to build images of now: every archive `record` expects, when it asked for
+/// pre-pulling and each is verified here with the expected digest; else `None`.
+pub fn ready_to_build(record: &Record) -> Option<Vec<api::ArchiveRef>> {
+    let expected = record
+        .expected
+        .as_ref()
+        .filter(|e| e.prepull && !e.archives.is_empty())?;
+    let all_here = expected
+        .archives
+        .iter()
+        .all(|a| record.received.get(&a.container).is_some_and(|r| r.digest == a.digest));
+    all_here.then(|| expected.archives.clone())
 }
 
 /// May `peer` upload `name` (of `kind`) with `digest` for a migration expecting `expected`?
@@ -87,7 +102,7 @@ pub fn admit_upload(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::api::ArchiveRef;
+    use crate::agent::api::{ArchiveRecord, ArchiveRef};
 
     fn expected() -> ExpectRequest {
         let r = |c: &str, d: &str| ArchiveRef {
@@ -99,7 +114,56 @@ mod tests {
             source_node: "node-a".into(),
             archives: vec![r("app", "sha256:aa")],
             volumes: vec![r("scratch", "sha256:bb")],
+            prepull: false,
         }
+    }
+
+    fn received(container: &str, digest: &str) -> ArchiveRecord {
+        ArchiveRecord {
+            container: container.into(),
+            path: format!("/store/{container}.tar"),
+            digest: digest.into(),
+            size_bytes: 1,
+            base_image: String::new(),
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn images_are_built_early_only_when_asked_and_every_archive_is_verified() {
+        let mut e = expected();
+        e.archives.push(ArchiveRef {
+            container: "sidecar".into(),
+            digest: "sha256:cc".into(),
+            size_bytes: 1,
+        });
+        let mut record = Record {
+            expected: Some(e.clone()),
+            ..Default::default()
+        };
+        record.received.insert("app".into(), received("app", "sha256:aa"));
+        record
+            .received
+            .insert("sidecar".into(), received("sidecar", "sha256:cc"));
+        assert_eq!(ready_to_build(&record), None, "not asked for");
+        e.prepull = true;
+        record.expected = Some(e.clone());
+        assert_eq!(ready_to_build(&record), Some(e.archives.clone()));
+        // One container still missing, or held with another digest (an older attempt's).
+        record.received.remove("sidecar");
+        assert_eq!(ready_to_build(&record), None, "one still to come");
+        record
+            .received
+            .insert("sidecar".into(), received("sidecar", "sha256:old"));
+        assert_eq!(ready_to_build(&record), None, "an earlier attempt's archive");
+        // Volumes do not hold the images back (they are placed later, by their own call).
+        record
+            .received
+            .insert("sidecar".into(), received("sidecar", "sha256:cc"));
+        assert!(record.received_volumes.is_empty());
+        assert!(ready_to_build(&record).is_some());
+        record.expected = None;
+        assert_eq!(ready_to_build(&record), None, "nothing expected");
     }
 
     fn agent_of(node: Option<&str>) -> PeerIdentity {

@@ -14,14 +14,19 @@
 //! it, and the registry listens on loopback.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
 
-use super::{api, cri::Cri, server::AgentState};
+use super::{
+    api,
+    cri::Cri,
+    expect,
+    server::{AgentState, build_images},
+};
 
 /// The agent's pre-pulling: the runtime's image service (`None`: off) and its pulls.
 #[derive(Clone, Default)]
@@ -39,8 +44,9 @@ pub fn spawn(state: Arc<AgentState>, id: &str, images: Vec<String>) {
     let Some(guard) = state.prepull.own.begin(id) else {
         return;
     };
+    let id = id.to_string();
     tokio::spawn(async move {
-        let _held_until_pulled = guard;
+        let held_until_pulled = guard;
         let pulls = images.into_iter().map(|image| {
             let (cri, state) = (cri.clone(), Arc::clone(&state));
             async move {
@@ -50,20 +56,59 @@ pub fn spawn(state: Arc<AgentState>, id: &str, images: Vec<String>) {
                     .await
                     .map_err(super::server::AgentError::from);
                 state.record_op("prepull", started, &result);
+                let pulled = result.is_ok();
                 if let Ok(image_ref) = result {
                     let seconds = started.elapsed().as_secs_f64();
                     tracing::info!(%image, %image_ref, seconds, "checkpoint image pulled into the runtime");
                 }
+                pulled
             }
         });
-        futures::future::join_all(pulls).await;
+        if futures::future::join_all(pulls).await.into_iter().all(|ok| ok) {
+            state.prepull.own.pulled(&id);
+        }
+        drop(held_until_pulled);
     });
+}
+
+/// An archive of migration `id` was verified here: once every archive the controller said to
+/// expect is, and it asked for pre-pulling, build the images and pull them now, a controller
+/// round trip before its own build call would (which then finds them built and pulled).
+pub async fn after_receipt(state: Arc<AgentState>, id: &str) {
+    let built = {
+        let _guard = state.lock(id).await;
+        let started = Instant::now();
+        let result = async {
+            let Some(mut record) = state.store.load(id)? else {
+                return Ok(None);
+            };
+            let Some(archives) = expect::ready_to_build(&record) else {
+                return Ok(None);
+            };
+            build_images(&state, id, &mut record, &archives).await.map(Some)
+        }
+        .await;
+        if !matches!(result, Ok(None)) {
+            state.record_op("image", started, &result);
+        }
+        result
+    };
+    if let Ok(Some(images)) = built {
+        tracing::info!(
+            id,
+            images = images.len(),
+            "every expected archive verified; images built, pulling"
+        );
+        spawn(state, id, images.into_iter().map(|i| i.image).collect());
+    }
 }
 
 /// Pulls of this agent in progress, by migration, and the agent's own pull password.
 #[derive(Clone)]
 pub struct OwnPulls {
     running: Arc<Mutex<HashMap<String, watch::Receiver<()>>>>,
+    /// Migrations whose images this agent has pulled: not pulled again.
+    done: Arc<Mutex<HashSet<String>>>,
     password: Arc<str>,
     /// Its digest, what a presented password is compared with (as for migrations' own: a
     /// comparison of digests tells nothing of the password by its timing).
@@ -76,6 +121,7 @@ impl Default for OwnPulls {
         let password = hex::encode(bytes);
         Self {
             running: Default::default(),
+            done: Default::default(),
             digest: api::pull_digest(&password).into(),
             password: password.into(),
         }
@@ -107,10 +153,10 @@ impl OwnPulls {
         api::pull_digest(password) == *self.digest
     }
 
-    /// Mark `id` as being pulled by this agent; `None` if it already is.
+    /// Mark `id` as being pulled by this agent; `None` if it already is, or was.
     pub fn begin(&self, id: &str) -> Option<PullGuard> {
         let mut running = self.running.lock().expect("pull map poisoned");
-        if running.contains_key(id) {
+        if running.contains_key(id) || self.done.lock().expect("pull set poisoned").contains(id) {
             return None;
         }
         let (done, waiter) = watch::channel(());
@@ -120,6 +166,17 @@ impl OwnPulls {
             id: id.to_string(),
             _done: done,
         })
+    }
+
+    /// Every image of `id` is in the runtime.
+    fn pulled(&self, id: &str) {
+        self.done.lock().expect("pull set poisoned").insert(id.to_string());
+    }
+
+    /// `id` is forgotten: a later migration of the same id (none: ids are UIDs) or a retry
+    /// after its images were removed may pull again.
+    pub fn forget(&self, id: &str) {
+        self.done.lock().expect("pull set poisoned").remove(id);
     }
 
     /// Wait until this agent's pull of `id` has ended (at once if there is none), at most `max`.

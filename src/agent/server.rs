@@ -18,7 +18,7 @@ use axum::{
 use tracing::instrument;
 
 use super::{
-    api::{ErrorBody, ImageRecord, ImageRequest, ImageResponse},
+    api::{ArchiveRef, ErrorBody, ImageRecord, ImageRequest, ImageResponse},
     archive::{self, ArchiveError, ArchiveInfo, ContainerConfig},
     authz::{self, Access},
     checkpoint,
@@ -33,7 +33,7 @@ use super::{
     receive::ReceiveError,
     registry::REPOSITORY_PREFIX,
     source,
-    store::{Store, StoreError},
+    store::{Record, Store, StoreError},
     transfer,
     volumes::{ContainerRoots, VolumeError},
 };
@@ -296,11 +296,26 @@ async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Res
     if req.pull_digest.is_some() {
         record.pull_digest.clone_from(&req.pull_digest);
     }
-    state.store.save(id, &record)?;
+    let images = build_images(state, id, &mut record, &req.archives).await?;
+    Ok(ImageResponse { images })
+}
+
+/// Build (or build again, to the same manifests) the checkpoint image of each of `archives`
+/// held in `record`, and save the record. The caller holds the migration's lock.
+pub(super) async fn build_images(
+    state: &AgentState,
+    id: &str,
+    record: &mut Record,
+    archives: &[ArchiveRef],
+) -> Result<Vec<ImageRecord>, AgentError> {
+    let created = record
+        .images_created
+        .get_or_insert_with(|| k8s_openapi::jiff::Timestamp::now().to_string())
+        .clone();
+    state.store.save(id, record)?;
     let layout = state.store.layout(id)?;
-    let created = k8s_openapi::jiff::Timestamp::now().to_string();
     let mut images = Vec::new();
-    for archive in &req.archives {
+    for archive in archives {
         // Archives received from another node, or (checkpoint-only backups) taken here.
         let held = record
             .received
@@ -339,7 +354,7 @@ async fn do_build_image(state: &AgentState, id: &str, req: &ImageRequest) -> Res
             base_image: built.base_image,
         });
     }
-    Ok(ImageResponse { images })
+    Ok(images)
 }
 
 #[instrument(skip_all, fields(id = %id))]
@@ -349,6 +364,7 @@ async fn forget(
 ) -> Result<Json<serde_json::Value>, AgentError> {
     let _guard = state.lock(&id).await;
     let existed = state.store.delete(&id)?;
+    state.prepull.own.forget(&id);
     Ok(Json(serde_json::json!({ "deleted": existed })))
 }
 

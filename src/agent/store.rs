@@ -79,6 +79,11 @@ pub struct Record {
     /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_digest: Option<String>,
+    /// When this migration's images were first built: every later build of the same archives
+    /// gives the same manifests, so a build the controller asks for after the agent's own
+    /// (see [`api::ExpectRequest::prepull`]) changes nothing the runtime pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_created: Option<String>,
 }
 
 #[derive(Debug, Clone)]

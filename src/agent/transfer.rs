@@ -162,6 +162,12 @@ pub async fn receive_archive(
     let started = Instant::now();
     let result = do_receive(&state, Kind::Archive, &id, &container, (peer, &headers), body).await;
     state.record_op("receive", started, &result);
+    if result.is_ok() {
+        // The last expected archive may just have arrived: build and pull without waiting
+        // for the controller (this answer, and so the freeze, does not wait for it either).
+        let (state, id) = (Arc::clone(&state), id.clone());
+        tokio::spawn(async move { super::prepull::after_receipt(state, &id).await });
+    }
     result.map(Json)
 }
 

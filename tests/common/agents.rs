@@ -114,6 +114,7 @@ pub fn expect_of(push: &PushRequest, source_node: &str) -> ExpectRequest {
         source_node: source_node.into(),
         archives: push.archives.clone(),
         volumes: push.volumes.clone(),
+        prepull: false,
     }
 }
 

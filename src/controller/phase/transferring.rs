@@ -58,6 +58,8 @@ pub async fn transferring(
         source_node: pm.spec.source_node.clone(),
         archives: request.archives.clone(),
         volumes: request.volumes.clone(),
+        // As `BuildingImage` asks: never for a checkpoint kept for later.
+        prepull: pm.spec.mode != crate::api::Mode::Checkpoint,
     };
     let pushed = match ctx.agent_client.expect(&request.target, &id, &expect).await {
         Ok(()) => push_showing_progress(pm, status, ctx, (&source, &source_id), &request).await,
