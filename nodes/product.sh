@@ -36,8 +36,10 @@
 #                                      has (and no registry), then from one with neither Entrypoint
 #                                      nor Cmd: each drain must fail before any freeze (PodMigration
 #                                      Failed NoTarget with the reason, Event TargetUnfit), the same
-#                                      pod (UID, no restart) counting on, never frozen; then, the
-#                                      first image loaded on km-node-2, a drain moves the pod
+#                                      pod (UID, no restart) counting on, never frozen; a backup of
+#                                      the first restored onto km-node-2 fails the same way, the
+#                                      backup kept; then, the first image loaded on km-node-2, a
+#                                      drain moves the pod
 #                                      (drain-test's checks)
 #   nodes/product.sh rollback-test     the same pod with on-failure: block, and km-node-2 rejecting
 #                                      km-node-1's agent: the drain must fail, the migration end
@@ -530,6 +532,27 @@ base_image_test() {
   echo "stateful-counter on km-node-1 runs $ref (imageID $image_id), which km-node-2 lacks"
   counted=$(refused_drain "$image_id")
   echo "PASS: refused before any freeze, the same pod counts on, on km-node-1 ($counted), no restart, no gap"
+  # 1b. A backup of it, restored as a copy on km-node-2: refused by the same check before its
+  # archive moves; the backup stays stored, nothing is created.
+  local plugin=${KUBECTL_MIGRATE:-${CARGO_TARGET_DIR:-$here/../target}/debug/kubectl-migrate} out ck rpm event
+  [[ -x $plugin ]] || km_die "no kubectl-migrate at $plugin (cargo build -p kubectl-migrate)"
+  out=$("$plugin" checkpoint pod stateful-counter) || km_die "kubectl migrate checkpoint exited $?: $out"
+  ck=$(sed -n 's/^stored: checkpoint \([^ ]*\) on .*/\1/p' <<< "$out")
+  [[ -n $ck ]] || km_die "no checkpoint name in: $out"
+  if "$plugin" restore "$ck" --name counter-copy --to km-node-2 > "$P/restore-refused.log" 2>&1; then
+    cat "$P/restore-refused.log" >&2
+    km_die "kubectl migrate restore of $ck onto km-node-2 succeeded although km-node-2 lacks $ref"
+  fi
+  rpm=$(kubectl get podmigrations -o jsonpath="{range .items[?(@.spec.restoreFrom==\"$ck\")]}{.metadata.name}{end}")
+  event=$(kubectl get events --field-selector "involvedObject.name=$rpm,reason=TargetUnfit" -o jsonpath='{.items[0].message}')
+  echo "restore refused: $(kubectl get podmigration "$rpm" -o jsonpath='{.status.phase} {.status.reason}: {.status.message}')"
+  [[ $(kubectl get podmigration "$rpm" -o jsonpath='{.status.phase} {.status.reason}') == "Failed NoTarget" ]] ||
+    km_die "restore $rpm did not fail NoTarget"
+  [[ $event == *"km-node-2 cannot restore the pod"*"$ref"* ]] || km_die "no TargetUnfit event naming km-node-2 and $ref: '$event'"
+  [[ -z $(kubectl get pod counter-copy --ignore-not-found -o name) ]] || km_die "counter-copy was created"
+  [[ $(kubectl get podmigration "$ck" -o jsonpath='{.status.phase}') == Succeeded ]] || km_die "the backup $ck is no longer stored"
+  kubectl delete podmigration "$rpm" "$ck" --wait=true > /dev/null
+  echo "PASS: the restore of a backup onto a node without its image refused before anything moved; the backup stayed stored"
   # 2. An image on both nodes, with neither Entrypoint nor Cmd (the pod gives the command):
   # CRI-O's restore would start it without one.
   busybox_variant "$P/no-command.oci.tar" "$bare"

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt, api::ListParams, runtime::controller::Action};
 use super::{fail, transition};
 use crate::{
     agent::{
-        api::{PrepareRequest, PrepareResponse, TARGET_UNFIT},
+        api::{BaseImage, PrepareRequest, PrepareResponse, TARGET_UNFIT},
         client::ClientError,
     },
     api::{self, Mode, Phase, PodMigration, PodMigrationStatus},
@@ -115,35 +115,13 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
         }
         Ok(Err(reason)) => {
             // Nodes refused by the check below: what the last one said, in the failure too.
-            let reason = match status.message.as_deref() {
-                Some(last) if !status.excluded_targets.is_empty() => format!("{reason} ({last})"),
-                _ => reason,
-            };
+            let reason = no_target_reason(status, reason);
             return Ok(fail(pm, status, ctx, "NoTarget", reason).await);
         }
         Ok(Ok(target)) => target,
     };
-    match give_up_after_tries(ready_to_restore(pm, ctx, &pod, &target).await, status.attempts) {
-        TargetCheck::Ready => {}
-        TargetCheck::Later(why) => {
-            ctx.release_slot(pm);
-            status.attempts += 1;
-            status.message = Some(format!(
-                "node {target} could not be checked yet (attempt {}): {why}",
-                status.attempts
-            ));
-            return Ok(Action::requeue(Duration::from_secs(2)));
-        }
-        TargetCheck::Unfit(why) => {
-            status.attempts = 0;
-            // Refused while the pod still runs: another node is chosen on the next pass.
-            ctx.release_slot(pm);
-            status.excluded_targets.push(target.clone());
-            let msg = format!("node {target} cannot restore the pod: {why}");
-            ctx.warn(pm, "TargetUnfit", msg.clone()).await;
-            status.message = Some(msg);
-            return Ok(Action::requeue(Duration::ZERO));
-        }
+    if let Some(later) = vet_target(pm, status, ctx, &decide::base_images(&pod), &target).await {
+        return Ok(later);
     }
 
     status.target_node = Some(target.clone());
@@ -162,6 +140,48 @@ pub async fn pending(pm: &PodMigration, status: &mut PodMigrationStatus, ctx: &C
     Ok(Action::requeue(Duration::ZERO))
 }
 
+/// Ask the chosen target whether it can restore (see [`ready_to_restore`]). `None`: it can, go
+/// on. Else what the step returns: asked again later, or the node excluded for this migration
+/// (with a `TargetUnfit` Event) and another chosen on the next pass, the slot released.
+pub(super) async fn vet_target(
+    pm: &PodMigration,
+    status: &mut PodMigrationStatus,
+    ctx: &Context,
+    images: &[BaseImage],
+    target: &str,
+) -> Option<Action> {
+    match give_up_after_tries(ready_to_restore(pm, ctx, images, target).await, status.attempts) {
+        TargetCheck::Ready => None,
+        TargetCheck::Later(why) => {
+            ctx.release_slot(pm);
+            status.attempts += 1;
+            status.message = Some(format!(
+                "node {target} could not be checked yet (attempt {}): {why}",
+                status.attempts
+            ));
+            Some(Action::requeue(Duration::from_secs(2)))
+        }
+        TargetCheck::Unfit(why) => {
+            status.attempts = 0;
+            // Refused while the pod still runs: another node is chosen on the next pass.
+            ctx.release_slot(pm);
+            status.excluded_targets.push(target.to_string());
+            let msg = format!("node {target} cannot restore the pod: {why}");
+            ctx.warn(pm, "TargetUnfit", msg.clone()).await;
+            status.message = Some(msg);
+            Some(Action::requeue(Duration::ZERO))
+        }
+    }
+}
+
+/// `reason` why no node can take the pod, with what the last node refused by the check said.
+pub(super) fn no_target_reason(status: &PodMigrationStatus, reason: String) -> String {
+    match status.message.as_deref() {
+        Some(last) if !status.excluded_targets.is_empty() => format!("{reason} ({last})"),
+        _ => reason,
+    }
+}
+
 /// How many times a target's agent is asked, 2 s apart, before its node is given up for this
 /// migration (an agent restarting answers within that; its node is not chosen while not ready).
 const CHECK_TRIES: u32 = 10;
@@ -178,12 +198,12 @@ enum TargetCheck {
 /// Ask the target's agent whether its node can restore `pod` (runtime settings, base images:
 /// see `agent::prepare`). An agent older than the check (no such route) is taken as ready, as
 /// before it existed.
-async fn ready_to_restore(pm: &PodMigration, ctx: &Context, pod: &Pod, target: &str) -> TargetCheck {
+async fn ready_to_restore(pm: &PodMigration, ctx: &Context, images: &[BaseImage], target: &str) -> TargetCheck {
     let (Some(base), Some(id)) = (ctx.agent(target), pm.uid()) else {
         return TargetCheck::Later(format!("no agent address for node {target}"));
     };
     let request = PrepareRequest {
-        images: decide::base_images(pod),
+        images: images.to_vec(),
     };
     let answer = ctx.agent_client.prepare(&base, &id, &request).await;
     if let Ok(answer) = &answer

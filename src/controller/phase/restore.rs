@@ -9,7 +9,10 @@ use kube::{Api, ResourceExt, runtime::controller::Action};
 use super::{fail, pending, transition};
 use crate::{
     api::{ContainerCheckpoint, Mode, Phase, PodMigration, PodMigrationStatus},
-    controller::context::{Context, Error},
+    controller::{
+        context::{Context, Error},
+        decide,
+    },
 };
 
 pub async fn pending_restore(
@@ -85,12 +88,20 @@ pub async fn pending_restore(
         "",
         pm.spec.target_node.as_deref(),
         &reserved,
-        &[],
+        &status.excluded_targets,
         &volumes,
     ) {
         Ok(n) => n,
-        Err(reason) => return Ok(fail(pm, status, ctx, "NoTarget", reason).await),
+        Err(reason) => {
+            let reason = pending::no_target_reason(status, reason);
+            return Ok(fail(pm, status, ctx, "NoTarget", reason).await);
+        }
     };
+    // As before a migration's freeze: a node that cannot restore is known before anything
+    // moves (the checkpoint's template names the images; their IDs were not kept).
+    if let Some(later) = pending::vet_target(pm, status, ctx, &decide::base_images(&template), &target).await {
+        return Ok(later);
+    }
     status.pod_template = Some(serde_json::to_value(&template)?);
     status.source_id = checkpoint.uid();
     status.target_node = Some(target.clone());
