@@ -507,8 +507,12 @@ async fn a_target_takes_only_what_it_expects_from_the_node_it_expects() {
         )
         .await
         .unwrap_err();
+    // Refused before the body is read: the 403, or, when the target's close reaches the
+    // uploader while it is still writing the body (a race seen in 3 of 8 runs), the broken
+    // connection. Either way nothing may be held, which is what matters.
     assert!(
-        matches!(&err, ClientError::Status { status, .. } if status.as_u16() == 403),
+        matches!(&err, ClientError::Status { status, .. } if status.as_u16() == 403)
+            || matches!(&err, ClientError::Connect { .. }),
         "{err}"
     );
     assert!(nothing_held(&controller, &target).await);
