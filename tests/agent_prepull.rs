@@ -28,13 +28,17 @@ struct Pulled {
     image: String,
     user: String,
     password: String,
-    /// sha256 of the manifest and of the layer it read from the registry with that credential.
+    /// sha256 of the manifest and of the layer it read from the registry with that credential
+    /// (or why the layer's download failed).
     manifest_sha256: String,
-    layer_sha256: String,
+    layer_sha256: Result<String, String>,
+    /// When the runtime was asked to pull, and when its download of the layer ended.
+    asked: std::time::Instant,
+    downloaded: std::time::Instant,
 }
 
 /// GET `path` of the registry at `port` with HTTP Basic `kube-migrate:password`.
-async fn get(ca: std::path::PathBuf, port: u16, path: String, password: String) -> (u16, bytes::Bytes) {
+async fn get(ca: std::path::PathBuf, port: u16, path: String, password: String) -> (u16, Result<bytes::Bytes, String>) {
     use base64::Engine;
     let http = https_client(client_config(&ca, None).unwrap());
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("kube-migrate:{password}"));
@@ -44,7 +48,8 @@ async fn get(ca: std::path::PathBuf, port: u16, path: String, password: String) 
         .unwrap();
     let response = http.request(request).await.unwrap();
     let status = response.status().as_u16();
-    (status, response.into_body().collect().await.unwrap().to_bytes())
+    let body = response.into_body().collect().await;
+    (status, body.map(|b| b.to_bytes()).map_err(|e| e.to_string()))
 }
 
 /// A runtime on `socket` answering PullImage: it reads the image's manifest and layer from the
@@ -88,6 +93,7 @@ impl tonic::server::UnaryService<PullImageRequest> for PullService {
     fn call(&mut self, request: tonic::Request<PullImageRequest>) -> Self::Future {
         let (seen, ca, port, finish) = (self.seen.clone(), self.ca.clone(), self.port, Arc::clone(&self.finish));
         Box::pin(async move {
+            let asked = std::time::Instant::now();
             let request = request.into_inner();
             let image = request.image.unwrap_or_default().image;
             let auth = request.auth.unwrap_or_default();
@@ -100,6 +106,7 @@ impl tonic::server::UnaryService<PullImageRequest> for PullService {
                 auth.password.clone(),
             )
             .await;
+            let manifest = manifest.unwrap();
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&manifest));
             let manifest_sha256 = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
             let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
@@ -112,15 +119,22 @@ impl tonic::server::UnaryService<PullImageRequest> for PullService {
             )
             .await;
             assert_eq!(status, 200);
+            let failed = blob.as_ref().err().cloned();
             seen.send(Pulled {
                 image,
                 user: auth.username,
                 password: auth.password,
                 manifest_sha256,
-                layer_sha256: format!("sha256:{}", hex::encode(Sha256::digest(&blob))),
+                layer_sha256: blob.map(|b| format!("sha256:{}", hex::encode(Sha256::digest(&b)))),
+                asked,
+                downloaded: std::time::Instant::now(),
             })
             .unwrap();
             finish.acquire().await.unwrap().forget();
+            if let Some(why) = failed {
+                // As CRI-O: a download that broke off is a failed pull.
+                return Err(tonic::Status::unknown(why));
+            }
             Ok(tonic::Response::new(PullImageResponse {
                 image_ref: "stand-in-image-id".into(),
             }))
@@ -206,7 +220,7 @@ async fn the_image_is_pulled_into_the_runtime_once_and_other_pulls_wait_for_it()
     assert_eq!(pulled.image, images.images[0].image);
     assert_eq!(pulled.user, "kube-migrate");
     assert!(!pulled.password.is_empty() && pulled.password != "s3cret");
-    assert_eq!(pulled.layer_sha256, rt.answer.archives[0].digest);
+    assert_eq!(pulled.layer_sha256.as_ref(), Ok(&rt.answer.archives[0].digest));
 
     // While that pull runs, the kubelet's pull (the migration's credential) waits for it at the
     // manifest instead of downloading the same bytes beside it.
@@ -250,17 +264,11 @@ async fn once_every_expected_archive_is_verified_the_image_is_pulled_without_a_b
         .unwrap();
     assert_eq!(pulled.image, format!("{}/kube-migrate/{ID}:app", rt.target.registry));
     assert_eq!(pulled.user, "kube-migrate");
-    assert_eq!(pulled.layer_sha256, rt.answer.archives[0].digest);
+    assert_eq!(pulled.layer_sha256.as_ref(), Ok(&rt.answer.archives[0].digest));
 
     // The controller's build, while that pull runs and after it, names the very manifest the
     // runtime pulled (a rebuild must not move the tag) and starts no second pull.
-    let build = ImageRequest {
-        namespace: "shop".into(),
-        pod: "db-0".into(),
-        archives: rt.push.archives.clone(),
-        pull_digest: Some(pull_digest("s3cret")),
-        prepull: true,
-    };
+    let build = controllers_build(&rt);
     let during = rt.controller.build_image(&rt.target.url, ID, &build).await.unwrap();
     assert_eq!(during.images[0].manifest_digest, pulled.manifest_sha256);
     assert_eq!(during.images[0].image, pulled.image);
@@ -278,9 +286,140 @@ async fn once_every_expected_archive_is_verified_the_image_is_pulled_without_a_b
     .await;
     assert_eq!(status, 200);
     assert_eq!(
-        format!("sha256:{}", hex::encode(Sha256::digest(&manifest))),
+        format!("sha256:{}", hex::encode(Sha256::digest(manifest.unwrap()))),
         pulled.manifest_sha256
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rt.pulls.try_recv().is_err(), "one pull into the runtime per migration");
+}
+
+/// The controller's image build for the replacement, with the migration's pull credential.
+fn controllers_build(rt: &Runtime) -> ImageRequest {
+    ImageRequest {
+        namespace: "shop".into(),
+        pod: "db-0".into(),
+        archives: rt.push.archives.clone(),
+        pull_digest: Some(pull_digest("s3cret")),
+        prepull: true,
+    }
+}
+
+/// The target told to expect the only archive of a migration and to pull it; the push of it
+/// at a bounded rate, so that it takes a while, and its size.
+async fn slow_push(rt: &Runtime) -> (PushRequest, u64) {
+    let expect = kube_migrate::agent::api::ExpectRequest {
+        prepull: true,
+        ..expect_of(&rt.push, "node-a")
+    };
+    rt.controller.expect(&rt.target.url, ID, &expect).await.unwrap();
+    let size = rt.answer.archives[0].size_bytes;
+    let mut push = rt.push.clone();
+    // About 1.5 s on the wire.
+    push.transfer.bytes_per_second = Some((size * 2 / 3).max(1));
+    (push, size)
+}
+
+#[tokio::test]
+async fn the_runtime_downloads_the_layer_while_the_archive_arrives_and_gets_it_whole_once_verified() {
+    let mut rt = with_runtime().await;
+    let (push, size) = slow_push(&rt).await;
+    let started = std::time::Instant::now();
+    let pushed = rt.controller.push(&rt.source.url, ID, &push).await.unwrap();
+    let verified = std::time::Instant::now();
+    assert_eq!(pushed.bytes, size);
+    assert!(
+        verified - started > Duration::from_millis(800),
+        "the push was not slow enough to tell"
+    );
+
+    let pulled = tokio::time::timeout(Duration::from_secs(20), rt.pulls.recv())
+        .await
+        .expect("the runtime was asked to pull")
+        .unwrap();
+    // Asked within the first part of the transfer, not after it, and it read every byte of
+    // the verified archive, ending its download no sooner than the verification.
+    assert!(
+        pulled.asked - started < (verified - started) / 2,
+        "the pull began {:?} into a {:?} transfer",
+        pulled.asked - started,
+        verified - started
+    );
+    assert_eq!(pulled.layer_sha256.as_ref(), Ok(&rt.answer.archives[0].digest));
+    assert!(
+        pulled.downloaded - started >= (verified - started) * 3 / 4,
+        "the download ended {:?} into a {:?} transfer: it did not follow the arrival",
+        pulled.downloaded - started,
+        verified - started
+    );
+    rt.finish.add_permits(1);
+    // The controller's build names the manifest that was pulled, and pulls nothing again.
+    let build = controllers_build(&rt);
+    let built = rt.controller.build_image(&rt.target.url, ID, &build).await.unwrap();
+    assert_eq!(built.images[0].manifest_digest, pulled.manifest_sha256);
+    let (status, layer) = get(
+        rt.ca.clone(),
+        rt.port,
+        format!("/v2/kube-migrate/{ID}/blobs/{}", rt.answer.archives[0].digest),
+        "s3cret".into(),
+    )
+    .await;
+    assert_eq!(status, 200, "the layer is served from the image layout afterwards");
+    assert_eq!(layer.unwrap().len() as u64, size);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rt.pulls.try_recv().is_err(), "one pull into the runtime per migration");
+}
+
+#[tokio::test]
+async fn a_corrupt_archive_fails_the_runtimes_download_before_its_last_byte() {
+    let mut rt = with_runtime().await;
+    // node-a's agent sends bytes that are not what it checkpointed, under the expected digest
+    // and size: the runtime is streamed the part that arrives, never all of it.
+    let (push, size) = slow_push(&rt).await;
+    let original = std::fs::read(&rt.answer.archives[0].path).unwrap();
+    let mut corrupt = original.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &corrupt).unwrap();
+    let peer = kube_migrate::agent::client::AgentClient::new(
+        kube_migrate::tls::agent_client_config(
+            &rt.ca,
+            common::agents::node_identity(&rt._keep.1, "node-a"),
+            "kube-migrate-agent",
+        )
+        .unwrap(),
+        Duration::from_secs(60),
+    );
+    let err = peer
+        .upload(
+            &rt.target.url,
+            ID,
+            kube_migrate::agent::api::Kind::Archive,
+            &push.archives[0],
+            tokio::fs::File::open(file.path()).await.unwrap(),
+            kube_migrate::agent::client::Sending {
+                options: push.transfer,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("digest"), "{err}");
+    let pulled = tokio::time::timeout(Duration::from_secs(20), rt.pulls.recv())
+        .await
+        .expect("the runtime was asked to pull while the archive arrived")
+        .unwrap();
+    let why = pulled
+        .layer_sha256
+        .expect_err("the runtime got a whole layer that was refused");
+    assert!(!why.is_empty());
+    assert_eq!(original.len() as u64, size);
+    rt.finish.add_permits(1);
+    // The real archive, sent again, is pulled whole.
+    rt.controller.push(&rt.source.url, ID, &rt.push).await.unwrap();
+    let pulled = tokio::time::timeout(Duration::from_secs(20), rt.pulls.recv())
+        .await
+        .expect("pulled again once the archive is verified")
+        .unwrap();
+    assert_eq!(pulled.layer_sha256.as_ref(), Ok(&rt.answer.archives[0].digest));
 }

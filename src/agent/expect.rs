@@ -62,6 +62,17 @@ pub fn ready_to_build(record: &Record) -> Option<Vec<api::ArchiveRef>> {
     all_here.then(|| expected.archives.clone())
 }
 
+/// The archive to describe and pull while it arrives: `name`, when it is the only archive
+/// `record` expects and pre-pulling was asked for (several containers' images are built and
+/// pulled once all are here, by [`ready_to_build`]).
+pub fn streamed(record: &Record, name: &str) -> Option<api::ArchiveRef> {
+    let expected = record.expected.as_ref().filter(|e| e.prepull)?;
+    match expected.archives.as_slice() {
+        [only] if only.container == name => Some(only.clone()),
+        _ => None,
+    }
+}
+
 /// May `peer` upload `name` (of `kind`) with `digest` for a migration expecting `expected`?
 /// With `require_node`, the uploader's certificate must name the expected source node (per-node
 /// agent certificates); without, any agent certificate may (one shared certificate). `Ok` holds
@@ -164,6 +175,31 @@ mod tests {
         assert!(ready_to_build(&record).is_some());
         record.expected = None;
         assert_eq!(ready_to_build(&record), None, "nothing expected");
+    }
+
+    #[test]
+    fn only_the_only_archive_of_a_pulled_migration_is_streamed() {
+        let mut e = expected();
+        let mut record = Record {
+            expected: Some(e.clone()),
+            ..Default::default()
+        };
+        assert_eq!(streamed(&record, "app"), None, "not asked for");
+        e.prepull = true;
+        record.expected = Some(e.clone());
+        assert_eq!(streamed(&record, "app"), Some(e.archives[0].clone()));
+        assert_eq!(streamed(&record, "scratch"), None, "a volume, not an archive");
+        e.archives.push(ArchiveRef {
+            container: "sidecar".into(),
+            digest: "sha256:cc".into(),
+            size_bytes: 1,
+        });
+        record.expected = Some(e);
+        assert_eq!(
+            streamed(&record, "app"),
+            None,
+            "two containers: pulled once both are here"
+        );
     }
 
     fn agent_of(node: Option<&str>) -> PeerIdentity {

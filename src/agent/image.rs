@@ -94,27 +94,50 @@ pub fn build(
     info: &ArchiveInfo,
     created: &str,
 ) -> Result<BuiltImage, ImageError> {
-    private::dir_all(&layout.join("blobs").join("sha256"))?;
-    write_atomic(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    link_layer(layout, archive, &info.digest)?;
+    let base_image = if info.config.rootfs_image_name.is_empty() {
+        info.config.rootfs_image_ref.clone()
+    } else {
+        info.config.rootfs_image_name.clone()
+    };
+    describe(layout, tag, container, (&info.digest, info.size), &base_image, created)
+}
 
-    let layer = blob_path(layout, &info.digest)?;
+/// Put `archive` into the layout as the layer blob `digest`.
+pub fn link_layer(layout: &Path, archive: &Path, digest: &str) -> Result<(), ImageError> {
+    private::dir_all(&layout.join("blobs").join("sha256"))?;
+    let layer = blob_path(layout, digest)?;
     if !layer.exists() {
         // Same filesystem: a hard link, no copy. Elsewhere: one sequential copy.
         if std::fs::hard_link(archive, &layer).is_err() {
             std::fs::copy(archive, &layer)?;
         }
     }
-    let base_image = if info.config.rootfs_image_name.is_empty() {
-        info.config.rootfs_image_ref.clone()
-    } else {
-        info.config.rootfs_image_name.clone()
-    };
+    Ok(())
+}
+
+/// Write the config and manifest of the image whose only layer is `layer` (digest, size), and
+/// tag it `tag`; the layer blob itself may still be arriving (see [`super::incoming`]). The same
+/// arguments always give the same manifest.
+pub fn describe(
+    layout: &Path,
+    tag: &str,
+    container: &str,
+    layer: (&str, u64),
+    base_image: &str,
+    created: &str,
+) -> Result<BuiltImage, ImageError> {
+    private::dir_all(&layout.join("blobs").join("sha256"))?;
+    write_atomic(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let (layer_digest, layer_size) = layer;
+    blob_path(layout, layer_digest)?;
+    let base_image = base_image.to_string();
     let config = json!({
         "created": created,
         "architecture": oci_arch(),
         "os": "linux",
         "config": {},
-        "rootfs": { "type": "layers", "diff_ids": [info.digest] },
+        "rootfs": { "type": "layers", "diff_ids": [layer_digest] },
         "history": [{ "created": created, "created_by": format!("kube-migrate: checkpoint of container {container}") }],
     });
     let (config_digest, config_size) = write_blob(layout, &serde_json::to_vec(&config)?)?;
@@ -131,7 +154,7 @@ pub fn build(
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": LAYER_MEDIA_TYPE, "digest": info.digest, "size": info.size }],
+        "layers": [{ "mediaType": LAYER_MEDIA_TYPE, "digest": layer_digest, "size": layer_size }],
         "annotations": annotations,
     });
     let (manifest_digest, manifest_size) = write_blob(layout, &serde_json::to_vec(&manifest)?)?;

@@ -14,6 +14,7 @@ pub mod expect;
 pub mod freezer;
 pub mod identity;
 pub mod image;
+pub mod incoming;
 pub mod kubelet;
 pub mod place;
 pub mod prepare;

@@ -25,6 +25,7 @@ use super::{
     api,
     cri::Cri,
     expect,
+    incoming::Incoming,
     server::{AgentState, build_images},
 };
 
@@ -109,6 +110,8 @@ pub struct OwnPulls {
     running: Arc<Mutex<HashMap<String, watch::Receiver<()>>>>,
     /// Migrations whose images this agent has pulled: not pulled again.
     done: Arc<Mutex<HashSet<String>>>,
+    /// Archives still arriving that this agent's pulls may read (and only they).
+    pub incoming: Incoming,
     password: Arc<str>,
     /// Its digest, what a presented password is compared with (as for migrations' own: a
     /// comparison of digests tells nothing of the password by its timing).
@@ -122,6 +125,7 @@ impl Default for OwnPulls {
         Self {
             running: Default::default(),
             done: Default::default(),
+            incoming: Default::default(),
             digest: api::pull_digest(&password).into(),
             password: password.into(),
         }

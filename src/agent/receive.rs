@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use super::{
     archive::{ArchiveError, ArchiveInfo, Validator},
     chunks::{CHUNK, Chunk, Pool},
+    incoming::Feed,
 };
 
 /// Chunks queued for each thread: an upload holds at most ~2 × QUEUE + 3 chunks (~15 MiB).
@@ -67,14 +68,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReceiveError + '_ {
 /// `validator` finds it complete and safe (a checkpoint archive, or a plain tree for an
 /// emptyDir's contents), never more than `max_bytes`; `compressed`: the body is zstd. On any
 /// error `part` is removed.
+/// `feed`, if any, is told how much of `part` is written as it grows.
 pub async fn receive(
     body: Body,
     part: &Path,
     expected: &str,
     (validator, max_bytes, compressed): (Validator, u64, bool),
+    feed: Option<Arc<Feed>>,
 ) -> Result<ArchiveInfo, ReceiveError> {
     let body = if compressed { zstd_decoded(body) } else { body };
-    let result = receive_checked(body, part, expected, validator, max_bytes).await;
+    let result = receive_checked(body, part, expected, (validator, max_bytes), feed).await;
     if result.is_err() {
         let _ = tokio::fs::remove_file(part).await;
     }
@@ -85,8 +88,8 @@ async fn receive_checked(
     mut body: Body,
     part: &Path,
     expected: &str,
-    validator: Validator,
-    max_bytes: u64,
+    (validator, max_bytes): (Validator, u64),
+    feed: Option<Arc<Feed>>,
 ) -> Result<ArchiveInfo, ReceiveError> {
     let (to_validator, validator_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
     let (to_writer, writer_rx) = mpsc::channel::<Arc<Chunk>>(QUEUE);
@@ -96,7 +99,7 @@ async fn receive_checked(
         move || validate_chunks(validator, validator_rx, &invalid)
     });
     let path = part.to_owned();
-    let writer = tokio::task::spawn_blocking(move || write_chunks(&path, writer_rx, &invalid));
+    let writer = tokio::task::spawn_blocking(move || write_chunks(&path, writer_rx, &invalid, feed.as_deref()));
     let pool = Arc::new(Pool::default());
     let mut current = pool.take();
     current.clear();
@@ -263,11 +266,21 @@ fn validate_chunks(mut validator: Validator, mut rx: mpsc::Receiver<Arc<Chunk>>,
 
 /// The writer thread. Once the archive is known to be invalid it only drains (the validator
 /// still needs every byte for the digest).
-fn write_chunks(path: &Path, mut rx: mpsc::Receiver<Arc<Chunk>>, invalid: &AtomicBool) -> Result<File, ReceiveError> {
+fn write_chunks(
+    path: &Path,
+    mut rx: mpsc::Receiver<Arc<Chunk>>,
+    invalid: &AtomicBool,
+    feed: Option<&Feed>,
+) -> Result<File, ReceiveError> {
     let mut file = super::private::create(path).map_err(io_err(path))?;
+    let mut written = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         if !invalid.load(Ordering::Relaxed) {
             file.write_all(&chunk).map_err(io_err(path))?;
+            written += chunk.len() as u64;
+            if let Some(feed) = feed {
+                feed.written(written);
+            }
         }
     }
     Ok(file)
@@ -324,7 +337,7 @@ mod tests {
         let bytes = archive(3 << 20, "checkpoint/pages-1.img");
         for frame in [1000, 64 << 10, 5 << 20] {
             let part = dir.path().join(format!("app-{frame}.part"));
-            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes), plain())
+            let info = receive(body(&bytes, frame, None), &part, &digest(&bytes), plain(), None)
                 .await
                 .unwrap();
             assert_eq!(info.digest, digest(&bytes));
@@ -341,7 +354,7 @@ mod tests {
         let good = archive(100_000, "checkpoint/pages-1.img");
 
         let wrong = format!("sha256:{}", "0".repeat(64));
-        let err = receive(body(&good, 4096, None), &part, &wrong, plain())
+        let err = receive(body(&good, 4096, None), &part, &wrong, plain(), None)
             .await
             .unwrap_err();
         assert!(
@@ -352,7 +365,7 @@ mod tests {
 
         // Digest right, content unsafe: refused for what it is.
         let hostile = archive(100_000, "../../etc/cron.d/x");
-        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile), plain())
+        let err = receive(body(&hostile, 4096, None), &part, &digest(&hostile), plain(), None)
             .await
             .unwrap_err();
         assert!(
@@ -371,7 +384,7 @@ mod tests {
         // A corrupt archive whose corruption happened before hashing (digest matches).
         let mut corrupt = good.clone();
         corrupt[1024 + 10] ^= 0xff; // the name of the spec.dump header
-        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt), plain())
+        let err = receive(body(&corrupt, 4096, None), &part, &digest(&corrupt), plain(), None)
             .await
             .unwrap_err();
         assert!(
@@ -380,7 +393,7 @@ mod tests {
         );
         assert!(!part.exists());
 
-        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good), plain())
+        let err = receive(body(&good, 4096, Some(3)), &part, &digest(&good), plain(), None)
             .await
             .unwrap_err();
         assert!(matches!(err, ReceiveError::Interrupted(_)), "{err}");
@@ -401,6 +414,7 @@ mod tests {
             &part,
             &digest(&bytes),
             (Validator::new(), size, true),
+            None,
         )
         .await
         .unwrap();
@@ -414,6 +428,7 @@ mod tests {
                 &part,
                 &digest(&bytes),
                 (Validator::new(), size - 1, compressed),
+                None,
             )
             .await
             .unwrap_err();
@@ -429,6 +444,7 @@ mod tests {
             &part,
             &digest(&bytes),
             (Validator::new(), size, true),
+            None,
         )
         .await
         .unwrap_err();

@@ -154,6 +154,18 @@ async fn serve(
     let file = match tokio::fs::File::open(&blob).await {
         Ok(f) => f,
         Err(_) => {
+            // A layer still arriving, for this agent's own pull only: streamed as it comes.
+            if kind == "blobs"
+                && reader == Reader::Own
+                && let Some((size, stream)) = registry.own.incoming.read(&digest)
+            {
+                tracing::debug!(id, %digest, "serving a layer while it arrives");
+                let headers = found(BLOB_TYPE, size, &digest);
+                if method == Method::HEAD {
+                    return (StatusCode::OK, headers).into_response();
+                }
+                return (StatusCode::OK, headers, Body::from_stream(stream)).into_response();
+            }
             let code = if kind == "manifests" {
                 "MANIFEST_UNKNOWN"
             } else {
@@ -166,22 +178,30 @@ async fn serve(
         Ok(m) => m.len(),
         Err(e) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()),
     };
-    let mut headers = HeaderMap::new();
     let content_type = if kind == "manifests" {
         image::MANIFEST_MEDIA_TYPE
     } else {
-        "application/octet-stream"
+        BLOB_TYPE
     };
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if let Ok(v) = HeaderValue::from_str(&digest) {
-        headers.insert("docker-content-digest", v);
-    }
+    let headers = found(content_type, len, &digest);
     if method == Method::HEAD {
         return (StatusCode::OK, headers).into_response();
     }
     let body = Body::from_stream(chunks::file_stream(file.into_std().await));
     (StatusCode::OK, headers, body).into_response()
+}
+
+const BLOB_TYPE: &str = "application/octet-stream";
+
+/// Headers of a manifest or blob answer.
+fn found(content_type: &'static str, len: u64, digest: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        headers.insert("docker-content-digest", v);
+    }
+    headers
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use super::{
     receive::ReceiveError,
     registry::REPOSITORY_PREFIX,
     source,
-    store::{Record, Store, StoreError},
+    store::{ImageMeta, Record, Store, StoreError},
     transfer,
     volumes::{ContainerRoots, VolumeError},
 };
@@ -308,13 +308,8 @@ pub(super) async fn build_images(
     record: &mut Record,
     archives: &[ArchiveRef],
 ) -> Result<Vec<ImageRecord>, AgentError> {
-    let created = record
-        .images_created
-        .get_or_insert_with(|| k8s_openapi::jiff::Timestamp::now().to_string())
-        .clone();
-    state.store.save(id, record)?;
-    let layout = state.store.layout(id)?;
-    let mut images = Vec::new();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut work = Vec::new();
     for archive in archives {
         // Archives received from another node, or (checkpoint-only backups) taken here.
         let held = record
@@ -328,33 +323,82 @@ pub(super) async fn build_images(
                 archive.container, held.digest, archive.digest
             )));
         }
-        let info = ArchiveInfo {
-            digest: held.digest.clone(),
-            size: held.size_bytes,
-            entries: 0,
-            config: ContainerConfig {
-                rootfs_image_name: held.base_image.clone(),
-                ..Default::default()
+        let meta = match record.images.get(&archive.container) {
+            Some(meta) if meta.archive_digest == held.digest => meta.clone(),
+            _ => ImageMeta {
+                archive_digest: held.digest.clone(),
+                created: now.clone(),
+                base_image: held.base_image.clone(),
             },
         };
-        let (layout, path, container, created) = (
-            layout.clone(),
-            PathBuf::from(&held.path),
-            archive.container.clone(),
-            created.clone(),
-        );
-        let built =
-            tokio::task::spawn_blocking(move || image::build(&layout, &container, &container, &path, &info, &created))
-                .await
-                .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
-        images.push(ImageRecord {
-            container: archive.container.clone(),
-            image: format!("{}/{REPOSITORY_PREFIX}/{id}:{}", state.registry_host, archive.container),
-            manifest_digest: built.manifest_digest,
-            base_image: built.base_image,
-        });
+        work.push((archive.container.clone(), held.clone(), meta));
+    }
+    for (container, _, meta) in &work {
+        record.images.insert(container.clone(), meta.clone());
+    }
+    state.store.save(id, record)?;
+    let layout = state.store.layout(id)?;
+    let mut images = Vec::new();
+    for (container, held, meta) in work {
+        let (layout, tag) = (layout.clone(), container.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            image::link_layer(&layout, std::path::Path::new(&held.path), &held.digest)?;
+            image::describe(
+                &layout,
+                &tag,
+                &tag,
+                (&held.digest, held.size_bytes),
+                &meta.base_image,
+                &meta.created,
+            )
+        })
+        .await
+        .map_err(|e| AgentError::Io(std::io::Error::other(e)))??;
+        // In the layout now: served from there.
+        state.prepull.own.incoming.forget(&meta.archive_digest);
+        images.push(image_record(state, id, &container, built));
     }
     Ok(images)
+}
+
+fn image_record(state: &AgentState, id: &str, container: &str, built: image::BuiltImage) -> ImageRecord {
+    ImageRecord {
+        container: container.to_string(),
+        image: format!("{}/{REPOSITORY_PREFIX}/{id}:{container}", state.registry_host),
+        manifest_digest: built.manifest_digest,
+        base_image: built.base_image,
+    }
+}
+
+/// Describe the image of the only archive of migration `id`, `archive`, before it arrives, so
+/// that the runtime's pull can begin at once and download the layer as it comes in (see
+/// [`super::incoming`]). Returns the image's reference. The caller holds the migration's lock.
+pub(super) fn describe_early(
+    state: &AgentState,
+    id: &str,
+    record: &mut Record,
+    archive: &ArchiveRef,
+) -> Result<String, AgentError> {
+    let meta = match record.images.get(&archive.container) {
+        Some(meta) if meta.archive_digest == archive.digest => meta.clone(),
+        _ => ImageMeta {
+            archive_digest: archive.digest.clone(),
+            created: k8s_openapi::jiff::Timestamp::now().to_string(),
+            base_image: String::new(),
+        },
+    };
+    record.images.insert(archive.container.clone(), meta.clone());
+    state.store.save(id, record)?;
+    let layout = state.store.layout(id)?;
+    let built = image::describe(
+        &layout,
+        &archive.container,
+        &archive.container,
+        (&archive.digest, archive.size_bytes),
+        &meta.base_image,
+        &meta.created,
+    )?;
+    Ok(image_record(state, id, &archive.container, built).image)
 }
 
 #[instrument(skip_all, fields(id = %id))]

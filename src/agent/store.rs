@@ -79,11 +79,23 @@ pub struct Record {
     /// `sha256:<hex>` of the password that may pull this migration's images; none: nobody may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_digest: Option<String>,
-    /// When this migration's images were first built: every later build of the same archives
-    /// gives the same manifests, so a build the controller asks for after the agent's own
-    /// (see [`api::ExpectRequest::prepull`]) changes nothing the runtime pulled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub images_created: Option<String>,
+    /// How each container's image was first described: every later build of the same archive
+    /// gives the same manifest, so a build after the agent's own (see
+    /// [`api::ExpectRequest::prepull`]) changes nothing the runtime pulled.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, ImageMeta>,
+}
+
+/// What a checkpoint image's manifest was made from, besides its layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageMeta {
+    pub archive_digest: String,
+    pub created: String,
+    /// For the informational base-image annotations; empty when the image was described
+    /// before its archive arrived.
+    #[serde(default)]
+    pub base_image: String,
 }
 
 #[derive(Debug, Clone)]

@@ -23,8 +23,10 @@ use super::{
     api::{self, ArchiveRecord, Kind, PushRequest, PushResponse, ReceiveResponse},
     archive::Validator,
     client::Sending,
-    expect, receive,
-    server::{AgentError, AgentState, base_image},
+    expect,
+    incoming::Feed,
+    prepull, receive,
+    server::{AgentError, AgentState, base_image, describe_early},
     store::Record,
 };
 use crate::{metrics::PhaseLabels, tls::PeerIdentity};
@@ -186,7 +188,7 @@ pub async fn receive_volume(
 }
 
 async fn do_receive(
-    state: &AgentState,
+    state: &Arc<AgentState>,
     kind: Kind,
     id: &str,
     name: &str,
@@ -228,8 +230,15 @@ async fn do_receive(
     // Hashed, validated and written in one pass; the part file is gone on any error.
     // Never more than was checkpointed: a hostile or broken sender (or a small compressed
     // stream that expands) cannot fill this node's disk.
-    let info = receive::receive(body, &part, &expected, (validator, size, compressed)).await?;
+    let feed = match kind {
+        Kind::Archive => stream_to_runtime(state, id, &mut record, name, &part),
+        Kind::Volume => None,
+    };
+    let info = receive::receive(body, &part, &expected, (validator, size, compressed), feed.clone()).await?;
     tokio::fs::rename(&part, &final_path).await?;
+    if let Some(feed) = feed {
+        feed.done(final_path.clone());
+    }
     if let Some(dir) = final_path.parent() {
         crate::agent::private::sync_dir(dir)?;
     }
@@ -255,6 +264,36 @@ async fn do_receive(
         digest: info.digest,
         size_bytes: info.size,
     })
+}
+
+/// When `name` is the only archive of a migration whose replacement will start from it,
+/// describe its image now and have the runtime pull it while it arrives into `part`: the
+/// download overlaps the transfer instead of following it. Anything failing here only means
+/// the image is built and pulled once the archive is verified, as for several containers.
+fn stream_to_runtime(
+    state: &Arc<AgentState>,
+    id: &str,
+    record: &mut Record,
+    name: &str,
+    part: &std::path::Path,
+) -> Option<Arc<Feed>> {
+    state.prepull.cri.as_ref()?;
+    let archive = expect::streamed(record, name)?;
+    match describe_early(state, id, record, &archive) {
+        Ok(image) => {
+            let feed = state
+                .prepull
+                .own
+                .incoming
+                .begin(&archive.digest, archive.size_bytes, part.to_path_buf());
+            prepull::spawn(Arc::clone(state), id, vec![image]);
+            Some(Arc::new(feed))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not describe the image before its archive; built on receipt");
+            None
+        }
+    }
 }
 
 /// The verified archive this agent received for `container`, or 404.
