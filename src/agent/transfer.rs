@@ -168,7 +168,7 @@ pub async fn receive_archive(
         // The last expected archive may just have arrived: build and pull without waiting
         // for the controller (this answer, and so the freeze, does not wait for it either).
         let (state, id) = (Arc::clone(&state), id.clone());
-        tokio::spawn(async move { super::prepull::after_receipt(state, &id).await });
+        tokio::spawn(async move { prepull::after_receipt(state, &id).await });
     }
     result.map(Json)
 }
